@@ -1,0 +1,1 @@
+from . import diffusion  # noqa: F401

@@ -1,0 +1,121 @@
+"""A deterministic convolutional autoencoder: x -> z = enc(x) -> x_hat = dec(z), trained on reconstruction.
+
+It is not a generative model by itself (nothing makes the latents fill a known distribution), which is
+the point it makes next to the VAE: its latent space has holes. So that ``sample`` and ``walk`` still do
+something honest, the model keeps running statistics (per-dimension mean and standard deviation) of the
+training latents and draws from the Gaussian they describe; samples from it look worse than the VAE's,
+and interpolations between real images' latents (``walk(images=...)``) look better than samples.
+
+Images enter the encoder scaled to [-1, 1]; the decoder's output goes through a sigmoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import GenaiError
+from ..nn.conv import ConvDecoder, ConvEncoder
+from ..nn.latent import check_temperature, check_walk, interpolate, traverse
+from ..registry import register_model
+from .base import GenerativeModel, ImageSpec
+
+# Running latent statistics: a plain average over the first 1/STATS_MOMENTUM batches, then an
+# exponential moving average with this weight on the newest batch (batch norm's scheme).
+STATS_MOMENTUM = 0.01
+
+
+@dataclass
+class Config:
+    latent_dim: int = 16
+    widths: list[int] = field(default_factory=lambda: [32, 64])  # channels per stride-2 level, high to low res
+    norm: Literal["batch", "none"] = "batch"
+    recon: Literal["bce", "mse", "l1"] = "bce"  # per-pixel reconstruction loss, averaged over pixels
+
+
+@register_model("autoencoder", "convolutional autoencoder; latent walks and a PCA of the latent space")
+class Autoencoder(GenerativeModel):
+    Config = Config
+    tiny = {"latent_dim": 4, "widths": [8, 16]}
+    sample_options = frozenset({"temperature", "interpolate", "traverse", "traverse_dim"})
+
+    def __init__(self, config: Config, spec: ImageSpec):
+        super().__init__(config, spec)
+        if config.latent_dim < 1:
+            raise GenaiError(f"model.latent_dim must be >= 1, got {config.latent_dim}")
+        self.encoder = ConvEncoder(spec.channels, spec.size, config.widths, config.norm)
+        self.to_latent = nn.Linear(self.encoder.feature_dim, config.latent_dim)
+        self.decoder = ConvDecoder(config.latent_dim, spec.channels, spec.size, config.widths, config.norm)
+        d = config.latent_dim
+        self.register_buffer("latent_mean", torch.zeros(d))  # (D,) over the training latents
+        self.register_buffer("latent_std", torch.ones(d))  # (D,)
+        self.register_buffer("latent_batches", torch.zeros((), dtype=torch.long))
+
+    # -- the two halves -----------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, latent_dim) float32."""
+        return self.to_latent(self.encoder(x * 2 - 1)).float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, latent_dim) -> (B, C, H, W) logits; images are their sigmoid."""
+        return self.decoder(z).float()
+
+    # -- training -----------------------------------------------------------------------------
+    def loss(self, batch):
+        x, _ = batch
+        z = self.encode(x)  # (B, D)
+        logits = self.decode(z)  # (B, C, H, W)
+        x_hat = torch.sigmoid(logits)
+        mse = F.mse_loss(x_hat, x)
+        if self.config.recon == "bce":
+            loss = F.binary_cross_entropy_with_logits(logits, x)
+        elif self.config.recon == "mse":
+            loss = mse
+        else:
+            loss = F.l1_loss(x_hat, x)
+        if self.training:
+            self._update_latent_stats(z.detach())
+        return {"loss": loss, "mse": mse.detach()}
+
+    @torch.no_grad()
+    def _update_latent_stats(self, z: Tensor) -> None:
+        if z.shape[0] < 2:
+            return  # no spread to measure in a batch of one
+        self.latent_batches += 1
+        w = max(STATS_MOMENTUM, 1.0 / float(self.latent_batches))
+        self.latent_mean.lerp_(z.mean(0), w)
+        self.latent_std.lerp_(z.std(0), w)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def _random_latents(self, n: int, generator, temperature: float = 1.0) -> Tensor:
+        eps = torch.randn(n, self.config.latent_dim, generator=generator, device=self.latent_mean.device)
+        return self.latent_mean + temperature * self.latent_std * eps  # (n, D), the Gaussian fitted to the data
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
+        """Decode latents drawn from a Gaussian fitted to the training latents; ``temperature`` scales its std."""
+        z = self._random_latents(n, generator, check_temperature(temperature))
+        return torch.sigmoid(self.decode(z))
+
+    @torch.no_grad()
+    def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
+             images: Tensor | None = None, dim: int | None = None) -> Tensor:
+        """(rows * steps, C, H, W) in [0, 1]. Row i goes from the latent of images[2i] to that of images[2i+1]
+        (random latents when images is None); with ``dim``, row i instead varies latent dimension ``dim`` over
+        the training latents' mean +- 3 std, the other coordinates staying at the row's start latent."""
+        check_walk(rows, steps, self.config.latent_dim, images, dim)
+        if images is None:
+            ends = self._random_latents(2 * rows, generator)
+        else:
+            ends = self.encode(images[: 2 * rows].to(self.latent_mean.device))
+        start, end = ends[0::2], ends[1::2]  # (rows, D) each
+        if dim is None:
+            z = interpolate(start, end, steps)
+        else:
+            t = torch.linspace(-3, 3, steps, device=start.device)
+            z = traverse(start, dim, self.latent_mean[dim] + t * self.latent_std[dim])
+        return torch.sigmoid(self.decode(z))

@@ -1,0 +1,277 @@
+"""The variational autoencoder (Kingma & Welling 2014), with two remedies for posterior collapse.
+
+The encoder predicts a diagonal Gaussian posterior q(z|x) = N(mu(x), diag(exp(logvar(x)))); a latent is
+drawn by the reparameterisation trick, z = mu + sigma * eps, so gradients flow into mu and logvar; the
+decoder gives p(x|z). Training minimises the negative ELBO,
+
+    -ELBO(x) = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)),
+
+with the KL weighted by beta (beta-VAE, Higgins et al. 2017). Posterior collapse (q(z|x) = p(z) in some or
+all dimensions, the decoder ignoring z) has two remedies here, both config options:
+- KL annealing (Bowman et al. 2016): beta rises linearly from 0 to its target over ``kl_warmup_steps``, so the
+  decoder learns to use z before the KL pushes q towards the prior.
+- Free bits (Kingma et al. 2016, the IAF paper's free-bits objective): each latent dimension's KL, averaged over the batch, is
+  floored at ``free_bits`` nats in the objective, so a dimension gains nothing by going below the floor.
+
+The decoder is Bernoulli (logits; exact for binary images), Gaussian, or Laplace, whose negative log-density
+is the L1 reconstruction error; the last two have one scale shared by all pixels, learned (Rybkin et al.
+2021, sigma-VAE) or fixed by ``scale``. For continuous pixels the Gaussian/Laplace likelihoods are densities,
+so their nats are comparable between runs with the same decoder, not with discrete likelihoods.
+
+Diagnostics: KL per latent dimension and the number of active units (Burda et al. 2016, sec. 5.2: dimension
+u is active when Var_x(E_q[z_u | x]) > 0.01), plus the importance-weighted bound (IWAE, Burda et al. 2016,
+eq. 8), a tighter lower bound on log p(x) than the ELBO for k > 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import GenaiError
+from ..nn.conv import ConvDecoder, ConvEncoder
+from ..nn.latent import check_temperature, check_walk, interpolate, traverse
+from ..registry import register_model
+from .base import GenerativeModel, ImageSpec
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, sec. 5.2
+IWAE_CHUNK_IMAGES = 2048  # images decoded at once when estimating the IWAE bound
+
+
+@dataclass
+class Config:
+    latent_dim: int = 16
+    widths: list[int] = field(default_factory=lambda: [32, 64])  # channels per stride-2 level, high to low res
+    norm: Literal["batch", "none"] = "batch"
+    decoder: Literal["bernoulli", "gaussian", "l1"] = "bernoulli"
+    scale: float | None = None  # std (gaussian) / scale (l1) of the decoder; None learns one shared value
+    beta: float = 1.0  # weight of the KL term once warmed up
+    kl_warmup_steps: int = 0  # KL annealing: beta grows linearly from 0 over this many steps (0: off)
+    free_bits: float = 0.0  # floor on each latent dimension's batch-mean KL, in nats (0: off)
+    iwae_k: int = 64  # importance samples for the IWAE bound in validation metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of the objective, as plain functions so the tests can check each against its definition
+# ---------------------------------------------------------------------------------------------
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, (B, D) -> (B, D), in nats.
+
+    Kingma & Welling 2014, eq. 10 (derived in their appendix B): -KL = 1/2 (1 + log sigma^2 - mu^2 - sigma^2).
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def free_bits_kl(kl: Tensor, floor: float) -> Tensor:
+    """(B, D) per-image, per-dimension KL -> (D,) batch-mean KL per dimension, floored at ``floor`` nats.
+
+    Kingma et al. 2016 (IAF), free bits: sum_j max(lambda, E_x[KL_j]). Below the floor the term is constant, so its gradient
+    is zero: the objective stops pushing that dimension towards the prior.
+    """
+    per_dim = kl.mean(0)  # (D,)
+    return per_dim.clamp(min=floor) if floor > 0 else per_dim
+
+
+def kl_beta(step: int, target: float, warmup_steps: int) -> float:
+    """KL annealing: 0 at step 0, rising linearly to ``target`` at ``warmup_steps`` and staying there."""
+    if warmup_steps <= 0:
+        return float(target)
+    return float(target) * min(1.0, step / warmup_steps)
+
+
+@register_model("vae", "variational autoencoder: ELBO, IWAE bound, KL annealing and free bits against collapse")
+class VAE(GenerativeModel):
+    Config = Config
+    tiny = {"latent_dim": 4, "widths": [8, 16], "iwae_k": 4}
+    sample_options = frozenset({"temperature", "interpolate", "traverse", "traverse_dim"})
+
+    def __init__(self, config: Config, spec: ImageSpec):
+        super().__init__(config, spec)
+        if config.latent_dim < 1:
+            raise GenaiError(f"model.latent_dim must be >= 1, got {config.latent_dim}")
+        if config.iwae_k < 1:
+            raise GenaiError(f"model.iwae_k must be >= 1, got {config.iwae_k}; use e.g. 64")
+        if config.free_bits < 0 or config.beta < 0:
+            raise GenaiError(f"model.beta and model.free_bits must be >= 0, got {config.beta}, {config.free_bits}")
+        if config.scale is not None and config.scale <= 0:
+            raise GenaiError(f"model.scale must be > 0 (or null to learn it), got {config.scale}")
+        d = config.latent_dim
+        self.encoder = ConvEncoder(spec.channels, spec.size, config.widths, config.norm)
+        # Two heads on the shared features: the posterior's mean and its log-variance.
+        self.mean_head = nn.Linear(self.encoder.feature_dim, d)
+        self.logvar_head = nn.Linear(self.encoder.feature_dim, d)
+        self.decoder = ConvDecoder(d, spec.channels, spec.size, config.widths, config.norm)
+        if config.decoder != "bernoulli":
+            if config.scale is None:
+                # Starts near a trained model's pixel error so early training is not all KL; learned after.
+                self.log_scale = nn.Parameter(torch.tensor(math.log(0.1)))
+            else:
+                self.register_buffer("log_scale", torch.tensor(math.log(config.scale)))
+
+    # -- encoder and decoder ------------------------------------------------------------------
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) in [0, 1] -> mu, logvar, each (B, latent_dim) float32."""
+        h = self.encoder(x * 2 - 1)  # (B, F)
+        return self.mean_head(h).float(), self.logvar_head(h).float()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The posterior mean, (B, latent_dim): the latent used for plots and interpolation."""
+        return self.posterior(x)[0]
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, D) -> (B, C, H, W) decoder output: Bernoulli logits, or the pre-sigmoid mean."""
+        return self.decoder(z).float()
+
+    def mean_image(self, out: Tensor) -> Tensor:
+        """The decoder distribution's mean, (B, C, H, W) in [0, 1]: what samples and walks show."""
+        return torch.sigmoid(out)
+
+    def log_px(self, out: Tensor, x: Tensor) -> Tensor:
+        """log p(x | z) summed over pixels, (B,) nats, for decoder output ``out`` (B, C, H, W)."""
+        if self.config.decoder == "bernoulli":
+            lp = -F.binary_cross_entropy_with_logits(out, x, reduction="none")
+        else:
+            mean, log_s = torch.sigmoid(out), self.log_scale.float()
+            if self.config.decoder == "gaussian":
+                lp = -0.5 * ((x - mean) / log_s.exp()).pow(2) - log_s - 0.5 * math.log(2 * math.pi)
+            else:  # Laplace: -log p = |x - mean| / s + log(2 s), the L1 loss up to scale and a constant
+                lp = -(x - mean).abs() / log_s.exp() - log_s - math.log(2)
+        return lp.flatten(1).sum(1)
+
+    def kl_beta(self, step: int) -> float:
+        return kl_beta(step, self.config.beta, self.config.kl_warmup_steps)
+
+    # -- training -----------------------------------------------------------------------------
+    def loss(self, batch):
+        x, _ = batch
+        mu, logvar = self.posterior(x)  # (B, D) each
+        # Reparameterisation (Kingma & Welling 2014, sec. 2.4): z = mu + sigma * eps, eps ~ N(0, I).
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # (B, D)
+        recon = -self.log_px(self.decode(z), x).mean()  # nats per image
+        kl = gaussian_kl(mu, logvar)  # (B, D)
+        beta = self.kl_beta(self.current_step)
+        loss = recon + beta * free_bits_kl(kl, self.config.free_bits).sum()
+        kl_image = kl.sum(1).mean()
+        return {
+            "loss": loss,
+            "recon": recon.detach(),
+            "kl": kl_image.detach(),
+            "nelbo": (recon + kl_image).detach(),  # -ELBO, nats per image (beta = 1, no free bits)
+            "beta": torch.tensor(beta),
+            "active_units": self._active_units(mu.detach()),  # this batch's estimate; validation uses all data
+        }
+
+    @staticmethod
+    def _active_units(mu: Tensor) -> Tensor:
+        if mu.shape[0] < 2:
+            return torch.tensor(0.0)
+        return (mu.var(0, correction=0) > ACTIVE_UNIT_THRESHOLD).sum().float()
+
+    # -- likelihood ---------------------------------------------------------------------------
+    def log_likelihood(self, batch) -> Tensor:
+        """The ELBO, a lower bound on log p(x): (B,) nats, from one posterior sample per image."""
+        x, _ = batch
+        mu, logvar = self.posterior(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        return self.log_px(self.decode(z), x) - gaussian_kl(mu, logvar).sum(1)
+
+    @torch.no_grad()
+    def iwae_bound(self, batch, k: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """The importance-weighted bound with k samples (Burda et al. 2016, eq. 8), (B,) nats:
+
+            log (1/k) sum_i p(x, z_i) / q(z_i | x),  z_i ~ q(z | x).
+
+        k = 1 is the ELBO in expectation; the bound tightens towards log p(x) as k grows.
+        """
+        if k < 1:
+            raise GenaiError(f"the IWAE bound needs k >= 1 importance samples, got {k}")
+        x, _ = batch
+        b = x.shape[0]
+        mu, logvar = self.posterior(x)  # (B, D)
+        std = (0.5 * logvar).exp()
+        chunk = max(1, IWAE_CHUNK_IMAGES // b)
+        log_w = []
+        for start in range(0, k, chunk):
+            kk = min(chunk, k - start)
+            eps = torch.randn(kk, *mu.shape, generator=generator, device=mu.device)
+            z = mu + std * eps  # (kk, B, D)
+            out = self.decode(z.flatten(0, 1))  # (kk * B, C, H, W)
+            log_px = self.log_px(out, x.expand(kk, *x.shape).flatten(0, 1)).view(kk, b)
+            log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)  # (kk, B), log N(z; 0, I)
+            log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + logvar).sum(-1)  # log N(z; mu, sigma^2)
+            log_w.append(log_px + log_pz - log_qz)
+        return torch.logsumexp(torch.cat(log_w), 0) - math.log(k)  # (B,)
+
+    # -- diagnostics --------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent_diagnostics(self, batches) -> dict:
+        """Over a dataset: the KL per latent dimension (mean over images), the variance over the data of
+        each dimension's posterior mean, and the number of active units (that variance > 0.01)."""
+        d = self.config.latent_dim
+        kl_sum = torch.zeros(d, dtype=torch.float64)
+        mu_sum = torch.zeros(d, dtype=torch.float64)
+        mu_sq = torch.zeros(d, dtype=torch.float64)
+        count = 0
+        for x, _ in batches:
+            mu, logvar = self.posterior(x)
+            kl_sum += gaussian_kl(mu, logvar).sum(0).double().cpu()
+            mu_sum += mu.sum(0).double().cpu()
+            mu_sq += mu.pow(2).sum(0).double().cpu()
+            count += x.shape[0]
+        count = max(count, 1)
+        mu_var = (mu_sq / count - (mu_sum / count).pow(2)).clamp(min=0)
+        return {
+            "kl_per_dim": (kl_sum / count).tolist(),
+            "posterior_mean_var": mu_var.tolist(),
+            "active_units": int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()),
+        }
+
+    @torch.no_grad()
+    def validation_metrics(self, batches) -> dict[str, float]:
+        """The base metrics (loss terms, ELBO as nll_nats and bits_per_dim), plus the latent diagnostics and
+        the IWAE bound with k = ``iwae_k`` (as an NLL: iwae_nats <= nll_nats up to noise)."""
+        batches = list(batches)  # read three times
+        metrics = super().validation_metrics(batches)
+        diag = self.latent_diagnostics(batches)
+        kl = diag["kl_per_dim"]
+        metrics.update(active_units=float(diag["active_units"]), kl_total=sum(kl), kl_dim_max=max(kl),
+                       kl_dim_min=min(kl))
+        g = torch.Generator(device=self.device).manual_seed(0)  # the same draws at every evaluation
+        total, count = 0.0, 0
+        for batch in batches:
+            total -= float(self.iwae_bound(batch, self.config.iwae_k, generator=g).sum())
+            count += batch[0].shape[0]
+        metrics["iwae_nats"] = total / max(count, 1)
+        metrics["iwae_bits_per_dim"] = self.bits_per_dim(metrics["iwae_nats"], self.spec)
+        return metrics
+
+    # -- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
+        """Decode z ~ N(0, temperature^2 I); returns the decoder's mean image (not a noisy draw from it)."""
+        t = check_temperature(temperature)
+        z = t * torch.randn(n, self.config.latent_dim, generator=generator, device=self.device)
+        return self.mean_image(self.decode(z))
+
+    @torch.no_grad()
+    def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
+             images: Tensor | None = None, dim: int | None = None) -> Tensor:
+        """(rows * steps, C, H, W) in [0, 1]. Row i goes from the posterior mean of images[2i] to that of
+        images[2i+1] (two prior draws when images is None); with ``dim``, latent dimension ``dim`` takes
+        values in [-3, 3] (prior standard deviations) while the rest stays at the row's start latent."""
+        check_walk(rows, steps, self.config.latent_dim, images, dim)
+        if images is None:
+            ends = torch.randn(2 * rows, self.config.latent_dim, generator=generator, device=self.device)
+        else:
+            ends = self.encode(images[: 2 * rows].to(self.device))
+        start, end = ends[0::2], ends[1::2]  # (rows, D) each
+        if dim is None:
+            z = interpolate(start, end, steps)
+        else:
+            z = traverse(start, dim, torch.linspace(-3, 3, steps, device=start.device))
+        return self.mean_image(self.decode(z))

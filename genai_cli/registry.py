@@ -1,0 +1,63 @@
+"""Register / create / list for model families and datasets (torchvision's register_model, timm's create_model)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+from .errors import GenaiError
+
+T = TypeVar("T")
+
+
+def did_you_mean(name: str, valid) -> str:
+    """A ' (did you mean 'x'?)' hint, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+@dataclass
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    summary: str
+
+
+class Registry(Generic[T]):
+    """A named table of objects. Duplicate names raise; unknown names list the valid ones."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, summary: str = "") -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is already registered")
+            doc = summary or (getattr(obj, "__doc__", None) or "").strip().splitlines()[0:1]
+            self._entries[name] = Entry(name, obj, doc if isinstance(doc, str) else (doc[0] if doc else ""))
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        if name not in self._entries:
+            valid = ", ".join(sorted(self._entries))
+            raise GenaiError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; valid: {valid}")
+        return self._entries[name].obj
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: Any) -> bool:
+        return name in self._entries
+
+
+MODELS: Registry = Registry("model family")
+DATASETS: Registry = Registry("dataset")
+register_model = MODELS.register
+register_dataset = DATASETS.register

@@ -1,0 +1,177 @@
+"""Run directories, atomic checkpoint save/load, metrics logs and PNG grids.
+
+    runs/<name>/config.yaml            the resolved config, exactly what was trained
+    runs/<name>/checkpoints/last.pt    family, config, weights, EMA, optimizers, step, rng, metrics
+    runs/<name>/samples/step_000500.png
+    runs/<name>/metrics.jsonl          one JSON object per logged step / evaluation
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from .errors import GenaiError
+
+CHECKPOINT_FORMAT = 1
+
+
+def runs_dir(option: str | Path | None = None) -> Path:
+    return Path(option or os.environ.get("GENAI_RUNS_DIR") or "runs")
+
+
+def new_run(root: Path, name: str | None, stem: str, force: bool = False) -> Path:
+    """Create runs/<name>. An existing run is never overwritten: --force moves it aside first."""
+    if name is None:
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base, i = name, 2
+        while (root / name).exists():
+            name, i = f"{base}-{i}", i + 1
+    if "/" in name or name in ("", ".", ".."):
+        raise GenaiError(f"run name '{name}' must be a plain folder name (no '/')")
+    path = root / name
+    if path.exists():
+        if not force:
+            raise GenaiError(f"run '{path}' already exists; continue it with --resume {path}, "
+                             f"pick another --name, or --force to start over (the old run is kept aside)")
+        aside = root / f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        path.rename(aside)
+    try:
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "samples").mkdir()
+    except PermissionError:
+        raise GenaiError(f"cannot create run folder '{path}': permission denied; use --runs-dir or GENAI_RUNS_DIR "
+                         f"to write elsewhere") from None
+    return path
+
+
+def check_writable(path: Path) -> None:
+    if not os.access(path, os.W_OK):
+        raise GenaiError(f"run folder '{path}' is not writable; fix its permissions or use --runs-dir")
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file, fsync, then rename: a killed run never leaves a broken file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: a checkpoint from a stranger cannot execute code."""
+    if not path.is_file():
+        raise GenaiError(f"checkpoint '{path}' not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+            raise GenaiError(f"checkpoint '{path}' holds Python objects other than weights (it could run code); "
+                             f"refused. Only load checkpoints written by genai") from None
+        raise GenaiError(f"checkpoint '{path}' is corrupt or truncated ({first}); use another checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GenaiError(f"checkpoint '{path}' is corrupt or truncated ({first[:120]}); "
+                         f"use another checkpoint or retrain") from None
+    if not isinstance(state, dict) or "family" not in state or "model" not in state:
+        raise GenaiError(f"'{path}' is not a genai checkpoint (no family/model inside)")
+    return state
+
+
+def newest_run(root: Path) -> Path:
+    candidates = [p for p in root.glob("*/checkpoints/last.pt")] if root.is_dir() else []
+    if not candidates:
+        raise GenaiError(f"no runs with a checkpoint under '{root}'; train one first: genai train configs/quickstart.yaml")
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def resolve_checkpoint(target: str | None, root: Path) -> Path:
+    """A run folder, a run name under the runs dir, or a checkpoint file -> the checkpoint path."""
+    if target is None:
+        return newest_run(root) / "checkpoints" / "last.pt"
+    p = Path(target)
+    if not p.exists() and (root / target).exists():
+        p = root / target
+    if p.is_dir():
+        ckpt = p / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise GenaiError(f"run '{p}' has no checkpoint (checkpoints/last.pt); it never reached its first save")
+        return ckpt
+    if p.is_file():
+        return p
+    raise GenaiError(f"'{target}' is neither a run folder nor a checkpoint file (runs live under '{root}')")
+
+
+def run_of_checkpoint(ckpt: Path) -> Path | None:
+    run = ckpt.parent.parent
+    return run if ckpt.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
+
+
+# -- metrics and images -------------------------------------------------------------------------
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill: the rest of the log is still good
+        return rows
+
+
+def grid_rows(n: int) -> int:
+    """Images per row for a roughly square grid."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, padding: int = 2) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow or grid_rows(images.shape[0]), padding=padding,
+               pad_value=0.5)
+
+
+def labelled_grid(rows: list[torch.Tensor], labels: list[str], path: Path) -> None:
+    """One PNG, one labelled row per setting (the sweep grid)."""
+    from PIL import Image, ImageDraw
+
+    grids = [make_grid(r.float().clamp(0, 1).cpu(), nrow=r.shape[0], padding=2, pad_value=0.5) for r in rows]
+    scale = max(1, 32 // rows[0].shape[-1])  # small images are enlarged so the labels stay legible
+    width_label = 130
+    h, w = grids[0].shape[1] * scale, grids[0].shape[2] * scale
+    canvas = Image.new("RGB", (width_label + w, h * len(grids)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (g, text) in enumerate(zip(grids, labels)):
+        arr = (g.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        im = Image.fromarray(arr).resize((w, h), Image.NEAREST)
+        canvas.paste(im, (width_label, i * h))
+        draw.text((4, i * h + h // 2 - 6), text, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

@@ -1,0 +1,241 @@
+"""Diffusion family: the noise schedule's maths, the samplers, option checking and the UNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genai_cli.errors import GenaiError
+from genai_cli.models.base import ImageSpec
+from genai_cli.models.diffusion import DDPM, Config, NoiseSchedule
+from genai_cli.nn.unet import UNet, norm_groups
+
+SPEC = ImageSpec(channels=1, size=8, num_classes=0)
+LABELLED = ImageSpec(channels=1, size=8, num_classes=3)
+
+
+def tiny_model(spec: ImageSpec = SPEC, **overrides) -> DDPM:
+    torch.manual_seed(0)
+    return DDPM(Config(**{**DDPM.tiny, **overrides}), spec)
+
+
+def fixed_batch(spec: ImageSpec = SPEC, b: int = 8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(b, *spec.shape, generator=g)
+    y = torch.arange(b) % max(spec.num_classes, 1)
+    return x, y
+
+
+# -- noise schedule ----------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_add_noise_matches_iterated_one_step_process(schedule):
+    """q(x_t | x_0) (eq. 4) equals t applications of q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
+    s = NoiseSchedule(50, schedule)
+    # Analytically: iterate the mean coefficient and the variance of x_t given x_0.
+    mean_coef, var = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    for t in range(50):
+        beta = s.betas[t].double()
+        mean_coef, var = (1 - beta).sqrt() * mean_coef, (1 - beta) * var + beta
+        assert torch.isclose(mean_coef.float(), s.alphas_cumprod[t].sqrt(), rtol=1e-4)
+        assert torch.isclose(var.float(), 1 - s.alphas_cumprod[t], rtol=1e-4)
+
+    # Monte Carlo: run the one-step chain on many copies of a fixed x_0 and compare with add_noise.
+    g = torch.Generator().manual_seed(0)
+    n, t_stop = 40000, 12
+    x0 = torch.full((n, 1), 0.7)
+    x = x0.clone()
+    for t in range(t_stop + 1):
+        x = (1 - s.betas[t]).sqrt() * x + s.betas[t].sqrt() * torch.randn(x.shape, generator=g)
+    direct = s.add_noise(x0, torch.randn(x.shape, generator=g), torch.full((n,), t_stop))
+    for a in (x, direct):
+        assert abs(float(a.mean()) - 0.7 * float(s.alphas_cumprod[t_stop].sqrt())) < 0.02
+        assert abs(float(a.var()) - float(1 - s.alphas_cumprod[t_stop])) < 0.02
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("timesteps", [1000, 100])
+def test_alphas_cumprod_decreases_to_near_zero(schedule, timesteps):
+    s = NoiseSchedule(timesteps, schedule)
+    abar = s.alphas_cumprod
+    assert abar.shape == (timesteps,)
+    assert bool((abar[1:] < abar[:-1]).all())
+    assert 0 <= float(abar[-1]) < 1e-3
+    assert bool(((s.betas > 0) & (s.betas < 1)).all())
+    assert torch.allclose(s.alphas, 1 - s.betas)
+
+
+def test_linear_schedule_matches_ho_at_1000_steps():
+    s = NoiseSchedule(1000, "linear")
+    assert float(s.betas[0]) == pytest.approx(1e-4)
+    assert float(s.betas[-1]) == pytest.approx(0.02)
+
+
+def test_ddim_timesteps():
+    s = NoiseSchedule(1000)
+    ts = s.ddim_timesteps(50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:], strict=False))
+    assert s.ddim_timesteps(1) == [999]
+    assert s.ddim_timesteps(1000) == list(range(999, -1, -1))
+    with pytest.raises(GenaiError):
+        s.ddim_timesteps(1001)
+
+
+def test_ddim_step_with_eta_zero_is_deterministic():
+    s = NoiseSchedule(100)
+    x_t, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    a = s.ddim_step(eps, 60, 40, x_t, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = s.ddim_step(eps, 60, 40, x_t, eta=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    c = s.ddim_step(eps, 60, 40, x_t, eta=1.0, generator=torch.Generator().manual_seed(1))
+    d = s.ddim_step(eps, 60, 40, x_t, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(c, d)
+
+
+def test_ddim_with_eta_one_has_the_ddpm_posterior_variance():
+    """eq. 16 with eta = 1 on consecutive steps gives sigma^2 = beta_tilde (Song et al. sec. 4.1)."""
+    s = NoiseSchedule(100)
+    x_t, eps = torch.zeros(20000, 1), torch.zeros(20000, 1)
+    out = s.ddim_step(eps, 50, 49, x_t, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert float(out.var()) == pytest.approx(float(s.posterior_variance[50]), rel=0.05)
+
+
+def test_true_noise_recovers_x0():
+    """A 'model' that returns the true noise makes predict_x0 exact and a full DDIM chain land on x_0."""
+    s = NoiseSchedule(1000, "linear")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=g)
+    t_last = s.timesteps - 1
+    x = s.add_noise(x0, noise, torch.full((4,), t_last))  # a known x_T
+    assert torch.allclose(s.predict_x0(x, noise, t_last), x0, atol=1e-3)
+    assert torch.allclose(s.predict_x0(s.add_noise(x0, noise, 300), noise, 300), x0, atol=1e-5)
+
+    ts = s.ddim_timesteps(10)
+    for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
+        abar = s.alphas_cumprod[t]
+        true_eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        x = s.ddim_step(true_eps, t, t_prev, x, eta=0.0)
+    assert torch.allclose(x, x0, atol=1e-3)
+
+
+def test_ddpm_step_is_algorithm_2():
+    """Without clipping, the posterior-mean form equals Algorithm 2 line 4 with sigma_t^2 = beta_tilde_t."""
+    s = NoiseSchedule(100)
+    x_t, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = 37
+    ours = s.ddpm_step(eps, t, x_t, torch.Generator().manual_seed(3))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
+    alpha, beta, abar = s.alphas[t], s.betas[t], s.alphas_cumprod[t]
+    algo2 = (x_t - beta / (1 - abar).sqrt() * eps) / alpha.sqrt() + s.posterior_variance[t].sqrt() * z
+    assert torch.allclose(ours, algo2, atol=1e-5)
+    # The last step adds no noise.
+    assert torch.equal(s.ddpm_step(eps, 0, x_t, torch.Generator().manual_seed(1)),
+                       s.ddpm_step(eps, 0, x_t, torch.Generator().manual_seed(2)))
+
+
+# -- the family --------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_shape_range_and_seed(sampler):
+    m = tiny_model()
+    a = m.sample(5, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    b = m.sample(5, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    assert a.shape == (5, 1, 8, 8)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, b)
+
+
+def test_sample_options_are_checked():
+    m = tiny_model()
+    for bad in [dict(sampler="euler"), dict(steps=0), dict(sampler="ddim", steps=21), dict(steps=5),
+                dict(sampler="ddim", eta=-1.0), dict(eta=0.5)]:
+        with pytest.raises(GenaiError):
+            m.sample(2, **bad)
+    with pytest.raises(TypeError):
+        m.sample(2, temperature=1.0)
+    assert m.sample(2, sampler="ddim", steps=3, eta=1.0).shape == (2, 1, 8, 8)
+
+
+def test_guidance_and_labels_refused_when_unconditional():
+    m = tiny_model()
+    with pytest.raises(GenaiError):
+        m.sample(2, guidance=3.0)
+    with pytest.raises(GenaiError):
+        m.sample(2, labels=torch.tensor([0, 1]))
+    with pytest.raises(GenaiError):
+        DDPM(Config(**{**DDPM.tiny, "guidance": 2.0}), SPEC)
+
+
+def test_class_conditional_needs_labels_in_the_data():
+    with pytest.raises(GenaiError):
+        DDPM(Config(**{**DDPM.tiny, "class_conditional": True}), SPEC)
+
+
+def test_conditional_sampling_follows_labels():
+    m = tiny_model(LABELLED, class_conditional=True)
+    kw = dict(sampler="ddim", steps=5)
+    a = m.sample(3, generator=torch.Generator().manual_seed(0), labels=torch.zeros(3, dtype=torch.long), **kw)
+    b = m.sample(3, generator=torch.Generator().manual_seed(0), labels=torch.ones(3, dtype=torch.long), **kw)
+    assert not torch.allclose(a, b)
+    # One int for all, the default cycle and guidance all run; bad labels and guidance are refused.
+    assert m.sample(3, labels=2, guidance=3.0, **kw).shape == (3, 1, 8, 8)
+    assert m.sample(4, guidance=0.0, **kw).shape == (4, 1, 8, 8)
+    for bad in [dict(labels=torch.tensor([0, 3, 1])), dict(labels=torch.tensor([0, 1])), dict(guidance=-1.0)]:
+        with pytest.raises(GenaiError):
+            m.sample(3, **kw, **bad)
+    loss = m.loss(fixed_batch(LABELLED))["loss"]
+    assert torch.isfinite(loss)
+
+
+def test_loss_falls_and_grads_reach_every_parameter():
+    m = tiny_model()
+    batch = fixed_batch()
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = m.loss(batch)["loss"]
+        loss.backward()
+        losses.append(float(loss.detach()))
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_bf16_autocast_and_channels_last():
+    m = tiny_model().to(memory_format=torch.channels_last)
+    x, y = fixed_batch()
+    batch = (x.contiguous(memory_format=torch.channels_last), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.loss(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    # channels_last weights sample the same images as the default layout.
+    ref = tiny_model()
+    kw = dict(sampler="ddim", steps=4)
+    assert torch.allclose(m.sample(2, generator=torch.Generator().manual_seed(0), **kw),
+                          ref.sample(2, generator=torch.Generator().manual_seed(0), **kw), atol=1e-4)
+
+
+# -- UNet --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels,size,mults", [(1, 8, [1, 2]), (3, 12, [1, 2, 2]), (1, 28, [1, 2, 2])])
+def test_unet_output_shape(channels, size, mults):
+    net = UNet(channels, 8, mults, num_res_blocks=1, attention_levels=[1], num_classes=2)
+    x = torch.randn(2, channels, size, size)
+    assert net(x, torch.tensor([0, 5]), torch.tensor([0, 2])).shape == x.shape
+    assert net(x, torch.tensor([0, 5])).shape == x.shape  # no labels: the null row
+
+
+def test_unet_rejects_bad_image_size():
+    net = UNet(1, 8, [1, 2, 2])
+    with pytest.raises(GenaiError, match="28 or 32"):
+        net(torch.randn(1, 1, 30, 30), torch.tensor([0]))
+    with pytest.raises(GenaiError, match="image size 30"):
+        DDPM(Config(), ImageSpec(channels=1, size=30))
+    with pytest.raises(GenaiError):
+        UNet(1, 8, [1, 2], attention_levels=[2])
+
+
+def test_norm_groups_divide_channels():
+    assert [norm_groups(c) for c in (8, 32, 48, 64, 96, 3)] == [8, 32, 24, 32, 32, 3]
