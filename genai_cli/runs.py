@@ -82,11 +82,11 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
-            raise GenaiError(f"checkpoint '{path}' holds Python objects other than weights (it could run code); "
-                             f"refused. Only load checkpoints written by genai") from None
-        raise GenaiError(f"checkpoint '{path}' is corrupt or truncated ({first}); use another checkpoint") from None
+        if "GLOBAL" in str(e) or "Unsupported global" in str(e):
+            raise GenaiError(f"checkpoint '{path}' holds Python objects other than weights (loading it could run "
+                             f"code); refused. Only load checkpoints written by genai") from None
+        raise GenaiError(f"checkpoint '{path}' is corrupt, truncated or not a weights-only file; refused "
+                         f"(use a checkpoint written by genai)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GenaiError(f"checkpoint '{path}' is corrupt or truncated ({first[:120]}); "

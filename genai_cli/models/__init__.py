@@ -1,1 +1,9 @@
 from . import diffusion  # noqa: F401
+from . import autoencoder  # noqa: F401
+from . import vae  # noqa: F401
+from . import dcgan  # noqa: F401
+from . import cgan  # noqa: F401
+from . import pixel_lstm  # noqa: F401
+from . import pixelcnn  # noqa: F401
+from . import pixel_transformer  # noqa: F401
+from . import row_lstm  # noqa: F401

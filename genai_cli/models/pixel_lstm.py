@@ -1,0 +1,124 @@
+"""Pixel LSTM: the next-pixel model. An image is a sequence of sub-pixels in raster order; an LSTM reads
+tokens 0..t-1 and predicts a categorical distribution over the K levels of token t.
+
+Trained with teacher forcing: the input at position t is the true token t-1 (a learned start vector at
+t = 0), so one LSTM pass over the sequence gives every position's logits. The LSTM alone cannot know
+where a row ends, so each input also carries the target's (row, column) scaled to [0, 1] and, for RGB,
+a one-hot of the channel being predicted.
+
+Long sequences (784 steps at 28x28) make backpropagation through time slow and unstable; ``tbptt = k``
+truncates it to k steps: the state still flows forward across the whole image, but gradients stop at
+every k-th step (the classic remedy; Williams & Peng 1990). Sampling carries the (h, c) state from one
+token to the next, so each token costs one LSTM step, not a re-run of the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import GenaiError
+from ..nn.autoregressive import AutoregressiveImageModel, Stepper
+from ..registry import register_model
+from .base import GenerativeModel, ImageSpec
+
+
+@dataclass
+class Config:
+    levels: int = 0  # K intensity levels per sub-pixel: 2 (Bernoulli), 4, 16, 256; 0: 2 on binary data, else 256
+    hidden: int = 64  # LSTM hidden size
+    layers: int = 1  # stacked LSTM layers
+    embed: int = 16  # size of the learned embedding of the previous token
+    tbptt: int = 0  # truncate backpropagation through time to this many tokens; 0: through the whole image
+
+
+@register_model("pixel_lstm", "next-pixel LSTM over the raster sequence of (sub-)pixels, categorical over K levels")
+class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
+    Config = Config
+    tiny = {"hidden": 16, "embed": 8, "levels": 4}
+    has_hidden_state = True
+
+    def __init__(self, config: Config, spec: ImageSpec):
+        super().__init__(config, spec)
+        if config.hidden < 1 or config.layers < 1 or config.embed < 1:
+            raise GenaiError("model.hidden, model.layers and model.embed must be >= 1: fix them in the model section")
+        if config.tbptt < 0:
+            raise GenaiError(f"model.tbptt = {config.tbptt} is negative: use 0 (full backprop) or a number of steps")
+        self.token_embedding = nn.Embedding(self.levels, config.embed)
+        self.start = nn.Parameter(torch.zeros(config.embed))  # the "previous token" of position 0
+        self.register_buffer("position_features", self._position_features(spec), persistent=False)  # (T, P)
+        self.lstm = nn.LSTM(config.embed + self.position_features.shape[1], config.hidden, config.layers,
+                            batch_first=True)
+        self.out = nn.Linear(config.hidden, self.levels)
+
+    @staticmethod
+    def _position_features(spec: ImageSpec) -> Tensor:
+        """What each position t predicts: (row, column) in [0, 1], plus a channel one-hot for RGB. (T, P)."""
+        c, h, w = spec.shape
+        rows = torch.arange(h).repeat_interleave(w * c) / max(h - 1, 1)
+        cols = torch.arange(w).repeat_interleave(c).repeat(h) / max(w - 1, 1)
+        feats = [rows[:, None], cols[:, None]]
+        if c > 1:
+            feats.append(torch.eye(c).repeat(h * w, 1))
+        return torch.cat(feats, dim=1)
+
+    def _lstm_inputs(self, previous: Tensor, start: int) -> Tensor:
+        """Inputs of positions start .. start+L-1 from the embeddings of their previous tokens (B, L, E)."""
+        b, length, _ = previous.shape
+        feats = self.position_features[start:start + length].to(previous.dtype)
+        return torch.cat([previous, feats.expand(b, -1, -1)], dim=-1)  # (B, L, E + P)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.token_embedding(tokens)  # (B, T, E)
+
+    def logits_from_embedding(self, e: Tensor) -> Tensor:
+        b, t, _ = e.shape
+        # Teacher forcing: position t reads token t-1, so shift right by one and put the start vector first.
+        previous = torch.cat([self.start.to(e.dtype).expand(b, 1, -1), e[:, :-1]], dim=1)  # (B, T, E)
+        x = self._lstm_inputs(previous, 0)
+        k = self.config.tbptt
+        if k and t > k:
+            outs, state = [], None
+            for s in range(0, t, k):
+                out, (h, c) = self.lstm(x[:, s:s + k], state)
+                state = (h.detach(), c.detach())  # truncated BPTT: the state flows on, its gradient stops here
+                outs.append(out)
+            hidden = torch.cat(outs, dim=1)
+        else:
+            hidden, _ = self.lstm(x)  # (B, T, hidden)
+        return self.out(hidden)  # (B, T, K)
+
+    def naive_logits(self, tokens: Tensor, pos: int) -> Tensor:
+        # The naive sampler's honest form: re-run the LSTM over tokens 0..pos (not over the unknown rest).
+        return self.seq_logits(tokens[:, :pos + 1])[:, pos]
+
+    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> Stepper:
+        return _CarriedState(self, hidden_noise, generator)
+
+
+class _CarriedState:
+    """Keeps the LSTM's (h, c) after the positions done so far; each call advances to ``pos``."""
+
+    def __init__(self, model: PixelLSTM, hidden_noise: float, generator: torch.Generator | None):
+        self.model, self.hidden_noise, self.generator = model, hidden_noise, generator
+        self.state: tuple[Tensor, Tensor] | None = None  # (layers, n, hidden) each
+        self.done = 0  # positions already run through the LSTM
+
+    def __call__(self, tokens: Tensor, pos: int) -> Tensor:
+        m = self.model
+        n = tokens.shape[0]
+        # Previous tokens of positions done..pos (a whole prefix at once the first time, then one).
+        prev = m.token_embedding(tokens[:, max(self.done - 1, 0):pos])  # (n, L or L-1, E)
+        if self.done == 0:
+            prev = torch.cat([m.start.expand(n, 1, -1), prev], dim=1)
+        out, (h, c) = m.lstm(m._lstm_inputs(prev, self.done), self.state)
+        top = out[:, -1]  # (n, hidden), equal to h[-1]
+        if self.hidden_noise:
+            # The deck's noise injection: perturb the recurrent state itself, so it carries to later pixels.
+            noise = torch.randn(top.shape, generator=self.generator, device=top.device, dtype=top.dtype)
+            top = top + self.hidden_noise * noise
+            h = torch.cat([h[:-1], top[None]], dim=0)
+        self.state, self.done = (h, c), pos + 1
+        return m.out(top)  # (n, K)

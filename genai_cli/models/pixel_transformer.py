@@ -1,0 +1,147 @@
+"""Pixel transformer: a GPT-style decoder over the raster sequence of sub-pixel tokens.
+
+Position t reads the embedding of token t-1 (a learned start vector at t = 0) plus a learned
+positional embedding of t; pre-LayerNorm blocks of causal multi-head self-attention and an MLP
+(Vaswani et al. 2017, Sec. 3.2; Radford et al. 2019, GPT-2, Sec. 2.3) give (B, T, K) logits, where
+attention masks every key after the query (the "masking out ... illegal connections" of Sec. 3.2.3).
+
+Sampling keeps a key/value cache: the keys and values of positions already computed never change
+(they depend on earlier tokens only), so each new token runs the network on one position and attends
+over the cache, instead of re-running all t positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import GenaiError
+from ..nn.autoregressive import AutoregressiveImageModel, Stepper, causal_mask
+from ..registry import register_model
+from .base import GenerativeModel, ImageSpec
+
+
+@dataclass
+class Config:
+    levels: int = 0  # K intensity levels per sub-pixel: 2 (Bernoulli), 4, 16, 256; 0: 2 on binary data, else 256
+    d_model: int = 64  # width of the residual stream
+    heads: int = 4  # attention heads (d_model must be a multiple)
+    layers: int = 4  # transformer blocks
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    dropout: float = 0.0
+
+
+class KVCache:
+    """Keys and values of the positions computed so far, one preallocated (n, heads, T, head_dim) pair."""
+
+    def __init__(self, n: int, heads: int, max_len: int, head_dim: int, like: Tensor):
+        self.k = like.new_zeros(n, heads, max_len, head_dim)
+        self.v = like.new_zeros(n, heads, max_len, head_dim)
+        self.length = 0
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (n, heads, L, head_dim) keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, d: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        b, length, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (t.reshape(b, length, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        p = self.dropout if self.training else 0.0
+        if cache is None:
+            # softmax(Q K^T / sqrt(d_k)) V with future keys masked, Vaswani et al. Eq. 1; (B, heads, T, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            k_all, v_all = cache.extend(k, v)  # (n, heads, S, head_dim), S = positions so far
+            mask = causal_mask(length, k_all.shape[2], x.device)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
+        x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
+        return x + self.mlp(self.ln2(x))
+
+
+@register_model("pixel_transformer", "GPT-style causal transformer over sub-pixel tokens, with a key/value cache")
+class PixelTransformer(AutoregressiveImageModel, GenerativeModel):
+    Config = Config
+    tiny = {"d_model": 16, "heads": 2, "layers": 1, "levels": 4}
+
+    def __init__(self, config: Config, spec: ImageSpec):
+        super().__init__(config, spec)
+        d = config.d_model
+        if d < 1 or config.heads < 1 or d % config.heads:
+            raise GenaiError(f"model.d_model = {d} must be a positive multiple of model.heads = {config.heads}: "
+                             "e.g. d_model 64 with heads 4")
+        if config.layers < 1 or config.mlp_ratio < 1 or not 0 <= config.dropout < 1:
+            raise GenaiError("model.layers and model.mlp_ratio must be >= 1 and model.dropout in [0, 1): "
+                             "fix them in the model section")
+        self.token_embedding = nn.Embedding(self.levels, d)
+        self.start = nn.Parameter(torch.zeros(d))  # the "previous token" of position 0
+        self.position_embedding = nn.Parameter(torch.zeros(self.seq_len, d))
+        self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio, config.dropout)
+                                    for _ in range(config.layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.out = nn.Linear(d, self.levels)
+        for emb in (self.token_embedding.weight, self.position_embedding):
+            nn.init.normal_(emb, std=0.02)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.token_embedding(tokens)  # (B, T, d)
+
+    def _run(self, previous: Tensor, start: int, caches: list[KVCache] | None = None) -> Tensor:
+        """Positions start .. start+L-1 given their previous tokens' embeddings (B, L, d) -> logits (B, L, K)."""
+        x = previous + self.position_embedding[start:start + previous.shape[1]]
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.out(self.ln_f(x))
+
+    def logits_from_embedding(self, e: Tensor) -> Tensor:
+        # Shift right: position t reads token t-1, and the start vector at t = 0.
+        previous = torch.cat([self.start.to(e.dtype).expand(e.shape[0], 1, -1), e[:, :-1]], dim=1)
+        return self._run(previous, 0)
+
+    def naive_logits(self, tokens: Tensor, pos: int) -> Tensor:
+        # What generation without a cache does: re-run the decoder over tokens 0..pos.
+        return self.seq_logits(tokens[:, :pos + 1])[:, pos]
+
+    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> Stepper:
+        return _Cached(self, n)
+
+
+class _Cached:
+    """Runs only the positions not yet computed (a whole prefix at once, then one per call) against the cache."""
+
+    def __init__(self, model: PixelTransformer, n: int):
+        self.model = model
+        c = model.config
+        like = model.out.weight
+        self.caches = [KVCache(n, c.heads, model.seq_len, c.d_model // c.heads, like) for _ in model.blocks]
+        self.done = 0
+
+    def __call__(self, tokens: Tensor, pos: int) -> Tensor:
+        m = self.model
+        prev = m.token_embedding(tokens[:, max(self.done - 1, 0):pos])  # (n, L or L-1, d)
+        if self.done == 0:
+            prev = torch.cat([m.start.expand(tokens.shape[0], 1, -1), prev], dim=1)
+        logits = m._run(prev, self.done, self.caches)  # (n, L, K)
+        self.done = pos + 1
+        return logits[:, -1]

@@ -1,0 +1,26 @@
+"""Helpers shared by the tests: tiny models and tiny configs."""
+
+from __future__ import annotations
+
+import genai_cli  # noqa: F401  (registers every family)
+from genai_cli.models.base import ImageSpec
+from genai_cli.registry import MODELS
+
+SPEC = ImageSpec(channels=1, size=8, num_classes=4, binary=False)
+
+
+def tiny_model(family: str, spec: ImageSpec = SPEC, **overrides):
+    cls = MODELS.get(family)
+    cfg = cls.Config(**{**cls.tiny, **overrides})
+    return cls(cfg, spec)
+
+
+def tiny_config(family: str = "ddpm", **train) -> dict:
+    cls = MODELS.get(family)
+    return {
+        "model": {"family": family, **cls.tiny},
+        "data": {"name": "shapes", "image_size": 8, "limit": 64},
+        "train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
+                  "sample_every": 2, "sample_n": 4, "warmup_steps": 1, "eval_max_images": 16, **train},
+        "sample": {"n": 4},
+    }

@@ -1,0 +1,134 @@
+"""Bad input, table-driven: exit code non-zero, one line on stderr naming the problem, no traceback,
+and nothing already on disk changed (a checksum of the runs directory)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_config
+from typer.testing import CliRunner
+
+from genai_cli.cli import app
+
+runner = CliRunner()
+
+
+class Payload:
+    """Unpickling this would run code (os.system); a weights_only load must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/genai_pwned",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    runs = root / "runs"
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(max_steps=2, eval_every=2, sample_every=2, checkpoint_every=2)))
+    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "good", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+
+    def write(name, text):
+        (root / name).write_text(text)
+
+    write("syntax.yaml", "model:\n  family: ddpm\n train: [\n")
+    bad = tiny_config()
+    write("family.yaml", yaml.safe_dump({**bad, "model": {"family": "gann"}}))
+    write("key.yaml", yaml.safe_dump({**bad, "train": {**bad["train"], "epochz": 3}}))
+    write("type.yaml", yaml.safe_dump({**bad, "train": {**bad["train"], "batch_size": "big"}}))
+    write("size.yaml", yaml.safe_dump({**bad, "data": {**bad["data"], "image_size": 7}}))
+    write("batch.yaml", yaml.safe_dump({**bad, "train": {**bad["train"], "batch_size": 1000}}))
+    write("offline.yaml", yaml.safe_dump({**bad, "data": {"name": "mnist", "download": False,
+                                                           "root": str(root / "nodata")}}))
+    write("empty.yaml", "")
+    write("list.yaml", "- 1\n- 2\n")
+    good = runs / "good" / "checkpoints" / "last.pt"
+    data = good.read_bytes()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (root / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with open(root / "evil.pt", "wb") as f:
+        pickle.dump({"family": "ddpm", "model": Payload()}, f, protocol=2)
+    with open(root / "evil4.pt", "wb") as f:
+        pickle.dump({"family": "ddpm", "model": Payload()}, f, protocol=4)
+    state = torch.load(good, weights_only=True)
+    state["family"] = "from_the_future"
+    torch.save(state, root / "future.pt")
+    torch.save({"weights": torch.zeros(2)}, root / "foreign.pt")
+    (runs / "empty-run").mkdir()
+    return root, runs
+
+
+CASES = [
+    # (name, argv with {root}/{runs} placeholders, expected fragment of the message)
+    ("yaml syntax", ["train", "{root}/syntax.yaml"], "YAML syntax error at line"),
+    ("unknown family", ["train", "{root}/family.yaml"], "unknown model family 'gann'"),
+    ("unknown key", ["train", "{root}/key.yaml"], "did you mean 'epochs'"),
+    ("wrong type", ["train", "{root}/type.yaml"], "'train.batch_size' must be int"),
+    ("empty config", ["train", "{root}/empty.yaml"], "config is empty"),
+    ("config not a mapping", ["train", "{root}/list.yaml"], "a config is a mapping"),
+    ("missing config", ["train", "{root}/missing.yaml"], "not found"),
+    ("bad --set", ["train", "{root}/key.yaml", "--set", "train"], "--set expects"),
+    ("set unknown key", ["train", "{root}/size.yaml", "--set", "model.chanels=3"], "unknown config key 'model.chanels'"),
+    ("image size unet cannot halve", ["train", "{root}/size.yaml"], "image size"),
+    ("batch larger than dataset", ["train", "{root}/batch.yaml"], "larger than the training set"),
+    ("dataset offline", ["train", "{root}/offline.yaml"], "use an offline dataset"),
+    ("run exists", ["train", "{root}/size.yaml", "--set", "data.image_size=8", "--name", "good"], "already exists"),
+    ("no config no resume", ["train"], "give a config"),
+    ("resume missing run", ["train", "--resume", "nope"], "neither a run folder nor a checkpoint"),
+    ("resume run without checkpoint", ["train", "--resume", "{runs}/empty-run"], "has no checkpoint"),
+    ("resume finished run", ["train", "--resume", "{runs}/good"], "already trained"),
+    ("sample missing run", ["sample", "{runs}/nope"], "neither a run folder nor a checkpoint"),
+    ("sample truncated", ["sample", "{root}/truncated.pt"], "corrupt or truncated"),
+    ("sample garbage", ["sample", "{root}/garbage.pt"], "corrupt, truncated"),
+    ("sample code pickle", ["sample", "{root}/evil.pt"], "could run code"),
+    ("sample code pickle protocol 4", ["sample", "{root}/evil4.pt"], "refused"),
+    ("sample unknown family", ["sample", "{root}/future.pt"], "unknown to this version"),
+    ("sample foreign file", ["sample", "{root}/foreign.pt"], "not a genai checkpoint"),
+    ("temperature on ddpm", ["sample", "{runs}/good", "--temperature", "1.5"], "--temperature is not an option"),
+    ("top-k on ddpm", ["sample", "{runs}/good", "--top-k", "5"], "--top-k is not an option"),
+    ("label on unconditional", ["sample", "{runs}/good", "--label", "3"], "label"),
+    ("n zero", ["sample", "{runs}/good", "-n", "0"], "-n must be at least 1"),
+    ("n negative", ["sample", "{runs}/good", "-n", "-3"], "-n must be at least 1"),
+    ("steps zero", ["sample", "{runs}/good", "--steps", "0"], "--steps must be at least 1"),
+    ("bad sampler", ["sample", "{runs}/good", "--sampler", "euler", "-n", "1"], "sampler"),
+    ("bad out suffix", ["sample", "{runs}/good", "--out", "{root}/x.jpg"], "--out must end in .png"),
+    ("bad sweep", ["sample", "{runs}/good", "--sweep", "steps"], "--sweep expects"),
+    ("inspect missing", ["inspect", "{runs}/nope"], "neither a run folder nor a checkpoint"),
+    ("inspect corrupt", ["inspect", "{root}/truncated.pt"], "corrupt or truncated"),
+    ("inspect bad yaml", ["inspect", "{root}/syntax.yaml"], "YAML syntax error"),
+    ("no runs at all", ["sample", "--runs-dir", "{root}/nowhere"], "no runs with a checkpoint"),
+]
+
+
+def checksum(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name, argv, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(world, name, argv, needle):
+    root, runs = world
+    args = [a.format(root=root, runs=runs) for a in argv]
+    if "--runs-dir" not in args:
+        args += ["--runs-dir", str(runs)]
+    before = checksum(runs)
+    result = runner.invoke(app, args)
+    assert result.exit_code not in (0, None), result.stdout
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert checksum(runs) == before, "a failed command changed the runs directory"
+    assert not Path("/tmp/genai_pwned").exists()
