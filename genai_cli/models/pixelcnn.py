@@ -107,7 +107,7 @@ class PixelCNN(AutoregressiveImageModel, GenerativeModel):
                 v = gate(v_pre)
         else:
             h = self.first(x)  # (B, F, H, W)
-            for conv, mix in zip(self.convs, self.mixes):
+            for conv, mix in zip(self.convs, self.mixes, strict=True):
                 h = h + mix(F.relu(conv(F.relu(h))))
         logits = self.out(F.relu(self.hidden(F.relu(h))))  # (B, C * K, H, W)
         return conv_logits_to_seq(logits, self.spec.channels, self.levels)
@@ -140,7 +140,7 @@ class _PlainPixels(PixelStepper):
         m = self.m
         i, j = divmod(pixel, self.spec.size)
         h = m.first.at(self.data, i, j)  # (n, F)
-        for conv, mix, buf in zip(m.convs, m.mixes, self.inputs):
+        for conv, mix, buf in zip(m.convs, m.mixes, self.inputs, strict=True):
             conv.put(buf, i, j, F.relu(h))
             h = h + mix.pointwise(F.relu(conv.at(buf, i, j)))
         return m.head(h)

@@ -74,7 +74,8 @@ class RowLSTM(AutoregressiveImageModel, GenerativeModel):
         # K_ss: 1 x k over the row above, unmasked: that row is entirely in the past.
         self.state_to_state = nn.ModuleList(nn.Conv1d(h, 4 * h, k, padding=k // 2) for _ in range(config.layers))
         self.hidden = MaskedConv2d(h, h, (1, 1), (0, 0), "B", feat, feat)
-        self.out = MaskedConv2d(h, c * self.levels, (1, 1), (0, 0), "B", feat, torch.arange(c).repeat_interleave(self.levels))
+        logit_groups = torch.arange(c).repeat_interleave(self.levels)  # output c * K + level -> group c
+        self.out = MaskedConv2d(h, c * self.levels, (1, 1), (0, 0), "B", feat, logit_groups)
 
     def embed(self, tokens: Tensor) -> Tensor:
         return tokens.to(self.out.weight.dtype) * (2.0 / (self.levels - 1)) - 1.0  # (B, T) levels -> [-1, 1]
@@ -133,7 +134,7 @@ class _RowPixels(PixelStepper):
 
     def _start_row(self, i: int) -> None:
         above = [h[:, :, i - 1] if i else torch.zeros_like(h[:, :, 0]) for h in self.h]
-        self.s2s = [conv(h) for conv, h in zip(self.m.state_to_state, above)]
+        self.s2s = [conv(h) for conv, h in zip(self.m.state_to_state, above, strict=True)]
         self.row = i
 
     def compute(self, pixel: int, last: bool) -> Tensor:

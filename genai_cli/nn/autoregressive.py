@@ -11,7 +11,8 @@ needs: the loss (categorical NLL in nats per dimension), the exact log-likelihoo
 ``sample``: the raster loop that draws each token through ``genai_cli.sampling`` after completing a
 prefix of real rows. A family implements ``embed`` / ``logits_from_embedding`` (the training forward,
 split so that tests can take gradients with respect to each position's input) and ``incremental`` (a
-stepper that computes only what the next token needs: a carried LSTM state, a key/value cache, the one pixel being sampled).
+stepper that computes only what the next token needs: a carried LSTM state, a key/value cache, the one
+pixel being sampled).
 """
 
 from __future__ import annotations
@@ -206,8 +207,9 @@ class AutoregressiveImageModel:
             raise GenaiError("--prefix-rows needs real images to complete: pass prefix=(n, C, H, W) images in [0, 1]")
         n = tokens.shape[0]
         if prefix.dim() != 4 or tuple(prefix.shape[1:]) != self.spec.shape or n % prefix.shape[0]:
-            raise GenaiError(f"prefix images have shape {tuple(prefix.shape)}, expected (m, {', '.join(map(str, self.spec.shape))})"
-                             f" with {n} samples a multiple of m: load images from the dataset the model was trained on")
+            expected = ", ".join(map(str, self.spec.shape))
+            raise GenaiError(f"prefix images have shape {tuple(prefix.shape)}, expected (m, {expected}) with {n} "
+                             "samples a multiple of m: load images from the dataset the model was trained on")
         prefix = prefix.to(tokens.device).repeat_interleave(n // prefix.shape[0], dim=0)
         start = prefix_rows * self.spec.size * self.spec.channels
         tokens[:, :start] = self.tokenize(prefix)[:, :start]

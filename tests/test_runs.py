@@ -1,0 +1,112 @@
+"""Run directories and checkpoints: atomic writes, exact resume, Ctrl-C, NaN stops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from genai_cli import load_checkpoint
+from genai_cli.cli import app
+from genai_cli.errors import GenaiError
+from genai_cli.models.diffusion import DDPM
+from genai_cli.runs import load_checkpoint_file, save_checkpoint
+from genai_cli.train import Trainer
+
+runner = CliRunner()
+
+
+def test_a_crash_during_a_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"family": "ddpm", "model": {"w": torch.ones(3)}, "step": 1}, path)
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"family": "ddpm", "model": {"w": torch.zeros(3)}, "step": 2}, path)
+    monkeypatch.undo()
+    state = load_checkpoint_file(path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "the temporary file must be cleaned up"
+
+
+def test_load_checkpoint_api_gives_a_model_ready_to_sample(tmp_path, config_file):
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, ["train", str(config_file()), "--runs-dir", str(runs), "--name", "a", "-q"]).exit_code == 0
+    model = load_checkpoint(runs / "a" / "checkpoints" / "last.pt")
+    x = model.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
+    assert x.shape == (2, 1, 8, 8)
+
+
+def train_losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, config_file, monkeypatch):
+    cfg = config_file(max_steps=6, log_every=1, eval_every=2, checkpoint_every=100, sample_every=4)
+    runs = tmp_path / "runs"
+    assert runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "straight", "-q"]).exit_code == 0
+
+    original = Trainer.after_step
+
+    def interrupt_at_3(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.step == 3:
+            raise KeyboardInterrupt  # what Ctrl-C does
+
+    monkeypatch.setattr(Trainer, "after_step", interrupt_at_3)
+    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "cut", "-q"])
+    assert r.exit_code == 130 and "checkpoint saved" in r.stderr
+    assert torch.load(runs / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    monkeypatch.undo()
+    r = runner.invoke(app, ["train", "--resume", str(runs / "cut"), "--runs-dir", str(runs), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert train_losses(runs / "straight") == train_losses(runs / "cut"), "resume must reproduce the losses exactly"
+    a = torch.load(runs / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(runs / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, config_file, monkeypatch):
+    cfg = config_file(max_steps=6, checkpoint_every=2)
+    runs = tmp_path / "runs"
+    original = DDPM.train_step
+
+    def poisoned(self, *args, **kwargs):
+        logs = original(self, *args, **kwargs)
+        return {**logs, "loss": float("nan")} if self.current_step >= 3 else logs
+
+    monkeypatch.setattr(DDPM, "train_step", poisoned)
+    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "nan", "-q"])
+    assert r.exit_code == 2 and "loss became nan at step 4" in r.stderr
+    assert torch.load(runs / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    r = runner.invoke(app, ["train", "--resume", str(runs / "nan"), "--runs-dir", str(runs), "-q"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_force_moves_the_old_run_aside(tmp_path, config_file):
+    runs = tmp_path / "runs"
+    cfg = str(config_file(max_steps=2))
+    for _ in range(2):
+        r = runner.invoke(app, ["train", cfg, "--runs-dir", str(runs), "--name", "x", "--force", "-q"])
+        assert r.exit_code == 0, r.stderr
+    assert (runs / "x" / "checkpoints" / "last.pt").is_file()
+    kept = [p for p in runs.iterdir() if p.name.startswith("x.old-")]
+    assert len(kept) == 1 and (kept[0] / "checkpoints" / "last.pt").is_file()
+
+
+def test_unknown_checkpoint_family_is_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"family": "nope", "model": {}, "config": {}, "spec": {}}, path)
+    with pytest.raises(GenaiError, match="unknown to this version"):
+        load_checkpoint(path)
