@@ -421,6 +421,15 @@ def inspect(
         if os.access(run, os.W_OK) and write_loss_curve(rows, curve):
             table.add_row("loss curve", str(curve))
         table.add_row("metrics", str(run / "metrics.jsonl"))
+        if hasattr(model, "encode") and os.access(run, os.W_OK):
+            from .config import from_dict
+            from .data import load_data, to_float
+            from .models.latent_plot import plot_latents
+
+            data = load_data(from_dict(cfg, source=str(ckpt)).data)
+            k = min(2000, data.val_x.shape[0])
+            path = plot_latents(model, to_float(data.val_x[:k]), data.val_y[:k], run / "latents_pca.png")
+            table.add_row("latent space", f"{path} (PCA of {k} validation latents, coloured by class)")
     out.print(table)
     out.print(parameter_table(model))
     out.print(config_table(cfg))
