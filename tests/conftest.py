@@ -12,7 +12,8 @@ from helpers import tiny_config
 from genai_cli.config import DataConfig
 from genai_cli.data import load_data, to_float
 
-torch.set_num_threads(2)
+# One thread: tiny tensors gain nothing from two, and threads spin badly on a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

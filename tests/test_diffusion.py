@@ -238,4 +238,6 @@ def test_unet_rejects_bad_image_size():
 
 
 def test_norm_groups_divide_channels():
-    assert [norm_groups(c) for c in (8, 32, 48, 64, 96, 3)] == [8, 32, 24, 32, 32, 3]
+    chans = (8, 32, 48, 64, 96, 128, 256, 3)
+    assert [norm_groups(c) for c in chans] == [2, 8, 12, 16, 24, 32, 32, 1]
+    assert all(c % norm_groups(c) == 0 for c in range(1, 300))

@@ -37,7 +37,8 @@ def test_a_crash_during_a_checkpoint_write_keeps_the_old_file(tmp_path, monkeypa
 
 def test_load_checkpoint_api_gives_a_model_ready_to_sample(tmp_path, config_file):
     runs = tmp_path / "runs"
-    assert runner.invoke(app, ["train", str(config_file()), "--runs-dir", str(runs), "--name", "a", "-q"]).exit_code == 0
+    r = runner.invoke(app, ["train", str(config_file()), "--runs-dir", str(runs), "--name", "a", "-q"])
+    assert r.exit_code == 0, r.stderr
     model = load_checkpoint(runs / "a" / "checkpoints" / "last.pt")
     x = model.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
     assert x.shape == (2, 1, 8, 8)

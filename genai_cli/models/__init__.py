@@ -1,9 +1,13 @@
-from . import diffusion  # noqa: F401
-from . import autoencoder  # noqa: F401
-from . import vae  # noqa: F401
-from . import dcgan  # noqa: F401
-from . import cgan  # noqa: F401
-from . import pixel_lstm  # noqa: F401
-from . import pixelcnn  # noqa: F401
-from . import pixel_transformer  # noqa: F401
-from . import row_lstm  # noqa: F401
+"""Importing this package registers every family (one module each)."""
+
+from . import (
+    autoencoder,  # noqa: F401
+    cgan,  # noqa: F401
+    dcgan,  # noqa: F401
+    diffusion,  # noqa: F401
+    pixel_lstm,  # noqa: F401
+    pixel_transformer,  # noqa: F401
+    pixelcnn,  # noqa: F401
+    row_lstm,  # noqa: F401
+    vae,  # noqa: F401
+)

@@ -67,7 +67,8 @@ class Stepper:
         if self.grad_clip:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))) if params else 0.0
+            norms = [p.grad.detach().float().norm() for p in params]
+            norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -94,6 +95,8 @@ class GenerativeModel(nn.Module):
     tiny: ClassVar[dict[str, Any]] = {}
     # True for adversarial families, whose loss is not expected to fall monotonically.
     adversarial: ClassVar[bool] = False
+    # False for helper networks trained by the same loop that draw no images (the evaluator classifier).
+    generative: ClassVar[bool] = True
 
     def __init__(self, config: Any, spec: ImageSpec):
         super().__init__()

@@ -13,7 +13,9 @@ With logits l, log D = -softplus(-l) and log(1 - D) = -softplus(l), which are st
 ``minibatch`` lets D see the whole batch, so a batch of near-identical fakes (mode collapse) is easy to
 reject: ``features`` is Salimans et al.'s minibatch discrimination layer, ``stddev`` the lighter minibatch
 standard deviation of Karras et al. 2018. Real and fake images always go through D in separate batches, so
-these statistics never mix the two.
+these statistics never mix the two; for the same reason D's batch norm keeps no running statistics (it
+normalises by the batch at hand in eval mode too), so D(x) and D(G(z)) in validation mean what they mean in
+training.
 
 Training overrides ``configure_optimizers`` and ``train_step`` (one Adam per network, a D step then a G step);
 the generic loop knows nothing of this. Images are scaled to [-1, 1] for D; G ends in tanh.
@@ -108,11 +110,14 @@ class MinibatchStdDev(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """(N, C', H, W) in [-1, 1] -> (N,) logits: conv stack, optional minibatch layer, linear."""
+    """(N, C', H, W) in [-1, 1] -> (N,) logits: conv stack, optional minibatch layer, linear.
+
+    ``label_embed`` (None here) is where the conditional GAN adds its projection of the label onto the features.
+    """
 
     def __init__(self, in_channels: int, size: int, config: Config):
         super().__init__()
-        self.features = ConvEncoder(in_channels, size, config.widths, config.norm)
+        self.features = ConvEncoder(in_channels, size, config.widths, config.norm, batch_stats_only=True)
         a = self.features.feature_dim
         if config.minibatch == "features":
             self.minibatch = MinibatchDiscrimination(a, config.minibatch_kernels, config.minibatch_kernel_dim)
@@ -120,13 +125,18 @@ class Discriminator(nn.Module):
             self.minibatch = MinibatchStdDev(a)
         else:
             self.minibatch = None
-        self.head = nn.Linear(self.minibatch.out_features if self.minibatch else a, 1)
+        self.out_features = self.minibatch.out_features if self.minibatch else a
+        self.head = nn.Linear(self.out_features, 1)
+        self.label_embed: nn.Embedding | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         f = self.features(x)  # (N, A)
         if self.minibatch is not None:
             f = self.minibatch(f)  # (N, A + extra)
-        return self.head(f).squeeze(1)  # (N,)
+        logits = self.head(f).squeeze(1)  # (N,)
+        if self.label_embed is not None:
+            logits = logits + (self.label_embed(y) * f).sum(1)  # Miyato & Koyama 2018, eq. 3: + y^T V phi(x)
+        return logits
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -176,7 +186,7 @@ class DCGAN(GenerativeModel):
 
     def discriminate(self, x: Tensor, y: Tensor) -> Tensor:
         """(B, C, H, W) in [-1, 1], (B,) labels -> (B,) logits of 'real'."""
-        return self.discriminator(self.discriminator_input(x, y)).float()
+        return self.discriminator(self.discriminator_input(x, y), y).float()
 
     # -- training -----------------------------------------------------------------------------
     def loss(self, batch):
@@ -228,6 +238,7 @@ class DCGAN(GenerativeModel):
             self.discriminator.requires_grad_(True)
         norm_g = stepper.step(opt_g, self.generator.parameters())
 
+        loss_d, loss_g = loss_d.detach(), loss_g.detach()
         return {"loss": float(loss_d + loss_g), "loss_d": float(loss_d), "loss_g": float(loss_g),
                 "d_x": float(torch.sigmoid(real_logits.detach()).mean()),
                 "d_g_z": float(torch.sigmoid(fake_logits.detach()).mean()),

@@ -279,7 +279,8 @@ class DDPM(GenerativeModel):
         if labels.shape != (n,):
             raise GenaiError(f"labels must be one label or one per image ({n}), got shape {tuple(labels.shape)}")
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < k):
-            raise GenaiError(f"labels must be in 0..{k - 1} (the dataset's classes), got {labels.tolist()}")
+            raise GenaiError(f"labels must be in 0..{k - 1} (the dataset's classes), "
+                             f"got values from {int(labels.min())} to {int(labels.max())}")
         return labels
 
     def _eps(self, x: Tensor, t: int, labels: Tensor | None, guidance: float) -> Tensor:

@@ -75,7 +75,8 @@ class Block(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         else:
             k_all, v_all = cache.extend(k, v)  # (n, heads, S, head_dim), S = positions so far
-            mask = causal_mask(length, k_all.shape[2], x.device)
+            # One new position sees every cached key: no mask needed (and SDPA is faster without one).
+            mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
         return x + self.mlp(self.ln2(x))

@@ -10,8 +10,9 @@ with the KL weighted by beta (beta-VAE, Higgins et al. 2017). Posterior collapse
 all dimensions, the decoder ignoring z) has two remedies here, both config options:
 - KL annealing (Bowman et al. 2016): beta rises linearly from 0 to its target over ``kl_warmup_steps``, so the
   decoder learns to use z before the KL pushes q towards the prior.
-- Free bits (Kingma et al. 2016, the IAF paper's free-bits objective): each latent dimension's KL, averaged over the batch, is
-  floored at ``free_bits`` nats in the objective, so a dimension gains nothing by going below the floor.
+- Free bits (Kingma et al. 2016, the IAF paper's free-bits objective): each latent dimension's KL, averaged
+  over the batch, is floored at ``free_bits`` nats in the objective, so a dimension gains nothing by going
+  below the floor.
 
 The decoder is Bernoulli (logits; exact for binary images), Gaussian, or Laplace, whose negative log-density
 is the L1 reconstruction error; the last two have one scale shared by all pixels, learned (Rybkin et al.
@@ -70,8 +71,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 def free_bits_kl(kl: Tensor, floor: float) -> Tensor:
     """(B, D) per-image, per-dimension KL -> (D,) batch-mean KL per dimension, floored at ``floor`` nats.
 
-    Kingma et al. 2016 (IAF), free bits: sum_j max(lambda, E_x[KL_j]). Below the floor the term is constant, so its gradient
-    is zero: the objective stops pushing that dimension towards the prior.
+    Kingma et al. 2016 (IAF), free bits: sum_j max(lambda, E_x[KL_j]). Below the floor the term is constant, so
+    its gradient is zero: the objective stops pushing that dimension towards the prior.
     """
     per_dim = kl.mean(0)  # (D,)
     return per_dim.clamp(min=floor) if floor > 0 else per_dim

@@ -48,8 +48,11 @@ def resolve_levels(levels: int, spec: ImageSpec) -> int:
 
 
 def quantize(x: Tensor, levels: int) -> Tensor:
-    """Pixels in [0, 1] -> level indices in 0..K-1 (long): round(x * (K - 1))."""
-    return torch.round(x.float().clamp(0, 1) * (levels - 1)).long()
+    """Pixels in [0, 1] -> level indices in 0..K-1 (long): round(x * (K - 1)), halves rounded up.
+
+    (torch.round sends halves to even, so 0.5 would become 0 for K = 2 but 2 for K = 4.)
+    """
+    return torch.floor(x.float().clamp(0, 1) * (levels - 1) + 0.5).long()
 
 
 def dequantize(idx: Tensor, levels: int) -> Tensor:

@@ -44,9 +44,15 @@ def check_stack(widths: list[int], norm: str, owner: str) -> None:
 
 
 class ConvEncoder(nn.Module):
-    """(B, in_channels, size, size) -> (B, feature_dim): one stride-2 conv per entry of ``widths``, flattened."""
+    """(B, in_channels, size, size) -> (B, feature_dim): one stride-2 conv per entry of ``widths``, flattened.
 
-    def __init__(self, in_channels: int, size: int, widths: list[int], norm: Norm = "batch"):
+    ``batch_stats_only``: batch norm always uses the statistics of the batch at hand, in eval mode too, and
+    keeps no running averages. A GAN discriminator wants this: it sees real and fake images in separate
+    batches, so running averages would mix the two and make its eval-mode outputs meaningless.
+    """
+
+    def __init__(self, in_channels: int, size: int, widths: list[int], norm: Norm = "batch",
+                 batch_stats_only: bool = False):
         super().__init__()
         check_stack(widths, norm, "encoder")
         layers: list[nn.Module] = []
@@ -56,7 +62,7 @@ class ConvEncoder(nn.Module):
             # A bias before batch norm is cancelled by its mean subtraction: leave it out.
             layers.append(nn.Conv2d(c, w, 3, stride=2, padding=1, bias=not use_norm))
             if use_norm:
-                layers.append(nn.BatchNorm2d(w))
+                layers.append(nn.BatchNorm2d(w, track_running_stats=not batch_stats_only))
             layers.append(nn.LeakyReLU(0.2))
             c = w
         self.net = nn.Sequential(*layers)

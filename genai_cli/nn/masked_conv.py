@@ -73,6 +73,7 @@ class MaskedConv2d(nn.Conv2d):
         self.pads = (aw, kw - 1 - aw, ah, kh - 1 - ah)  # F.pad order: left, right, top, bottom
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("mask", build_mask(in_groups, out_groups, kernel, anchor, mask_type), persistent=False)
+        self._flat: tuple[tuple, Tensor] | None = None  # (weight identity, masked weight as (out, in * kh * kw))
 
     def masked_weight(self) -> Tensor:
         return self.weight * self.mask
@@ -96,12 +97,25 @@ class MaskedConv2d(nn.Conv2d):
         else:
             padded[:, channel, i + top, j + left] = value
 
+    def flat_weight(self) -> Tensor:
+        """The masked weight as a matrix (out, in * kh * kw), kept under no_grad while the weight is unchanged.
+
+        Sampling calls ``at`` once per layer per token; re-masking the weight each time would cost as
+        much as the product itself. The key changes whenever the weight is updated in place or moved.
+        """
+        if torch.is_grad_enabled():
+            return self.masked_weight().reshape(self.out_channels, -1)
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._flat is None or self._flat[0] != key:
+            self._flat = (key, self.masked_weight().reshape(self.out_channels, -1))
+        return self._flat[1]
+
     def at(self, padded: Tensor, i: int, j: int) -> Tensor:
         """Output pixel (i, j), (B, out), from the padded input (B, in, H + kh - 1, W + kw - 1)."""
         kh, kw = self.kernel_size
         patch = padded[:, :, i:i + kh, j:j + kw]  # (B, in, kh, kw)
-        out = torch.einsum("bchw,ochw->bo", patch, self.masked_weight())
-        return out if self.bias is None else out + self.bias
+        return F.linear(patch.reshape(patch.shape[0], -1), self.flat_weight(), self.bias)
 
     def pointwise(self, v: Tensor) -> Tensor:
         """A 1x1 layer applied to one pixel's features: (n, in) -> (n, out)."""

@@ -27,9 +27,16 @@ from torch import Tensor, nn
 from ..errors import GenaiError
 
 
-def norm_groups(channels: int, max_groups: int = 32) -> int:
-    """The largest group count <= max_groups that divides ``channels`` (GroupNorm needs an exact split)."""
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+def norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """The largest group count <= max_groups that divides ``channels`` with >= min_group_size channels per group.
+
+    DDPM's 32 groups assume >= 128 channels. At our widths (32, 64) 32 groups would normalise every channel
+    on its own (InstanceNorm), erasing each feature map's mean, i.e. the image's overall brightness: on
+    MNIST that left grey, blotchy backgrounds and a 3x higher loss at t ~ 950 after 780 steps, where
+    >= 4 channels per group gave clean digits. 128 channels and up still get DDPM's 32 groups.
+    """
+    cap = max(1, min(max_groups, channels // min_group_size))
+    return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
