@@ -56,8 +56,11 @@ def train(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a progress bar."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine (starts torchrun; "
+                              "one per GPU on CUDA). train.batch_size stays the global batch."),
 ):
     """Train a model from CONFIG, writing a run folder with checkpoints, metrics and sample grids."""
+    from . import distributed
     from .config import apply_overrides, from_dict, load_config, load_yaml
     from .runs import check_writable, load_checkpoint_file, new_run, resolve_checkpoint
     from .runs import runs_dir as resolve_runs_dir
@@ -85,43 +88,85 @@ def train(
         out.print(cfg.to_yaml(), markup=False)
         return
 
-    from .train import Trainer
+    from .train import Trainer, pick_device
 
-    if run_path is None:
-        from .data import load_data
+    if nproc != 1:
+        # Check here what would otherwise fail N times over in the N processes, then hand over to torchrun.
+        if nproc < 1:
+            raise GenaiError(f"--nproc must be at least 1, got {nproc}")
+        if distributed.under_torchrun():
+            raise GenaiError("--nproc starts torchrun; under torchrun leave it out (torchrun sets the processes)")
+        distributed.check_batch(cfg.train.batch_size, cfg.train.grad_accum, nproc)
+        device = pick_device(cfg.train.device)
+        if device.type == "mps":
+            raise GenaiError("--nproc on MPS is not supported; use --set train.device=cpu")
+        if device.type == "cuda":
+            import torch
 
-        data = load_data(cfg.data)  # before creating the folder: a dataset that cannot be had leaves nothing behind
-        root.mkdir(parents=True, exist_ok=True)
-        run_path = new_run(root, name, Path(config).stem, force=force)
-        try:
-            trainer = Trainer(cfg, run_path, data=data, quiet=quiet, console=out)
-        except GenaiError:
-            # Nothing was trained: remove the empty folder we just made.
-            for sub in ("checkpoints", "samples"):
-                (run_path / sub).rmdir()
-            run_path.rmdir()
-            raise
-        (run_path / "config.yaml").write_text(cfg.to_yaml())
-    else:
-        check_writable(run_path)
-        trainer = Trainer(cfg, run_path, quiet=quiet, console=out)
-        trainer.load_state_dict(load_checkpoint_file(ckpt))
-        if trainer.step >= trainer.total_steps:
-            raise GenaiError(f"run '{run_path}' already trained {trainer.step} of {trainer.total_steps} steps; "
-                             f"raise the budget, e.g. --set train.epochs={cfg.train.epochs * 2}")
-        (run_path / "config.yaml").write_text(cfg.to_yaml())
-    out.print(f"run [bold]{run_path}[/] | family {cfg.family} | data {cfg.data.name} {trainer.data.spec.shape} "
-              f"| {sum(p.numel() for p in trainer.model.parameters()):,} parameters | device {trainer.device} "
-              f"| steps {trainer.step}->{trainer.total_steps}")
+            if nproc > torch.cuda.device_count():
+                raise GenaiError(f"--nproc {nproc} asks for more GPUs than the {torch.cuda.device_count()} visible; "
+                                 f"use --nproc {torch.cuda.device_count()} or --set train.device=cpu")
+        if run_path is None:
+            from .data import load_data
+
+            load_data(cfg.data)
+            if name is not None and (root / name).exists() and not force:
+                new_run(root, name, "", force=False)  # an existing name: raises the usual one-line error
+        else:
+            check_writable(run_path)
+        args = ["train", *([str(config)] if config is not None else []), *[a for s in set_ for a in ("--set", s)],
+                *(["--name", name] if name else []), *(["--resume", resume] if resume else []),
+                *(["--force"] if force else []), "--runs-dir", str(root), *(["--quiet"] if quiet else [])]
+        raise typer.Exit(distributed.launch(nproc, args))
+
+    ctx, _ = distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
     try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        err.print(f"interrupted at step {trainer.step}; checkpoint saved; continue with: "
-                  f"genai train --resume {run_path}", markup=False)
-        raise typer.Exit(130) from None
-    shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    out.print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-    out.print(f"samples: {run_path / 'samples'} | next: genai sample {run_path}")
+        if run_path is None:
+            from .data import load_data
+
+            data = load_data(cfg.data)  # before creating the folder: a dataset that cannot be had leaves nothing
+
+            def create() -> Path:
+                root.mkdir(parents=True, exist_ok=True)
+                return new_run(root, name, Path(config).stem, force=force)
+
+            run_path = distributed.share_from_main(create)  # rank 0 names and makes the folder
+            try:
+                trainer = Trainer(cfg, run_path, data=data, quiet=quiet, console=out)
+            except GenaiError:
+                if ctx.is_main:  # nothing was trained: remove the empty folder we just made
+                    for sub in ("checkpoints", "samples"):
+                        (run_path / sub).rmdir()
+                    run_path.rmdir()
+                raise
+            if ctx.is_main:
+                (run_path / "config.yaml").write_text(cfg.to_yaml())
+        else:
+            distributed.share_from_main(lambda: check_writable(run_path))
+            trainer = Trainer(cfg, run_path, quiet=quiet, console=out)
+            trainer.load_state_dict(load_checkpoint_file(ckpt))  # every rank resumes from the same checkpoint
+            if trainer.step >= trainer.total_steps:
+                raise GenaiError(f"run '{run_path}' already trained {trainer.step} of {trainer.total_steps} steps; "
+                                 f"raise the budget, e.g. --set train.epochs={cfg.train.epochs * 2}")
+            if ctx.is_main:
+                (run_path / "config.yaml").write_text(cfg.to_yaml())
+        talk = out if ctx.is_main else Console(quiet=True)
+        processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
+        talk.print(f"run [bold]{run_path}[/] | family {cfg.family} | data {cfg.data.name} {trainer.data.spec.shape} "
+                   f"| {sum(p.numel() for p in trainer.model.parameters()):,} parameters | device {trainer.device}"
+                   f"{processes} | steps {trainer.step}->{trainer.total_steps}")
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:
+            if ctx.is_main:
+                err.print(f"interrupted at step {trainer.step}; checkpoint saved; continue with: "
+                          f"genai train --resume {run_path}", markup=False)
+            raise typer.Exit(130) from None
+        shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        talk.print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        talk.print(f"samples: {run_path / 'samples'} | next: genai sample {run_path}")
+    finally:
+        distributed.shutdown()
 
 
 # -- sample -------------------------------------------------------------------------------------
@@ -294,7 +339,7 @@ def sample(
         nrow = per + 2
     else:
         result = model.sample(count, generator=generator(), **options)
-        if "labels" in cls.sample_options and labels_out is None and spec.num_classes:
+        if model.conditional and labels_out is None and spec.num_classes:
             labels_out = torch.arange(count) % spec.num_classes
             nrow = spec.num_classes
     result = result.float().cpu()

@@ -48,7 +48,12 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # None or 0: no EMA of the weights
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 autocast: fast on CPUs with AMX/AVX512-BF16
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size stays the batch of one step
+    compile: bool = False  # torch.compile the loss (or, for families with their own train_step, the sub-networks)
+    channels_last: bool = False  # NHWC memory layout for convolutional families (faster on GPUs and oneDNN)
+    keep_checkpoints: int = 2  # step_N.pt snapshots kept besides last.pt and best.pt (0: none)
+    log: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])  # tensorboard: extra
     log_every: int = 50
     eval_every: int = 500  # validation metrics every N steps (and at the end)
     eval_max_images: int = 2000
@@ -231,7 +236,7 @@ def validate(cfg: Config, cls) -> None:
     t = cfg.train
     positive = {"train.batch_size": t.batch_size, "train.log_every": t.log_every, "train.eval_every": t.eval_every,
                 "train.checkpoint_every": t.checkpoint_every, "train.sample_every": t.sample_every,
-                "train.sample_n": t.sample_n, "sample.n": cfg.sample.n}
+                "train.sample_n": t.sample_n, "train.grad_accum": t.grad_accum, "sample.n": cfg.sample.n}
     if t.max_steps is None:
         positive["train.epochs"] = t.epochs
     else:
@@ -241,6 +246,11 @@ def validate(cfg: Config, cls) -> None:
             raise GenaiError(f"config key '{key}' must be at least 1, got {value}")
     if t.lr <= 0:
         raise GenaiError(f"config key 'train.lr' must be positive, got {t.lr}")
+    if t.keep_checkpoints < 0:
+        raise GenaiError(f"config key 'train.keep_checkpoints' must be 0 or more, got {t.keep_checkpoints}")
+    if t.batch_size % t.grad_accum:
+        raise GenaiError(f"train.batch_size {t.batch_size} does not split into train.grad_accum {t.grad_accum} "
+                         f"micro-batches; use a multiple of {t.grad_accum}")
     if len(t.betas) != 2:
         raise GenaiError(f"config key 'train.betas' must be two numbers, got {t.betas}")
     if not 0 <= (t.ema_decay or 0) < 1:

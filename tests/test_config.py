@@ -82,3 +82,17 @@ def test_registry_duplicate_and_unknown_names():
     with pytest.raises(GenaiError, match="unknown thing 'b'; valid: a"):
         reg.get("b")
     assert "ddpm" in MODELS.names()
+
+
+def test_mnist5k_is_shuffled_split_with_real_labels():
+    from genai_cli.config import DataConfig
+    from genai_cli.data import load_data
+
+    data = load_data(DataConfig(name="mnist5k", image_size=12))
+    assert data.train_x.shape[1:] == (1, 12, 12) and len(data) + data.val_x.shape[0] == 5000
+    counts = data.train_y.bincount(minlength=10)
+    assert (counts > 350).all(), f"every digit appears in the training split: {counts.tolist()}"
+    assert data.val_y.unique().numel() == 10, "the file is sorted by label: the split must be shuffled"
+    # a "1" has far less ink than an "8": the labels belong to the images
+    ink = [data.train_x[data.train_y == d].float().mean() for d in (1, 8)]
+    assert ink[0] < 0.7 * ink[1]

@@ -91,6 +91,19 @@ def test_ddim_step_with_eta_zero_is_deterministic():
     assert not torch.allclose(c, d)
 
 
+def test_clipped_ddim_step_stays_on_the_forward_process():
+    """With clip_x0, x_t and x_prev imply the same (clipped x_0, noise) pair, so the chain stays consistent."""
+    s = NoiseSchedule(100)
+    x_t, eps = torch.randn(4, 1, 8, 8), 3 * torch.randn(4, 1, 8, 8)  # a large eps, as guidance makes
+    t, t_prev = 60, 40
+    x0 = s.predict_x0(x_t, eps, t).clamp(-1, 1)
+    assert float(s.predict_x0(x_t, eps, t).abs().max()) > 1  # clipping is active
+    x_prev = s.ddim_step(eps, t, t_prev, x_t, eta=0.0, clip_x0=True)
+    implied_t = (x_t - s.alphas_cumprod[t].sqrt() * x0) / (1 - s.alphas_cumprod[t]).sqrt()
+    implied_prev = (x_prev - s.alphas_cumprod[t_prev].sqrt() * x0) / (1 - s.alphas_cumprod[t_prev]).sqrt()
+    assert torch.allclose(implied_t, implied_prev, atol=1e-4)
+
+
 def test_ddim_with_eta_one_has_the_ddpm_posterior_variance():
     """eq. 16 with eta = 1 on consecutive steps gives sigma^2 = beta_tilde (Song et al. sec. 4.1)."""
     s = NoiseSchedule(100)

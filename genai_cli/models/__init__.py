@@ -3,6 +3,7 @@
 from . import (
     autoencoder,  # noqa: F401
     cgan,  # noqa: F401
+    classifier,  # noqa: F401
     dcgan,  # noqa: F401
     diffusion,  # noqa: F401
     pixel_lstm,  # noqa: F401

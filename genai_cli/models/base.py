@@ -148,6 +148,11 @@ class GenerativeModel(nn.Module):
             metrics["bits_per_dim"] = self.bits_per_dim(metrics["nll_nats"], self.spec)
         return metrics
 
+    @property
+    def conditional(self) -> bool:
+        """True when sample() draws class-conditioned images (its ``labels`` option is meaningful)."""
+        return "labels" in self.sample_options
+
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **options) -> Tensor:

@@ -2,11 +2,9 @@
 
 G sees [z, onehot(y)] and D sees the image with onehot(y) appended as constant planes (Mirza & Osindero,
 sec. 3.2: the label is an extra input layer of both players), so D judges "a real 7" rather than "a real
-digit", and G must produce the digit it is asked for. With ``projection`` (the default) D also adds
-onehot(y)^T V phi(x) to its logit, phi(x) being its last features (the projection discriminator of Miyato &
-Koyama 2018), which makes the label matter to D from the start rather than only through its first layer.
-Training, losses, minibatch discrimination and optimizers are DCGAN's (see dcgan.py); fakes during training
-take the labels of the real batch, so the label distribution matches the data's.
+digit", and G must produce the digit it is asked for. Training, losses, minibatch discrimination and
+optimizers are DCGAN's (see dcgan.py); fakes during training take the labels of the real batch, so the
+label distribution matches the data's.
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import GenaiError
 from ..nn.latent import check_temperature
@@ -26,9 +24,7 @@ from .base import ImageSpec
 
 @dataclass
 class Config(dcgan.Config):
-    """DCGAN's knobs plus ``projection``; the label size comes from the dataset (ImageSpec.num_classes)."""
-
-    projection: bool = True  # also project the label onto D's features (Miyato & Koyama 2018)
+    """The same knobs as DCGAN's; the label size comes from the dataset (ImageSpec.num_classes)."""
 
 
 @register_model("cgan", "conditional DCGAN: the one-hot label goes to generator and discriminator")
@@ -42,11 +38,6 @@ class CGAN(dcgan.DCGAN):
             raise GenaiError("cgan needs a labelled dataset (num_classes > 0), e.g. mnist5k; "
                              "for unlabelled data use the dcgan family")
         super().__init__(config, spec, label_dim=spec.num_classes)
-        if config.projection:
-            # The projection discriminator's class term y^T V phi(x): without it, D can only use the label through
-            # its first convolution and learns the class-conditioning slowly. V starts small (DCGAN's 0.02 init).
-            self.discriminator.label_embed = nn.Embedding(spec.num_classes, self.discriminator.out_features)
-            nn.init.normal_(self.discriminator.label_embed.weight, 0.0, 0.02)
 
     def generator_input(self, z: Tensor, y: Tensor) -> Tensor:
         return torch.cat([z, F.one_hot(y, self.spec.num_classes).to(z.dtype)], 1)  # (B, latent_dim + K)

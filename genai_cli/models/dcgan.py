@@ -110,10 +110,7 @@ class MinibatchStdDev(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """(N, C', H, W) in [-1, 1] -> (N,) logits: conv stack, optional minibatch layer, linear.
-
-    ``label_embed`` (None here) is where the conditional GAN adds its projection of the label onto the features.
-    """
+    """(N, C', H, W) in [-1, 1] -> (N,) logits: conv stack, optional minibatch layer, linear."""
 
     def __init__(self, in_channels: int, size: int, config: Config):
         super().__init__()
@@ -125,18 +122,13 @@ class Discriminator(nn.Module):
             self.minibatch = MinibatchStdDev(a)
         else:
             self.minibatch = None
-        self.out_features = self.minibatch.out_features if self.minibatch else a
-        self.head = nn.Linear(self.out_features, 1)
-        self.label_embed: nn.Embedding | None = None
+        self.head = nn.Linear(self.minibatch.out_features if self.minibatch else a, 1)
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         f = self.features(x)  # (N, A)
         if self.minibatch is not None:
             f = self.minibatch(f)  # (N, A + extra)
-        logits = self.head(f).squeeze(1)  # (N,)
-        if self.label_embed is not None:
-            logits = logits + (self.label_embed(y) * f).sum(1)  # Miyato & Koyama 2018, eq. 3: + y^T V phi(x)
-        return logits
+        return self.head(f).squeeze(1)  # (N,)
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -186,7 +178,7 @@ class DCGAN(GenerativeModel):
 
     def discriminate(self, x: Tensor, y: Tensor) -> Tensor:
         """(B, C, H, W) in [-1, 1], (B,) labels -> (B,) logits of 'real'."""
-        return self.discriminator(self.discriminator_input(x, y), y).float()
+        return self.discriminator(self.discriminator_input(x, y)).float()
 
     # -- training -----------------------------------------------------------------------------
     def loss(self, batch):

@@ -150,7 +150,7 @@ class NoiseSchedule(nn.Module):
         x_prev = sqrt(alphā_prev) x0_hat + sqrt(1 - alphā_prev - sigma^2) eps + sigma z, with
         sigma = eta sqrt((1 - alphā_prev) / (1 - alphā_t)) sqrt(1 - alphā_t / alphā_prev) (eq. 16):
         eta = 0 is the deterministic DDIM, eta = 1 the DDPM posterior. For eta > 1 the eps coefficient is
-        floored at 0. ``clip_x0`` clamps x0_hat to [-1, 1] (the direction term keeps the model's eps).
+        floored at 0. ``clip_x0`` clamps x0_hat to [-1, 1] and uses the eps that the clamped x0_hat implies.
         """
         t = self._check_t(t)
         if not -1 <= t_prev < t:
@@ -162,6 +162,10 @@ class NoiseSchedule(nn.Module):
         x0 = self.predict_x0(x_t, eps, t)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
+            # Re-derive eps from the clipped x0 (eq. 4 solved for eps), so that x_prev is again a point of the
+            # forward process, as in guided-diffusion's DDIM. Keeping the model's eps instead mixes a clipped
+            # x0 with a noise estimate that contradicts it: with guidance w >= 2 that wrecked 50-step samples.
+            eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()  # eq. 16
         direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps  # "direction pointing to x_t"
         x_prev = abar_prev.sqrt() * x0 + direction  # eq. 12
@@ -216,6 +220,10 @@ class DDPM(GenerativeModel):
         self.null_label = spec.num_classes  # the UNet's "no label" row
         # Check the config's sampling defaults now, so a bad YAML fails at load time, not after training.
         self._resolve_options(config.sampler, config.steps, config.eta, config.guidance, explicit=False)
+
+    @property
+    def conditional(self) -> bool:
+        return self.config.class_conditional
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
