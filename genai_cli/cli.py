@@ -88,7 +88,7 @@ def train(
         out.print(cfg.to_yaml(), markup=False)
         return
 
-    from .train import Trainer, pick_device
+    from .train import Trainer, pick_device, write_text_atomically
 
     if nproc != 1:
         # Check here what would otherwise fail N times over in the N processes, then hand over to torchrun.
@@ -119,15 +119,21 @@ def train(
                 *(["--force"] if force else []), "--runs-dir", str(root), *(["--quiet"] if quiet else [])]
         raise typer.Exit(distributed.launch(nproc, args))
 
+    data = None
+    if run_path is None:
+        from .data import load_data
+
+        data = load_data(cfg.data)  # before creating the folder: a dataset that cannot be had leaves nothing
     ctx, _ = distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
     try:
         if run_path is None:
-            from .data import load_data
-
-            data = load_data(cfg.data)  # before creating the folder: a dataset that cannot be had leaves nothing
 
             def create() -> Path:
-                root.mkdir(parents=True, exist_ok=True)
+                try:
+                    root.mkdir(parents=True, exist_ok=True)
+                except PermissionError:
+                    raise GenaiError(f"cannot create the runs folder '{root}': permission denied; use --runs-dir or "
+                                     f"GENAI_RUNS_DIR to write elsewhere") from None
                 return new_run(root, name, Path(config).stem, force=force)
 
             run_path = distributed.share_from_main(create)  # rank 0 names and makes the folder
@@ -140,7 +146,7 @@ def train(
                     run_path.rmdir()
                 raise
             if ctx.is_main:
-                (run_path / "config.yaml").write_text(cfg.to_yaml())
+                write_text_atomically(run_path / "config.yaml", cfg.to_yaml())
         else:
             distributed.share_from_main(lambda: check_writable(run_path))
             trainer = Trainer(cfg, run_path, quiet=quiet, console=out)
@@ -149,7 +155,7 @@ def train(
                 raise GenaiError(f"run '{run_path}' already trained {trainer.step} of {trainer.total_steps} steps; "
                                  f"raise the budget, e.g. --set train.epochs={cfg.train.epochs * 2}")
             if ctx.is_main:
-                (run_path / "config.yaml").write_text(cfg.to_yaml())
+                write_text_atomically(run_path / "config.yaml", cfg.to_yaml())
         talk = out if ctx.is_main else Console(quiet=True)
         processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
         talk.print(f"run [bold]{run_path}[/] | family {cfg.family} | data {cfg.data.name} {trainer.data.spec.shape} "
@@ -165,6 +171,11 @@ def train(
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         talk.print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         talk.print(f"samples: {run_path / 'samples'} | next: genai sample {run_path}")
+    except GenaiError:
+        if not ctx.is_main:
+            # From here on every rank fails alike (rank 0's errors are shared, losses averaged): rank 0 says it.
+            raise typer.Exit(2) from None
+        raise
     finally:
         distributed.shutdown()
 
@@ -203,6 +214,21 @@ def parse_sweeps(sweeps: list[str]) -> list[tuple[str, list[Any]]]:
     return parsed
 
 
+def parse_temperature(value: Any, family: str, cls, ckpt: Path, step: int) -> float:
+    """A number, or 'calibrated': the temperature fitted by genai evaluate --calibrate for this checkpoint."""
+    if isinstance(value, str) and value.strip().lower() == "calibrated":
+        if not cls.discrete:
+            raise GenaiError(f"--temperature calibrated needs a family that samples from logits; family '{family}' "
+                             f"takes a number (its temperature scales the latent noise)")
+        from .evaluate import calibrated_temperature
+
+        return calibrated_temperature(ckpt, int(step))
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise GenaiError(f"--temperature must be a number or 'calibrated', got '{value}'") from None
+
+
 @app.command()
 @one_line_errors
 def sample(
@@ -210,7 +236,8 @@ def sample(
     n: Optional[int] = typer.Option(None, "-n", help="Number of images (default: the config's sample.n)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the config's sample.seed)."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .png grid or .npz array file."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Divide logits / scale latent noise."),
+    temperature: Optional[str] = typer.Option(None, "--temperature", help="Divide logits / scale latent noise; "
+                                              "'calibrated': the T fitted by genai evaluate --calibrate."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely values."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Keep the smallest set with probability >= p."),
     greedy: bool = typer.Option(False, "--greedy", help="Take the most likely value (argmax)."),
@@ -256,6 +283,10 @@ def sample(
     given = {k: v for k, v in given.items() if v is not None}
     sweeps = parse_sweeps(sweep)
     refuse_unsupported(state["family"], cls, {**given, **{k: None for k, _ in sweeps}})
+    if "temperature" in given:
+        given["temperature"] = parse_temperature(given["temperature"], state["family"], cls, ckpt, state["step"])
+    sweeps = [(k, [parse_temperature(v, state["family"], cls, ckpt, state["step"]) if k == "temperature"
+                   and v == "calibrated" else v for v in values]) for k, values in sweeps]
     options.update(given)
     for key in ("steps", "top_k"):
         if key in options and options[key] < 1:
@@ -478,6 +509,57 @@ def inspect(
     out.print(table)
     out.print(parameter_table(model))
     out.print(config_table(cfg))
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+@app.command()
+@one_line_errors
+def evaluate(
+    targets: Optional[list[str]] = typer.Argument(None, help="Runs (folders, names or checkpoints) to measure and "
+                                                  "compare (default: the newest run)."),
+    n: int = typer.Option(1000, "-n", help="Samples drawn per run."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: the config's sample.seed)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout instead of a table."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Fit a temperature on the validation split (discrete "
+                                   "families); genai sample --temperature calibrated uses it."),
+    train_evaluator: bool = typer.Option(False, "--train-evaluator", help="Train the evaluator network when none "
+                                         "exists for the dataset (a quick classifier run in the runs folder)."),
+    evaluator: Optional[str] = typer.Option(None, "--evaluator", help="Classifier run to use (default: found by "
+                                            "dataset)."),
+    chart: Optional[Path] = typer.Option(None, "--chart", help="Bar-chart PNG when comparing runs "
+                                         "(default: <runs dir>/comparison.png)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+):
+    """Measure samples offline (classifier-FID, KID, precision/recall/density/coverage, class histogram),
+    bits/dim and diagnostics; or --calibrate a sampling temperature."""
+    from . import evaluate as ev
+    from .runs import runs_dir as resolve_runs_dir
+
+    root = resolve_runs_dir(runs_dir)
+    targets = targets or [None]
+    log = (lambda text: None) if quiet else (lambda text: err.print(text, markup=False))
+    if calibrate:
+        reports = [ev.calibrate_run(t, root=root, device=device, log=log) for t in targets]
+        if json_out:
+            typer.echo(ev.to_json(reports))  # plain stdout: rich would touch the text
+        for r in [] if json_out else reports:
+            out.print(ev.calibration_table(r))
+            out.print(f"saved to {r.get('saved_to', '(not saved: folder not writable)')}; "
+                      f"use it with: genai sample {r['run']} --temperature calibrated", markup=False)
+        return
+    results = [ev.evaluate_run(t, root=root, n=n, seed=seed, device=device, evaluator=evaluator,
+                               train_missing=train_evaluator, log=log, console=err) for t in targets]
+    chart_path = None
+    if len(results) > 1:
+        chart_path = ev.comparison_chart(results, chart or root / "comparison.png")
+    if json_out:
+        typer.echo(ev.to_json(results))
+        return
+    out.print(ev.results_table(results))
+    if chart_path is not None:
+        out.print(f"bar chart: {chart_path}", markup=False)
 
 
 # -- list ---------------------------------------------------------------------------------------

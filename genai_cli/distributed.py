@@ -171,24 +171,52 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     each rank keeps from its own slice, as in a single process that ran the slices separately; rank 0's
     are the ones saved.
     """
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # torch 2.14 renamed the switch (the new one still syncs once at init, which broadcast_module does anyway).
+    quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=ids, **{quiet: False})
 
 
 def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m genai_cli <args>``: torchrun on this
-    machine (a free port, no rendezvous server to set up)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    """torchrun on this machine (--standalone: a free port, no rendezvous server) running ``genai <args>`` in
+    ``nproc`` processes, through ``run_torchrun`` below."""
+    return [sys.executable, "-m", "genai_cli.distributed", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "genai_cli", *args]
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Start torchrun with ``nproc`` processes running ``genai <args>``; returns its exit code."""
+    """Start torchrun with ``nproc`` processes running ``genai <args>``; returns the exit code to pass on."""
     import subprocess
 
     env = dict(os.environ)
     # torchrun sets one thread per process when unset (with a warning); share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.run(torchrun_command(nproc, args), env=env).returncode
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun's own ``main``, minus its failure report: a worker that fails has already printed its one-line
+    error (rank 0) or traceback, so the launcher only passes its exit code on (rank 0's when it has one)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        main(argv)
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        if codes.get(0, 0) > 0:
+            return codes[0]
+        return max([c for c in codes.values() if c > 0], default=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))

@@ -462,7 +462,6 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     result: dict[str, Any] = {"run": str(run or ckpt), "family": state["family"], "dataset": cfg.data.name,
                               "step": int(state["step"]), "seed": seed}
     metrics: dict[str, Any] = {}
-    log(f"{result['run']}: {state['family']} on {cfg.data.name}, step {state['step']}")
 
     if model.generative:
         if evaluator is not None:
@@ -474,12 +473,14 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
                     raise GenaiError(f"dataset '{cfg.data.name}' has no class labels, so there is no evaluator network "
                                      f"for its samples; sample-quality metrics need a labelled dataset")
                 if not train_missing:
+                    command = evaluator_command(cfg.data, spec, root, target or str(run or ckpt))
+                    also = "" if "--train-evaluator" in command else " (or add --train-evaluator)"
                     raise GenaiError(f"no evaluator network for '{cfg.data.name}' "
                                      f"({spec.channels}x{spec.size}x{spec.size}) under '{root}'; make one with: "
-                                     f"{evaluator_command(cfg.data, spec, root, target or str(run or ckpt))} "
-                                     f"(or add --train-evaluator)")
+                                     f"{command}{also}")
                 ev_ckpt = train_evaluator(cfg.data, root, log, console)
         ev_model, ev_accuracy = load_evaluator(ev_ckpt, spec, dev)
+        log(f"{result['run']}: {state['family']} on {cfg.data.name}, step {state['step']}; evaluator {ev_ckpt}")
         result["evaluator"] = str(ev_ckpt)
         result["evaluator_accuracy"] = ev_accuracy
         options = {**cfg.sample.options(), **(sample_options or {})}

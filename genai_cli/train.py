@@ -14,7 +14,9 @@ import copy
 import hashlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -157,6 +159,16 @@ def link_atomically(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """A kill while writing leaves the old file whole (config.yaml is read again by every --resume)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """On resume: drop records past the checkpoint (the resumed run writes them again, identically) and a
     last line cut by a kill, so the log reads like one uninterrupted run. Rewritten atomically."""
@@ -172,9 +184,7 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(f"{line}\n" for line in keep))
 
 
 class Reporter:
@@ -257,6 +267,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.tb = None
         self.best_pending = False  # validation improved since the last best.pt
+        self.stop_requested = False  # a SIGINT/SIGTERM asked to stop after the current step
 
     def setup_engines(self) -> None:
         """DDP and torch.compile. Families with the default train_step have their ``loss`` routed through
@@ -384,7 +395,10 @@ class Trainer:
             for key, v in logs.items():
                 sums[key] = sums.get(key, 0.0) + v
         mean = {key: logs[key] if key.startswith("grad_norm") else v / k for key, v in sums.items()}
-        return distributed.average_logs(mean, self.device)
+        mean["stop"] = float(self.stop_requested)  # one rank asked to stop: all stop at the same step
+        mean = distributed.average_logs(mean, self.device)
+        self.stop_requested = mean.pop("stop") > 0
+        return mean
 
     def validate(self) -> dict[str, float]:
         model = self.sampling_model()
@@ -426,10 +440,31 @@ class Trainer:
                     self.tb.add_scalar(f"{split}/{key}", value, record["step"])
 
     # -- the loop -----------------------------------------------------------------------------
+    @contextmanager
+    def stop_signals(self) -> Iterator[None]:
+        """The first Ctrl-C (SIGINT) or a SIGTERM (a scheduler, torchrun) finishes the current step, saves and
+        stops, every rank at the same step; a second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if signum == signal.SIGINT and self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
     def open_run(self) -> None:
         """Rank 0, before the first step: tidy what a killed run may have left, open TensorBoard."""
-        for stale in (self.run_dir / "checkpoints").glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
+        for folder in (self.run_dir, self.run_dir / "checkpoints"):
+            for stale in folder.glob(".*.tmp-*"):  # temporary files of writes a kill cut short
+                stale.unlink(missing_ok=True)
         trim_metrics(self.metrics.path, self.step)
         if self.tb_class is not None:
             # purge_step: events past the checkpoint, written before a kill, are hidden when rewritten.
@@ -440,44 +475,9 @@ class Trainer:
         if self.is_main:
             self.open_run()
         reporter = Reporter(self.total_steps, self.step, self.quiet, self.console)
-        n = len(self.data)
-        share = t.batch_size // self.dist.world_size
-        window_time, window_images = 0.0, 0
-        last_logs: dict[str, float] = {}
         try:
-            while self.step < self.total_steps:
-                epoch, pos = divmod(self.step, self.steps_per_epoch)
-                order = epoch_order(n, t.seed, epoch)
-                for i in range(pos, self.steps_per_epoch):
-                    if self.step >= self.total_steps:
-                        break
-                    t0 = time.perf_counter()
-                    idx = order[i * t.batch_size:(i + 1) * t.batch_size]
-                    idx = idx[self.dist.rank * share:(self.dist.rank + 1) * share]  # this rank's slice
-                    batch = self.batch(self.data.train_x[idx], self.data.train_y[idx])
-                    for opt in self.optimizers.values():
-                        for group in opt.param_groups:
-                            group["lr"] = group["initial_lr"] * lr_factor(self.step, t.warmup_steps,
-                                                                         self.total_steps, t.min_lr_ratio)
-                    logs = self.train_batch(*batch)
-                    if not math.isfinite(logs["loss"]):
-                        raise GenaiError(f"loss became {logs['loss']} at step {self.step + 1}; training stopped, "
-                                         f"the last good checkpoint is kept; lower train.lr or use train.grad_clip "
-                                         f"and --resume {self.run_dir}")
-                    if self.ema:
-                        self.ema.update(self.model, self.step)
-                    self.step += 1
-                    dt = time.perf_counter() - t0
-                    self.elapsed += dt
-                    window_time += dt
-                    window_images += t.batch_size
-                    last_logs = logs
-                    self.summary.setdefault("first_loss", logs["loss"])
-                    self.summary["last_loss"] = logs["loss"]
-                    self.summary["epoch"] = epoch
-                    self.after_step(logs, reporter, window_images / max(window_time, 1e-9))
-                    if self.step % t.log_every == 0:
-                        window_time, window_images = 0.0, 0
+            with self.stop_signals():
+                last_logs = self.run_steps(reporter)
         except KeyboardInterrupt:
             reporter.close()
             if self.is_main:
@@ -501,6 +501,50 @@ class Trainer:
                 self.save_best(same_as_last=True)
         self.close()
         return {**self.summary, **final}
+
+    def run_steps(self, reporter: Reporter) -> dict[str, float]:
+        """Steps until train.max_steps/epochs; returns the last step's logs. Raises KeyboardInterrupt at a step
+        boundary when a stop was asked for."""
+        t = self.cfg.train
+        n = len(self.data)
+        share = t.batch_size // self.dist.world_size
+        window_time, window_images = 0.0, 0
+        logs: dict[str, float] = {}
+        while self.step < self.total_steps:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            order = epoch_order(n, t.seed, epoch)
+            for i in range(pos, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                t0 = time.perf_counter()
+                idx = order[i * t.batch_size:(i + 1) * t.batch_size]
+                idx = idx[self.dist.rank * share:(self.dist.rank + 1) * share]  # this rank's slice
+                batch = self.batch(self.data.train_x[idx], self.data.train_y[idx])
+                for opt in self.optimizers.values():
+                    for group in opt.param_groups:
+                        group["lr"] = group["initial_lr"] * lr_factor(self.step, t.warmup_steps, self.total_steps,
+                                                                     t.min_lr_ratio)
+                logs = self.train_batch(*batch)
+                if not math.isfinite(logs["loss"]):
+                    raise GenaiError(f"loss became {logs['loss']} at step {self.step + 1}; training stopped, "
+                                     f"the last good checkpoint is kept; lower train.lr or use train.grad_clip "
+                                     f"and --resume {self.run_dir}")
+                if self.ema:
+                    self.ema.update(self.model, self.step)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                window_time += dt
+                window_images += t.batch_size
+                self.summary.setdefault("first_loss", logs["loss"])
+                self.summary["last_loss"] = logs["loss"]
+                self.summary["epoch"] = epoch
+                self.after_step(logs, reporter, window_images / max(window_time, 1e-9))
+                if self.step % t.log_every == 0:
+                    window_time, window_images = 0.0, 0
+                if self.stop_requested:
+                    raise KeyboardInterrupt
+        return logs
 
     def close(self) -> None:
         if self.tb is not None:

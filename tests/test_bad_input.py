@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def world(tmp_path_factory):
     cfg.write_text(yaml.safe_dump(tiny_config(max_steps=2, eval_every=2, sample_every=2, checkpoint_every=2)))
     r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "good", "--quiet"])
     assert r.exit_code == 0, r.stderr
+    for family, run in (("pixelcnn", "pcnn"), ("autoencoder", "ae")):  # runs of other families, for their options
+        other = root / f"{family}.yaml"
+        other.write_text(yaml.safe_dump(tiny_config(family, max_steps=1, eval_every=1, sample_every=1)))
+        r = runner.invoke(app, ["train", str(other), "--runs-dir", str(runs), "--name", run, "--quiet"])
+        assert r.exit_code == 0, r.stderr
+    shutil.copytree(runs / "good", runs / "locked")
+    (runs / "locked").chmod(0o555)  # no permission to write (ignored by root: those cases are skipped as root)
+    (root / "locked-runs").mkdir(mode=0o555)
 
     def write(name, text):
         (root / name).write_text(text)
@@ -47,6 +56,8 @@ def world(tmp_path_factory):
     write("batch.yaml", yaml.safe_dump({**bad, "train": {**bad["train"], "batch_size": 1000}}))
     write("offline.yaml", yaml.safe_dump({**bad, "data": {"name": "mnist", "download": False,
                                                            "root": str(root / "nodata")}}))
+    write("ok.yaml", yaml.safe_dump(bad))
+    write("transformer.yaml", yaml.safe_dump(tiny_config("pixel_transformer")))
     write("empty.yaml", "")
     write("list.yaml", "- 1\n- 2\n")
     good = runs / "good" / "checkpoints" / "last.pt"
@@ -104,7 +115,36 @@ CASES = [
     ("inspect corrupt", ["inspect", "{root}/truncated.pt"], "corrupt or truncated"),
     ("inspect bad yaml", ["inspect", "{root}/syntax.yaml"], "YAML syntax error"),
     ("no runs at all", ["sample", "--runs-dir", "{root}/nowhere"], "no runs with a checkpoint"),
+    # options a family cannot take, across families
+    ("steps on pixelcnn", ["sample", "{runs}/pcnn", "--steps", "10"], "--steps is not an option of family 'pixelcnn'"),
+    ("sampler on pixelcnn", ["sample", "{runs}/pcnn", "--sampler", "ddim"], "--sampler is not an option"),
+    ("guidance on pixelcnn", ["sample", "{runs}/pcnn", "--guidance", "2"], "--guidance is not an option"),
+    ("interpolate on pixelcnn", ["sample", "{runs}/pcnn", "--interpolate"], "--interpolate is not an option"),
+    ("top-p on autoencoder", ["sample", "{runs}/ae", "--top-p", "0.9"], "--top-p is not an option of family"),
+    ("greedy on autoencoder", ["sample", "{runs}/ae", "--greedy"], "--greedy is not an option"),
+    ("prefix rows on ddpm", ["sample", "{runs}/good", "--prefix-rows", "3"], "--prefix-rows is not an option"),
+    ("sample option in config", ["train", "{root}/ok.yaml", "--set", "sample.top_k=5"],
+     "'sample.top_k' is not an option of family 'ddpm'"),
+    # training settings this machine or family cannot honour
+    ("fp16 on the cpu", ["train", "{root}/ok.yaml", "--set", "train.precision=fp16"], "fp16 needs a CUDA GPU"),
+    ("cuda without a gpu", ["train", "{root}/ok.yaml", "--set", "train.device=cuda"], "no CUDA GPU is visible"),
+    ("channels_last without convolutions", ["train", "{root}/transformer.yaml", "--set", "train.channels_last=true"],
+     "channels_last is for convolutional families"),
+    ("grad_accum not dividing the batch", ["train", "{root}/ok.yaml", "--set", "train.grad_accum=3"],
+     "does not split into train.grad_accum 3"),
+    ("negative keep_checkpoints", ["train", "{root}/ok.yaml", "--set", "train.keep_checkpoints=-1"],
+     "'train.keep_checkpoints' must be 0 or more"),
+    ("unknown log sink", ["train", "{root}/ok.yaml", "--set", "train.log=[wandb]"], "'train.log[0]' must be one of"),
+    ("nproc zero", ["train", "{root}/ok.yaml", "--nproc", "0"], "--nproc must be at least 1"),
+    ("nproc not dividing the batch", ["train", "{root}/ok.yaml", "--nproc", "3"], "does not split into 3 process"),
+    ("nproc onto an existing run", ["train", "{root}/ok.yaml", "--nproc", "2", "--name", "good"], "already exists"),
+    # permissions (root writes anywhere: skipped when the tests run as root)
+    ("resume a run without write permission", ["train", "--resume", "{runs}/locked"], "is not writable"),
+    ("runs dir without write permission", ["train", "{root}/ok.yaml", "--runs-dir", "{root}/locked-runs"],
+     "permission denied"),
 ]
+NEEDS_NON_ROOT = {"resume a run without write permission", "runs dir without write permission"}
+NEEDS_NO_GPU = {"cuda without a gpu", "fp16 on the cpu"}
 
 
 def checksum(folder: Path) -> str:
@@ -118,6 +158,10 @@ def checksum(folder: Path) -> str:
 
 @pytest.mark.parametrize("name, argv, needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_clear_line(world, name, argv, needle):
+    if name in NEEDS_NON_ROOT and os.geteuid() == 0:
+        pytest.skip("root ignores file permissions")
+    if name in NEEDS_NO_GPU and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     root, runs = world
     args = [a.format(root=root, runs=runs) for a in argv]
     if "--runs-dir" not in args:

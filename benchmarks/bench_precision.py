@@ -1,0 +1,157 @@
+"""Training throughput per precision / compile / memory-layout setting, against the machine's matmul peak.
+
+    python benchmarks/bench_precision.py [--config configs/pixelcnn_mnist.yaml] [--steps 60] [--warmup 5]
+                                         [--settings fp32,bf16,fp32+cl,bf16+cl,fp32+compile,bf16+compile]
+
+1. Peak: the best of several (n x n) @ (n x n) products, fp32 and bf16, in FLOP/s (2 n^3 per product) with
+   the threads this process has (torch.get_num_threads()).
+2. For each setting, the config's model and data (train.* overridden), the same seed: ``--warmup`` steps
+   (which include torch.compile's compile time, reported apart), then ``--steps`` timed steps of the real loop
+   (Trainer.train_batch: autocast, backward, clipping, AdamW; the lr schedule set as in fit). images/s is
+   batch_size * steps / seconds.
+3. FLOPs of one step (forward + backward) are counted once, eagerly in fp32, by torch.utils.flop_counter;
+   "of peak" is FLOP/s reached divided by the peak of the setting's precision.
+4. Quality after the same number of steps: the validation metrics of the trained weights (bits/dim for
+   likelihood families, the loss otherwise), so a setting that trains faster but worse shows it.
+Prints a markdown table. Settings that cannot run here (fp16 without CUDA) are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from genai_cli.config import load_config  # noqa: E402
+from genai_cli.data import load_data  # noqa: E402
+from genai_cli.errors import GenaiError  # noqa: E402
+from genai_cli.train import Trainer, epoch_order, lr_factor, pick_device  # noqa: E402
+
+SETTINGS = {  # name -> (precision, compile, channels_last)
+    "fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "fp16": ("fp16", False, False),
+    "fp32+cl": ("fp32", False, True), "bf16+cl": ("bf16", False, True),
+    "fp32+compile": ("fp32", True, False), "bf16+compile": ("bf16", True, False),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+class Bench:
+    def __init__(self, config: str, overrides: list[str], data):
+        self.config, self.overrides, self.data = config, overrides, data
+
+    def trainer(self, precision: str, compile_: bool, channels_last: bool, steps: int, folder: Path) -> Trainer:
+        cfg = load_config(self.config, [*self.overrides, f"train.precision={precision}", f"train.compile={compile_}",
+                                        f"train.channels_last={channels_last}", f"train.max_steps={steps}",
+                                        "train.ema_decay=null"])
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "samples").mkdir()
+        return Trainer(cfg, folder, data=self.data, quiet=True, console=Console(quiet=True))
+
+    @staticmethod
+    def step(trainer: Trainer) -> None:
+        """One step as Trainer.fit takes it (order, slice, lr schedule), without logs, grids or checkpoints."""
+        t = trainer.cfg.train
+        epoch, i = divmod(trainer.step, trainer.steps_per_epoch)
+        idx = epoch_order(len(trainer.data), t.seed, epoch)[i * t.batch_size:(i + 1) * t.batch_size]
+        x, y = trainer.batch(trainer.data.train_x[idx], trainer.data.train_y[idx])
+        for opt in trainer.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(trainer.step, t.warmup_steps, trainer.total_steps,
+                                                             t.min_lr_ratio)
+        trainer.train_batch(x, y)
+        trainer.step += 1
+
+    def flops_per_step(self, folder: Path) -> float:
+        trainer = self.trainer("fp32", False, False, 1, folder)
+        with FlopCounterMode(display=False) as counter:
+            self.step(trainer)
+        return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/pixelcnn_mnist.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set overrides")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--settings", default="fp32,bf16,fp16,fp32+cl,bf16+cl,fp32+compile,bf16+compile")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [f"train.device={args.device}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    data = load_data(cfg.data)
+    bench = Bench(args.config, overrides, data)
+    device = pick_device(cfg.train.device)
+    peaks = {p: matmul_peak(dt, device, args.matmul_size) for p, dt in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)) if
+             device.type == "cuda" or p != "fp16"}
+    cpu = platform.processor() or platform.machine()
+    print(f"# {args.config}: {cfg.family}, batch {cfg.train.batch_size}, {args.steps} timed steps after {args.warmup} "
+          f"warm-up; device {device} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"matmul peak (n = {args.matmul_size}): "
+          + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        flops = bench.flops_per_step(Path(tmp) / "flops")
+        print(f"one training step (forward + backward): {flops / 1e9:.2f} GFLOP\n")
+        print("| setting | images/s | step ms | GFLOP/s | of peak | compile s | quality after the steps |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for name in args.settings.split(","):
+            precision, compile_, channels_last = SETTINGS[name]
+            folder = Path(tmp) / name
+            try:
+                trainer = bench.trainer(precision, compile_, channels_last, args.warmup + args.steps, folder)
+            except GenaiError as e:
+                print(f"| {name} | - | - | - | - | - | cannot run here: {e} |")
+                continue
+            start = time.perf_counter()
+            for _ in range(args.warmup):
+                bench.step(trainer)
+            sync(trainer.device)
+            warm = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                bench.step(trainer)
+            sync(trainer.device)
+            seconds = time.perf_counter() - start
+            rate = flops * args.steps / seconds
+            val = trainer.validate()
+            quality = ", ".join(f"{k[4:]} {val[k]:.4f}" for k in ("val_bits_per_dim", "val_loss") if k in val)
+            print(f"| {name} | {cfg.train.batch_size * args.steps / seconds:.0f} | {1000 * seconds / args.steps:.0f} | "
+                  f"{rate / 1e9:.1f} | {rate / peaks[precision]:.1%} | {warm if compile_ else 0:.0f} | {quality} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
