@@ -7,8 +7,9 @@
    the threads this process has (torch.get_num_threads()).
 2. For each setting, the config's model and data (train.* overridden), the same seed: ``--warmup`` steps
    (which include torch.compile's compile time, reported apart), then ``--steps`` timed steps of the real loop
-   (Trainer.train_batch: autocast, backward, clipping, AdamW; the lr schedule set as in fit). images/s is
-   batch_size * steps / seconds.
+   (Trainer.train_batch: autocast, backward, clipping, AdamW; the lr schedule set as in fit), timed in
+   ``--chunks`` equal chunks. images/s is batch_size * steps / seconds of the fastest chunk: on a machine
+   shared with other work, the least disturbed stretch (the peak, too, is the best of several runs).
 3. FLOPs of one step (forward + backward) are counted once, eagerly in fp32, by torch.utils.flop_counter;
    "of peak" is FLOP/s reached divided by the peak of the setting's precision.
 4. Quality after the same number of steps: the validation metrics of the trained weights (bits/dim for
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set overrides")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--settings", default="fp32,bf16,fp16,fp32+cl,bf16+cl,fp32+compile,bf16+compile")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
@@ -140,15 +142,18 @@ def main() -> None:
                 bench.step(trainer)
             sync(trainer.device)
             warm = time.perf_counter() - start
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                bench.step(trainer)
-            sync(trainer.device)
-            seconds = time.perf_counter() - start
-            rate = flops * args.steps / seconds
+            per_chunk = max(1, args.steps // args.chunks)
+            seconds = float("inf")
+            for _ in range(args.chunks):
+                start = time.perf_counter()
+                for _ in range(per_chunk):
+                    bench.step(trainer)
+                sync(trainer.device)
+                seconds = min(seconds, (time.perf_counter() - start) / per_chunk)  # per step
+            rate = flops / seconds
             val = trainer.validate()
             quality = ", ".join(f"{k[4:]} {val[k]:.4f}" for k in ("val_bits_per_dim", "val_loss") if k in val)
-            print(f"| {name} | {cfg.train.batch_size * args.steps / seconds:.0f} | {1000 * seconds / args.steps:.0f} | "
+            print(f"| {name} | {cfg.train.batch_size / seconds:.0f} | {1000 * seconds:.0f} | "
                   f"{rate / 1e9:.1f} | {rate / peaks[precision]:.1%} | {warm if compile_ else 0:.0f} | {quality} |",
                   flush=True)
 

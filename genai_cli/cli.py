@@ -545,9 +545,12 @@ def evaluate(
         if json_out:
             typer.echo(ev.to_json(reports))  # plain stdout: rich would touch the text
         for r in [] if json_out else reports:
+            from .registry import MODELS
+
             out.print(ev.calibration_table(r))
-            out.print(f"saved to {r.get('saved_to', '(not saved: folder not writable)')}; "
-                      f"use it with: genai sample {r['run']} --temperature calibrated", markup=False)
+            hint = (f"; use it with: genai sample {r['run']} --temperature calibrated"
+                    if "temperature" in MODELS.get(r["family"]).sample_options else "")
+            out.print(f"saved to {r.get('saved_to', '(not saved: folder not writable)')}{hint}", markup=False)
         return
     results = [ev.evaluate_run(t, root=root, n=n, seed=seed, device=device, evaluator=evaluator,
                                train_missing=train_evaluator, log=log, console=err) for t in targets]

@@ -196,7 +196,13 @@ def launch(nproc: int, args: list[str]) -> int:
     env = dict(os.environ)
     # torchrun sets one thread per process when unset (with a warning); share the cores instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.run(torchrun_command(nproc, args), env=env).returncode
+    process = subprocess.Popen(torchrun_command(nproc, args), env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the workers too: they finish the step, rank 0 saves, all exit. Wait for that.
+            continue
 
 
 def run_torchrun(argv: list[str]) -> int:
@@ -204,12 +210,15 @@ def run_torchrun(argv: list[str]) -> int:
     error (rank 0) or traceback, so the launcher only passes its exit code on (rank 0's when it has one)."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         main(argv)
+    except SignalException:  # Ctrl-C / SIGTERM: torchrun has stopped the workers (rank 0 saved)
+        return 130
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         if codes.get(0, 0) > 0:

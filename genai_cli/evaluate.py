@@ -392,7 +392,7 @@ def evaluator_outputs(evaluator, images: Tensor, device: torch.device) -> tuple[
 # ---------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------
-def _autocast(cfg, device: torch.device):
+def sampling_autocast(cfg, device: torch.device):
     # Sampling runs in the precision the run trained in, as the loop's grids do.
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
@@ -427,6 +427,24 @@ def validation_metrics(model, data, cfg, device: torch.device, max_images: int) 
         return model.validation_metrics(batches)
 
 
+def sample_quality(evaluator, data, fake: Tensor, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Every sample-quality and mode-collapse metric of images fake (N, C, H, W) in [0, 1] against the validation
+    split of ``data`` (a DataBundle), plus ``reference_fid``: training images against the same validation
+    images, at the same set sizes, the floor classifier-FID can reach."""
+    from .data import to_float
+
+    real_f, _ = evaluator_outputs(evaluator, to_float(data.val_x[:MAX_REAL_IMAGES]), device)
+    fake_f, fake_p = evaluator_outputs(evaluator, fake, device)
+    metrics: dict[str, Any] = {"classifier_fid": frechet_distance(real_f, fake_f)}
+    metrics["kid"], metrics["kid_std"] = kernel_distance(real_f, fake_f, seed)
+    metrics.update(precision_recall_density_coverage(real_f, fake_f))
+    metrics.update(class_statistics(fake_p))
+    k = min(fake.shape[0], data.train_x.shape[0])
+    train_f, _ = evaluator_outputs(evaluator, to_float(data.train_x[:k]), device)
+    metrics["reference_fid"] = frechet_distance(real_f, train_f)
+    return metrics
+
+
 def resolve(target: str | None, root: Path):
     """(checkpoint path, state, model, config, run folder or None) of a run folder, run name or checkpoint."""
     from .api import model_from_state
@@ -447,7 +465,7 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
 
     sample_options overrides the run's ``sample:`` defaults (e.g. {"sampler": "ddim", "steps": 50}).
     """
-    from .data import load_data, to_float
+    from .data import load_data
     from .runs import MetricsLog, resolve_checkpoint
     from .train import pick_device
 
@@ -486,24 +504,15 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
         options = {**cfg.sample.options(), **(sample_options or {})}
         log(f"drawing {n} samples (seed {seed}{', ' if options else ''}"
             f"{', '.join(f'{k}={v}' for k, v in options.items())})")
-        fake, seconds = draw_samples(model, n, seed, options, dev, _autocast(cfg, dev))
+        fake, seconds = draw_samples(model, n, seed, options, dev, sampling_autocast(cfg, dev))
         result["n_samples"] = n
         result["sample_options"] = options
-        real_x = to_float(data.val_x[:MAX_REAL_IMAGES])
-        real_f, _ = evaluator_outputs(ev_model, real_x, dev)
-        fake_f, fake_p = evaluator_outputs(ev_model, fake, dev)
-        log(f"measuring against {real_f.shape[0]} validation images in the evaluator's feature space")
-        metrics["classifier_fid"] = frechet_distance(real_f, fake_f)
-        metrics["kid"], metrics["kid_std"] = kernel_distance(real_f, fake_f, seed)
-        metrics.update(precision_recall_density_coverage(real_f, fake_f))
-        stats = class_statistics(fake_p)
-        result["class_histogram"] = stats.pop("class_histogram")
-        metrics.update(stats)
+        log(f"measuring against {min(data.val_x.shape[0], MAX_REAL_IMAGES)} validation images in the evaluator's "
+            f"feature space")
+        quality = sample_quality(ev_model, data, fake, dev, seed)
+        result["class_histogram"] = quality.pop("class_histogram")
+        metrics.update(quality)
         metrics["sample_seconds_per_64"] = seconds / n * 64
-        # The floor of classifier-FID at these set sizes: training images against the validation split.
-        k = min(n, data.train_x.shape[0])
-        train_f, _ = evaluator_outputs(ev_model, to_float(data.train_x[:k]), dev)
-        metrics["reference_fid"] = frechet_distance(real_f, train_f)
 
     log("validation metrics (likelihood, diagnostics)")
     val = validation_metrics(model, data, cfg, dev, max(cfg.train.eval_max_images, 2000))

@@ -1,0 +1,85 @@
+"""What the benchmarks of issue 5 share: the evaluator network, a CPU-second training budget, markdown tables.
+
+Not a benchmark itself (``run_all.py`` skips it).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from genai_cli import evaluate as ev  # noqa: E402
+from genai_cli.train import Trainer  # noqa: E402
+
+RUNS = ROOT / "benchmarks" / "runs"  # ignored by git
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+def evaluator_for(data_cfg, spec, root: Path = RUNS):
+    """The evaluator network of this dataset under ``root``, trained there first when missing."""
+    ckpt = ev.find_evaluator(data_cfg, spec, root)
+    if ckpt is None:
+        ckpt = ev.train_evaluator(data_cfg, root, log)
+    model, accuracy = ev.load_evaluator(ckpt, spec, torch.device("cpu"))
+    return model, accuracy, ckpt
+
+
+class BudgetTrainer(Trainer):
+    """The toolkit's Trainer, stopped after ``budget`` seconds of process CPU time spent in training steps.
+
+    The loop's cosine schedule reads ``total_steps`` at every step, so the planned length is re-estimated from
+    the CPU time per step measured so far (at steps 10, 50, 100, then every 100): the learning rate decays to
+    its floor where the budget ends, as it would in a run planned for that many steps.
+    """
+
+    def __init__(self, *args, budget: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.budget = budget
+        self.cpu_start: float | None = None
+        self.cpu_used = 0.0
+
+    def fit(self):
+        self.cpu_start = time.process_time()
+        return super().fit()
+
+    def after_step(self, logs, reporter, rate) -> None:
+        # Everything between steps is counted too (logging, EMA): cheap with the schedules set far apart.
+        self.cpu_used = time.process_time() - self.cpu_start
+        if self.step in (10, 50, 100) or (self.step > 100 and self.step % 100 == 0):
+            per_step = self.cpu_used / self.step
+            self.total_steps = max(self.step + 1, int(self.budget / per_step))
+        if self.cpu_used >= self.budget:
+            self.total_steps = self.step  # the loop ends after this step
+        super().after_step(logs, reporter, rate)
+
+
+def markdown(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    right = right if right is not None else set(range(1, len(header)))
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
