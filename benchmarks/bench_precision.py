@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -99,7 +100,7 @@ class Bench:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/pixelcnn_mnist.yaml")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "pixelcnn_mnist.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set overrides")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
@@ -120,8 +121,9 @@ def main() -> None:
              (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)) if
              device.type == "cuda" or p != "fp16"}
     cpu = platform.processor() or platform.machine()
-    print(f"# {args.config}: {cfg.family}, batch {cfg.train.batch_size}, {args.steps} timed steps after {args.warmup} "
-          f"warm-up; device {device} ({cpu}), {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"# {Path(args.config).name}: {cfg.family}, batch {cfg.train.batch_size}, {args.steps} timed steps after "
+          f"{args.warmup} warm-up; device {device} ({cpu}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}\n")
     print(f"matmul peak (n = {args.matmul_size}): "
           + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items()) + "\n")
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ On a machine shared with others, hold the benchmark lock: flock /tmp/genai_bench
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("throughput", ["bench_throughput.py"], ["--rounds", "2", "--steps", "1"]),
     ("families", ["bench_families.py"], ["--budget", "15", "--samples", "50"]),
     ("ar_sampling", ["bench_ar_sampling.py"], ["--size", "12", "--n", "2"]),
+    ("precision", ["bench_precision.py"],
+     ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "fp32,bf16", "--matmul-size", "256"]),
 ]
 
 
@@ -37,6 +40,8 @@ def main() -> None:
     unknown = set(args.only or []) - {n for n, _, _ in BENCHMARKS}
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
+    if importlib.util.find_spec("diffusers") is None:
+        sys.exit("the benchmarks compare with diffusers, which is not installed: pip install -e \".[bench]\"")
     out_dir = HERE / "runs"
     out_dir.mkdir(exist_ok=True)
     report = [f"# genai benchmarks, {time.strftime('%Y-%m-%d %H:%M')}{' (--quick)' if args.quick else ''}\n"]

@@ -38,6 +38,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None  # when set, overrides epochs
+    max_seconds: float | None = None  # a time budget: stop after this many seconds of training steps
     batch_size: int = 64
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -244,6 +245,8 @@ def validate(cfg: Config, cls) -> None:
     for key, value in positive.items():
         if value < 1:
             raise GenaiError(f"config key '{key}' must be at least 1, got {value}")
+    if t.max_seconds is not None and t.max_seconds <= 0:
+        raise GenaiError(f"config key 'train.max_seconds' must be positive, got {t.max_seconds}")
     if t.lr <= 0:
         raise GenaiError(f"config key 'train.lr' must be positive, got {t.lr}")
     if t.keep_checkpoints < 0:

@@ -201,7 +201,7 @@ def launch(nproc: int, args: list[str]) -> int:
         try:
             return process.wait()
         except KeyboardInterrupt:
-            # Ctrl-C reached the workers too: they finish the step, rank 0 saves, all exit. Wait for that.
+            # torchrun passes Ctrl-C on to the workers (SIGTERM): they finish the step, rank 0 saves, all exit.
             continue
 
 
@@ -214,7 +214,10 @@ def run_torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # torch gives each of its elastic loggers its own level: quiet them one by one.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         main(argv)
     except SignalException:  # Ctrl-C / SIGTERM: torchrun has stopped the workers (rank 0 saved)

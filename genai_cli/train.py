@@ -267,7 +267,9 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.tb = None
         self.best_pending = False  # validation improved since the last best.pt
-        self.stop_requested = False  # a SIGINT/SIGTERM asked to stop after the current step
+        self.stop_requested = False  # a SIGINT/SIGTERM reached this process
+        self.shared_elapsed = 0.0  # training seconds, averaged over ranks (train.max_seconds)
+        self.stop_agreed = False  # some rank's stop_requested, as all ranks learnt it in the last step's all-reduce
 
     def setup_engines(self) -> None:
         """DDP and torch.compile. Families with the default train_step have their ``loss`` routed through
@@ -395,9 +397,11 @@ class Trainer:
             for key, v in logs.items():
                 sums[key] = sums.get(key, 0.0) + v
         mean = {key: logs[key] if key.startswith("grad_norm") else v / k for key, v in sums.items()}
-        mean["stop"] = float(self.stop_requested)  # one rank asked to stop: all stop at the same step
+        mean["stop"] = float(self.stop_requested)  # one rank asked to stop: all stop after this same step
+        mean["elapsed"] = self.elapsed  # averaged, so every rank takes the same time-budget decision
         mean = distributed.average_logs(mean, self.device)
-        self.stop_requested = mean.pop("stop") > 0
+        self.shared_elapsed = mean.pop("elapsed")
+        self.stop_agreed = mean.pop("stop") > 0
         return mean
 
     def validate(self) -> dict[str, float]:
@@ -443,13 +447,14 @@ class Trainer:
     @contextmanager
     def stop_signals(self) -> Iterator[None]:
         """The first Ctrl-C (SIGINT) or a SIGTERM (a scheduler, torchrun) finishes the current step, saves and
-        stops, every rank at the same step; a second Ctrl-C stops at once."""
+        stops, every rank at the same step. A second Ctrl-C stops a single process at once; under torchrun,
+        which signals its workers more than once, the ranks always stop together at a step boundary."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def on_signal(signum, frame):
-            if signum == signal.SIGINT and self.stop_requested:
+            if signum == signal.SIGINT and self.stop_requested and not self.dist.enabled:
                 raise KeyboardInterrupt
             self.stop_requested = True
 
@@ -520,9 +525,14 @@ class Trainer:
                 idx = order[i * t.batch_size:(i + 1) * t.batch_size]
                 idx = idx[self.dist.rank * share:(self.dist.rank + 1) * share]  # this rank's slice
                 batch = self.batch(self.data.train_x[idx], self.data.train_y[idx])
+                total = self.total_steps
+                if t.max_seconds is not None and self.shared_elapsed > 0:
+                    # Under a time budget the cosine follows time: the total is the steps the budget allows
+                    # at the rate measured so far.
+                    total = min(total, max(self.step + 1, round(self.step * t.max_seconds / self.shared_elapsed)))
                 for opt in self.optimizers.values():
                     for group in opt.param_groups:
-                        group["lr"] = group["initial_lr"] * lr_factor(self.step, t.warmup_steps, self.total_steps,
+                        group["lr"] = group["initial_lr"] * lr_factor(self.step, t.warmup_steps, total,
                                                                      t.min_lr_ratio)
                 logs = self.train_batch(*batch)
                 if not math.isfinite(logs["loss"]):
@@ -542,8 +552,11 @@ class Trainer:
                 self.after_step(logs, reporter, window_images / max(window_time, 1e-9))
                 if self.step % t.log_every == 0:
                     window_time, window_images = 0.0, 0
-                if self.stop_requested:
+                if self.stop_agreed:
                     raise KeyboardInterrupt
+                if t.max_seconds is not None and self.shared_elapsed >= t.max_seconds:
+                    self.total_steps = self.step  # the budget is spent: finish as if this were the last step
+                    break
         return logs
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from helpers import tiny_config  # noqa: E402
 from genai_cli.runs import load_checkpoint_file  # noqa: E402
 
 STEPS = 60
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks training processes")
 
 
 def start(argv: list[str]) -> int:
@@ -200,6 +201,45 @@ def test_rotation_keeps_the_last_k_and_the_best(tmp_path, monkeypatch):
     assert best["step"] == 2 and best["summary"]["best_val_loss"] == 1.0
     assert load_checkpoint_file(folder / "step_000005.pt")["step"] == 5
     assert load_checkpoint_file(folder / "last.pt")["step"] == 6
+
+
+@pytest.mark.parametrize("family", ["dcgan", "vae", "pixel_transformer"])
+def test_exact_resume_across_families_and_an_epoch_boundary(tmp_path, monkeypatch, family):
+    """Two optimizers and random z (GAN), reparameterisation noise (VAE), dropout (transformer): stopped at
+    step 7 and resumed, the run crosses into epoch 1 (8 steps per epoch) exactly as the one never stopped."""
+    from typer.testing import CliRunner
+
+    from genai_cli.cli import app
+    from genai_cli.train import Trainer
+
+    raw = tiny_config(family, max_steps=10, log_every=1, eval_every=5, checkpoint_every=100, sample_every=100)
+    if family == "pixel_transformer":
+        raw["model"]["dropout"] = 0.1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    runs = tmp_path / "runs"
+    invoke = CliRunner().invoke
+    assert invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "straight", "-q"]).exit_code == 0
+    original = Trainer.after_step
+
+    def stop_at_7(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.step == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "after_step", stop_at_7)
+    assert invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "cut", "-q"]).exit_code == 130
+    monkeypatch.undo()
+    r = invoke(app, ["train", "--resume", str(runs / "cut"), "--runs-dir", str(runs), "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert losses(runs / "straight") == losses(runs / "cut")
+    a, b = (torch.load(runs / run / "checkpoints" / "last.pt", weights_only=True) for run in ("straight", "cut"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for name, opt in a["optimizers"].items():
+        for index, state in opt["state"].items():
+            for k, v in state.items():
+                assert torch.equal(v, b["optimizers"][name]["state"][index][k]), (name, index, k)
 
 
 if __name__ == "__main__":

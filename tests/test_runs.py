@@ -111,3 +111,14 @@ def test_unknown_checkpoint_family_is_refused(tmp_path):
     save_checkpoint({"family": "nope", "model": {}, "config": {}, "spec": {}}, path)
     with pytest.raises(GenaiError, match="unknown to this version"):
         load_checkpoint(path)
+
+
+def test_a_time_budget_ends_training_early_and_cleanly(tmp_path, config_file):
+    cfg = config_file(max_steps=100000, max_seconds=0.5, eval_every=100000, sample_every=100000,
+                      checkpoint_every=100000)
+    runs = tmp_path / "runs"
+    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "budget", "-q"])
+    assert r.exit_code == 0, r.stderr
+    state = torch.load(runs / "budget" / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < state["step"] < 100000 and state["summary"]["finished"]
+    assert state["elapsed_seconds"] >= 0.5
