@@ -229,3 +229,18 @@ def test_calibrate_refuses_continuous_families(runs):
 
     with pytest.raises(GenaiError, match="samples from logits"):
         parse_temperature("calibrated", "vae", MODELS.get("vae"), run / "checkpoints" / "last.pt", 4)
+
+
+# -- the diffusion bound ------------------------------------------------------------------------
+def test_diffusion_bound_is_unbiased_across_strata(shapes_batch):
+    torch.manual_seed(0)
+    model = tiny_model("ddpm").eval()  # T = 20
+    x = (shapes_batch[0][:4] * 255).round() / 255, shapes_batch[1][:4]  # 8-bit levels, as the data is
+    g = torch.Generator().manual_seed(0)
+    # 19 strata of one timestep each: every t is scored (only the noise is drawn); 2 strata: t is drawn too.
+    every_t = torch.stack([model.variational_bound(x, 19, generator=g).double().sum() for _ in range(40)])
+    sampled = torch.stack([model.variational_bound(x, 2, generator=g).double().sum() for _ in range(400)])
+    assert torch.isfinite(every_t).all() and (every_t < 0).all()  # a log-probability of discrete data
+    standard_error = (every_t.var() / every_t.numel() + sampled.var() / sampled.numel()).sqrt()
+    assert abs(sampled.mean() - every_t.mean()) < 4 * standard_error  # the same expectation
+    assert 0 < model.bits_per_dim(-float(every_t.mean()) / 4, model.spec) < 1000
