@@ -38,6 +38,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None  # when set, overrides epochs
+    tbptt: int | None = None  # recurrent families: truncate backprop through time to k steps (sets model.tbptt)
     max_seconds: float | None = None  # a time budget: stop after this many seconds of training steps
     batch_size: int = 64
     lr: float = 2e-4
@@ -245,6 +246,15 @@ def validate(cfg: Config, cls) -> None:
     for key, value in positive.items():
         if value < 1:
             raise GenaiError(f"config key '{key}' must be at least 1, got {value}")
+    if t.tbptt is not None:
+        if "tbptt" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            takers = [n for n in MODELS.names()
+                      if "tbptt" in {f.name for f in dataclasses.fields(MODELS.get(n).Config)}]
+            raise GenaiError(f"train.tbptt applies to recurrent families ({', '.join(takers)}); "
+                             f"family '{cfg.family}' has no recurrence: remove it")
+        if t.tbptt < 0:
+            raise GenaiError(f"config key 'train.tbptt' must be >= 0 (0: full backprop), got {t.tbptt}")
+        cfg.model.tbptt = t.tbptt  # the loop stays family-agnostic: the family reads its own field
     if t.max_seconds is not None and t.max_seconds <= 0:
         raise GenaiError(f"config key 'train.max_seconds' must be positive, got {t.max_seconds}")
     if t.lr <= 0:

@@ -96,3 +96,13 @@ def test_mnist5k_is_shuffled_split_with_real_labels():
     # a "1" has far less ink than an "8": the labels belong to the images
     ink = [data.train_x[data.train_y == d].float().mean() for d in (1, 8)]
     assert ink[0] < 0.7 * ink[1]
+
+
+def test_train_tbptt_reaches_recurrent_families_and_is_refused_elsewhere():
+    raw = tiny_config("pixel_lstm")
+    raw["train"]["tbptt"] = 16
+    assert from_dict(raw).model.tbptt == 16
+    raw = tiny_config("ddpm")
+    raw["train"]["tbptt"] = 16
+    with pytest.raises(GenaiError, match="train.tbptt applies to recurrent families \\(pixel_lstm, row_lstm\\)"):
+        from_dict(raw)
