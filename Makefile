@@ -28,6 +28,7 @@ demo: install
 	@echo "open runs/quickstart/samples/demo.png"
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/run_all.py
 
 clean:
