@@ -58,10 +58,9 @@ def run_one(name: str, config: str, overrides: list[str], seconds: float, runs: 
     run_dir = new_run(runs, name, name, force=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     start = time.perf_counter()
-    result = Trainer(cfg, run_dir, quiet=True).fit()
-    trainer_params = sum(p.numel() for p in torch.load(run_dir / "checkpoints" / "last.pt",
-                                                       weights_only=True)["model"].values())
-    return {"name": name, "params": trainer_params, "steps": result["step"],
+    trainer = Trainer(cfg, run_dir, quiet=True)
+    result = trainer.fit()
+    return {"name": name, "params": sum(p.numel() for p in trainer.model.parameters()), "steps": result["step"],
             "seconds": time.perf_counter() - start, **{k: result.get(k) for k in SHOWN}}
 
 

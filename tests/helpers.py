@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typer.testing import CliRunner
+
 import genai_cli  # noqa: F401  (registers every family)
+from genai_cli.cli import app
 from genai_cli.models.base import ImageSpec
 from genai_cli.registry import MODELS
 
@@ -24,3 +27,14 @@ def tiny_config(family: str = "ddpm", **train) -> dict:
                   "sample_every": 2, "sample_n": 4, "warmup_steps": 1, "eval_max_images": 16, **train},
         "sample": {"n": 4},
     }
+
+
+runner = CliRunner()
+
+
+def invoke(*args, ok=True):
+    """Run the CLI in-process; with ok, fail the test unless it exits 0."""
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result

@@ -7,19 +7,8 @@ import json
 import numpy as np
 import pytest
 import yaml
+from helpers import invoke
 from PIL import Image
-from typer.testing import CliRunner
-
-from genai_cli.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 @pytest.fixture

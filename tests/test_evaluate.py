@@ -9,24 +9,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import tiny_config, tiny_model
-from typer.testing import CliRunner
+from helpers import invoke, tiny_config, tiny_model
 
 from genai_cli import evaluate as ev
-from genai_cli.cli import app
 from genai_cli.config import DataConfig
 from genai_cli.errors import GenaiError
 from genai_cli.models.base import ImageSpec
 from genai_cli.registry import MODELS
-
-runner = CliRunner()
-
-
-def invoke(*args, ok=True):
-    result = runner.invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def gaussian_set(n=600, d=16, seed=0):
