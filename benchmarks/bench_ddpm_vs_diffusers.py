@@ -149,7 +149,7 @@ def main() -> None:
     run, steps, used, cfg = train_ours(args.budget, data, "bench-ddpm-ours")
     model = ev.resolve(str(run), RUNS)[2].to(cpu).eval()
     fake, secs = ev.draw_samples(model, args.samples, args.seed, {"sampler": "ddim", "steps": args.steps}, cpu,
-                                 ev.sampling_autocast(cfg, cpu))
+                                 ev.sampling_autocast(cpu))
     save_grid(fake[:64], run / "samples" / "bench_ddim50.png")
     results["ours"] = {"steps": steps, "cpu_seconds": used, "images_seen": steps * cfg.train.batch_size,
                        "lr": cfg.train.lr, "batch": cfg.train.batch_size, "sample_seconds": secs,

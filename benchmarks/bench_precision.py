@@ -37,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from genai_cli.config import load_config  # noqa: E402
 from genai_cli.data import load_data  # noqa: E402
 from genai_cli.errors import GenaiError  # noqa: E402
-from genai_cli.train import Trainer, epoch_order, lr_factor, pick_device  # noqa: E402
+from genai_cli.hardware import pick_device  # noqa: E402
+from genai_cli.train import Trainer, epoch_order, lr_factor  # noqa: E402
 
 SETTINGS = {  # name -> (precision, compile, channels_last)
     "fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "fp16": ("fp16", False, False),

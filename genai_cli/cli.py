@@ -88,7 +88,8 @@ def train(
         out.print(cfg.to_yaml(), markup=False)
         return
 
-    from .train import Trainer, pick_device, write_text_atomically
+    from .hardware import pick_device
+    from .train import Trainer, write_text_atomically
 
     if nproc != 1:
         # Check here what would otherwise fail N times over in the N processes, then hand over to torchrun.
@@ -146,7 +147,7 @@ def train(
                     run_path.rmdir()
                 raise
             if ctx.is_main:
-                write_text_atomically(run_path / "config.yaml", cfg.to_yaml())
+                write_text_atomically(run_path / "config.yaml", cfg.to_yaml(trainer.precision.describe()))
         else:
             distributed.share_from_main(lambda: check_writable(run_path))
             trainer = Trainer(cfg, run_path, quiet=quiet, console=out)
@@ -155,11 +156,12 @@ def train(
                 raise GenaiError(f"run '{run_path}' already trained {trainer.step} of {trainer.total_steps} steps; "
                                  f"raise the budget, e.g. --set train.epochs={cfg.train.epochs * 2}")
             if ctx.is_main:
-                write_text_atomically(run_path / "config.yaml", cfg.to_yaml())
+                write_text_atomically(run_path / "config.yaml", cfg.to_yaml(trainer.precision.describe()))
         talk = out if ctx.is_main else Console(quiet=True)
         processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
         talk.print(f"run [bold]{run_path}[/] | family {cfg.family} | data {cfg.data.name} {trainer.data.spec.shape} "
-                   f"| {sum(p.numel() for p in trainer.model.parameters()):,} parameters | device {trainer.device}"
+                   f"| {sum(p.numel() for p in trainer.model.parameters()):,} parameters | device {trainer.device} "
+                   f"| precision {trainer.precision.describe()}"
                    f"{processes} | steps {trainer.step}->{trainer.total_steps}")
         try:
             result = trainer.fit()
@@ -266,7 +268,7 @@ def sample(
     from .registry import MODELS
     from .runs import grid_rows, labelled_grid, load_checkpoint_file, resolve_checkpoint, run_of_checkpoint, save_grid
     from .runs import runs_dir as resolve_runs_dir
-    from .train import pick_device
+    from .hardware import pick_device
 
     ckpt = resolve_checkpoint(target, resolve_runs_dir(runs_dir))
     state = load_checkpoint_file(ckpt)
@@ -474,6 +476,8 @@ def inspect(
     table.add_row("steps trained", f"{state['step']:,}" + (" (finished)" if summary.get("finished") else ""))
     table.add_row("time spent", f"{state.get('elapsed_seconds', 0):.0f} s training"
                   + (f", {summary['images_per_sec']:.0f} img/s" if "images_per_sec" in summary else ""))
+    table.add_row("precision", f"{cfg['train'].get('precision', 'fp32')}"
+                  + (f" -> {summary['precision']}" if "precision" in summary else ""))
     for key in ("first_loss", "last_loss", "best_val_loss"):
         if key in summary:
             table.add_row(key.replace("_", " "), f"{summary[key]:.5g}")

@@ -50,7 +50,9 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # None or 0: no EMA of the weights
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16 autocast: fast on CPUs with AMX/AVX512-BF16
+    # auto: bf16 autocast where the device runs bf16 natively (AMX/AVX512-BF16 CPUs, bf16 GPUs), fp16 on other
+    # CUDA GPUs, fp32 elsewhere (genai_cli/hardware.py). An explicit bf16 on a CPU without it is emulated: slow.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size stays the batch of one step
     compile: bool = False  # torch.compile the loss (or, for families with their own train_step, the sub-networks)
     channels_last: bool = False  # NHWC memory layout for convolutional families (faster on GPUs and oneDNN)
@@ -99,8 +101,14 @@ class Config:
             "sample": asdict(self.sample),
         }
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, resolved_precision: str | None = None) -> str:
+        """The config as YAML; ``resolved_precision`` (e.g. 'fp32 (CPU without native bf16)') is written as a
+        comment beside ``train.precision``, so config.yaml says what ran without changing what was asked."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if resolved_precision:
+            line = f"  precision: {self.train.precision}\n"
+            text = text.replace(line, f"  precision: {self.train.precision}  # resolved: {resolved_precision}\n", 1)
+        return text
 
 
 SECTIONS = ("model", "data", "train", "sample")

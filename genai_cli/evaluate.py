@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import GenaiError
+from .hardware import resolve_precision
 
 CONFIDENT = 0.9  # a sample is confidently classified when the evaluator's top probability reaches this
 MIN_CLASS_SHARE = 0.02  # a class is covered when it holds at least this share of the samples
@@ -396,12 +397,10 @@ def evaluator_outputs(evaluator, images: Tensor, device: torch.device) -> tuple[
 # ---------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------
-def sampling_autocast(cfg, device: torch.device):
-    # Sampling runs in the precision the run trained in, as the loop's grids do.
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+def sampling_autocast(device: torch.device):
+    # Sampling follows the hardware it runs on (precision auto), not the precision the run trained in:
+    # a run trained in bf16 on an AMX machine samples in fp32 on an AVX2 laptop, where bf16 is emulated.
+    return resolve_precision("auto", device).autocast(device)
 
 
 def draw_samples(model, n: int, seed: int, options: dict[str, Any], device: torch.device,
@@ -484,7 +483,7 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     """
     from .data import load_data
     from .runs import MetricsLog, resolve_checkpoint
-    from .train import pick_device
+    from .hardware import pick_device
 
     if n < PRDC_K + 1:
         raise GenaiError(f"-n must be at least {PRDC_K + 1} (the nearest-neighbour metrics use k = {PRDC_K}), got {n}")
@@ -521,7 +520,7 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
         options = {**cfg.sample.options(), **(sample_options or {})}
         log(f"drawing {n} samples (seed {seed}{', ' if options else ''}"
             f"{', '.join(f'{k}={v}' for k, v in options.items())})")
-        fake, seconds = draw_samples(model, n, seed, options, dev, sampling_autocast(cfg, dev))
+        fake, seconds = draw_samples(model, n, seed, options, dev, sampling_autocast(dev))
         result["n_samples"] = n
         result["sample_options"] = options
         log(f"measuring against {min(data.val_x.shape[0], MAX_REAL_IMAGES)} validation images in the evaluator's "
@@ -555,7 +554,7 @@ def calibrate_run(target: str | None, *, root: Path, device: str = "auto",
     """Fit the temperature of a discrete family on its validation split; store and return the report."""
     from .data import load_data, to_float
     from .runs import MetricsLog
-    from .train import pick_device
+    from .hardware import pick_device
 
     ckpt, state, model, cfg, run = resolve(target, root)
     dev = pick_device(device)

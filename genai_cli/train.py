@@ -34,22 +34,9 @@ from .api import build_model
 from .config import Config
 from .data import DataBundle, load_data, to_float
 from .errors import GenaiError
+from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
 from .models.base import GenerativeModel, Stepper
 from .runs import CHECKPOINT_FORMAT, MetricsLog, save_checkpoint, save_grid
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GenaiError("train.device is 'cuda' but no CUDA GPU is visible; use --set train.device=auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GenaiError("train.device is 'mps' but MPS is not available; use --set train.device=auto")
-    return torch.device(name)
 
 
 class LoopStepper(Stepper):
@@ -88,14 +75,10 @@ class LoopStepper(Stepper):
         return super().step(optimizer, params)
 
 
-def make_stepper(cfg: Config, device: torch.device) -> LoopStepper:
-    precision = cfg.train.precision
-    if precision == "fp16" and device.type != "cuda":
-        raise GenaiError("train.precision fp16 needs a CUDA GPU; on the CPU use bf16 (fast on AMX) or fp32")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return LoopStepper(grad_clip=cfg.train.grad_clip, autocast_dtype=dtype, device_type=device.type, scaler=scaler,
-                       accum_steps=cfg.train.grad_accum)
+def make_stepper(cfg: Config, device: torch.device, precision: Precision) -> LoopStepper:
+    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    return LoopStepper(grad_clip=cfg.train.grad_clip, autocast_dtype=precision.dtype, device_type=device.type,
+                       scaler=scaler, accum_steps=cfg.train.grad_accum)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -255,7 +238,10 @@ class Trainer:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay and self.is_main else None
-        self.stepper = make_stepper(cfg, self.device)
+        self.precision = resolve_precision(t.precision, self.device)
+        if self.is_main:
+            warn_if_emulated(self.precision, self.device, lambda line: self.console.print(line, markup=False))
+        self.stepper = make_stepper(cfg, self.device, self.precision)
         self.ddp: nn.Module | None = None
         self.loss_route: Any = None  # what self.model.loss is routed through during a step (DDP, compile)
         self.setup_engines()
@@ -477,6 +463,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
+        self.summary["precision"] = self.precision.describe()  # what ran (inspect shows it beside the request)
         if self.is_main:
             self.open_run()
         reporter = Reporter(self.total_steps, self.step, self.quiet, self.console)

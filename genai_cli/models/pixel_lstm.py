@@ -14,6 +14,7 @@ token to the next, so each token costs one LSTM step, not a re-run of the sequen
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
+from ..hardware import recurrent_in_fp32
 from ..nn.autoregressive import AutoregressiveImageModel, Stepper
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
@@ -79,6 +81,23 @@ class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
         # Teacher forcing: position t reads token t-1, so shift right by one and put the start vector first.
         previous = torch.cat([self.start.to(e.dtype).expand(b, 1, -1), e[:, :-1]], dim=1)  # (B, T, E)
         x = self._lstm_inputs(previous, 0)
+        with self._recurrent_precision(x) as x:
+            hidden = self._run_lstm(x)
+        return self.out(hidden)  # (B, T, K)
+
+    @contextmanager
+    def _recurrent_precision(self, x: Tensor):
+        """Run the fused LSTM kernel in fp32 when autocast asks for bf16 on a CPU without native bf16:
+        oneDNN has no bf16 LSTM there ("could not create a primitive descriptor"). Elsewhere autocast decides."""
+        if torch.is_autocast_enabled(x.device.type) and recurrent_in_fp32(x.device):
+            with torch.autocast(x.device.type, enabled=False):
+                yield x.float()
+        else:
+            yield x
+
+    def _run_lstm(self, x: Tensor) -> Tensor:
+        """(B, T, in) -> (B, T, hidden), with truncated backprop through time when model.tbptt is set."""
+        t = x.shape[1]
         k = self.config.tbptt
         if k and t > k:
             outs, state = [], None
@@ -89,7 +108,7 @@ class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
             hidden = torch.cat(outs, dim=1)
         else:
             hidden, _ = self.lstm(x)  # (B, T, hidden)
-        return self.out(hidden)  # (B, T, K)
+        return hidden
 
     def cell(self, layer: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """One time step of LSTM layer ``layer`` with its own weights: (n, in), (n, hidden) x 2 -> (h, c).

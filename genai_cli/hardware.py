@@ -1,0 +1,162 @@
+"""Device and precision, chosen from what the hardware reports.
+
+Training, sampling and evaluation all resolve ``device: auto`` and ``precision: auto`` here, so a run
+trained in bf16 on a machine with native bf16 samples in fp32 on one without, and nothing outside this
+module needs to know which processor it runs on.
+
+Why it matters on the CPU: bf16 autocast is fast only where the processor has bf16 instructions (AMX
+tiles, about 6x fp32 on a matrix product; AVX512-BF16, about 2x). Elsewhere (AVX2, most laptops and many
+cloud CPUs) PyTorch emulates bf16 and a matrix product runs tens of times *slower* than in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GenaiError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_warned: set[str] = set()  # warnings already printed by this process
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; an explicit device that is not there is a one-line error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GenaiError("train.device is 'cuda' but no CUDA GPU is visible; use --set train.device=auto")
+    if name == "mps" and not mps_available():
+        raise GenaiError("train.device is 'mps' but MPS is not available; use --set train.device=auto")
+    return torch.device(name)
+
+
+def cpu_native_bf16() -> bool:
+    """True where the CPU has bf16 instructions (AMX tiles or AVX512-BF16), as torch.cpu reports them."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 arithmetic in hardware (not emulated)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        return cpu_native_bf16()
+    return False  # MPS: fp32 (bf16 support there depends on the OS version; not worth the risk by default)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision request resolved for one device: ``resolved`` is what runs, ``reason`` says why."""
+
+    requested: str
+    resolved: str  # fp32 | bf16 | fp16
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype, None for fp32 (no autocast)."""
+        return _DTYPES[self.resolved]
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.resolved == "fp16"
+
+    def autocast(self, device: torch.device):
+        return nullcontext() if self.dtype is None else torch.autocast(device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        """One phrase: 'fp32 (CPU without native bf16)' or 'bf16 (as requested)'."""
+        return f"{self.resolved} ({self.reason})"
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """``auto``: bf16 where the device runs it natively, fp16 (+ grad scaler) on CUDA without bf16, else fp32.
+
+    An explicit request is honoured, except fp16 off CUDA (a one-line error: there is no grad scaler path).
+    """
+    if requested not in PRECISIONS:
+        raise GenaiError(f"unknown precision '{requested}'; valid: {', '.join(PRECISIONS)}")
+    kind = device.type.upper() if device.type != "mps" else "MPS"
+    if requested == "auto":
+        if native_bf16(device):
+            what = "AMX" if device.type == "cpu" and torch.cpu._is_amx_tile_supported() else \
+                "AVX512-BF16" if device.type == "cpu" else "native bf16"
+            return Precision("auto", "bf16", f"{kind} with {what}")
+        if device.type == "cuda":
+            return Precision("auto", "fp16", "CUDA GPU without bf16")
+        return Precision("auto", "fp32", f"{kind} without native bf16" if device.type == "cpu" else kind)
+    if requested == "fp16" and device.type != "cuda":
+        raise GenaiError("precision fp16 needs a CUDA GPU; use precision auto (or fp32) on this device")
+    return Precision(requested, requested, "as requested")
+
+
+def warn_if_emulated(precision: Precision, device: torch.device, warn) -> None:
+    """One warning per process when an explicit bf16 will be emulated (slow) on this device."""
+    if precision.resolved != "bf16" or precision.requested != "bf16" or native_bf16(device):
+        return
+    key = f"bf16:{device.type}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    warn(f"warning: precision bf16 is emulated on this {device.type.upper()} (no AMX/AVX512-BF16): "
+         f"expect it to run many times slower than fp32; use precision auto or fp32 (--set train.precision=auto)")
+
+
+def recurrent_in_fp32(device: torch.device) -> bool:
+    """Whether a recurrent kernel (nn.LSTM) must leave bf16 autocast: oneDNN has no bf16 LSTM without
+    AVX512-BF16/AMX ("could not create a primitive descriptor"), so on such CPUs it runs in fp32."""
+    return device.type == "cpu" and not cpu_native_bf16()
+
+
+def cpu_name() -> str:
+    """The processor's model name, as lscpu would print it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> dict[str, object]:
+    """What a reported figure ran on: CPU model, instruction set, native bf16, threads, torch, GPU if any."""
+    info: dict[str, object] = {
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "native_bf16": cpu_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_line() -> str:
+    """``machine_summary`` as one line for the top of a benchmark table."""
+    m = machine_summary()
+    line = (f"CPU: {m['cpu']} | instruction set {m['cpu_capability']} | native bf16 "
+            f"{'yes' if m['native_bf16'] else 'no'} (AMX {'yes' if m['amx'] else 'no'}, AVX512-BF16 "
+            f"{'yes' if m['avx512_bf16'] else 'no'}) | {m['threads']} threads of {m['cores']} cores | torch {m['torch']}")
+    if "gpu" in m:
+        line += f" | GPU: {m['gpu']}"
+    return line
