@@ -265,10 +265,10 @@ def sample(
 
     from .api import model_from_state
     from .config import from_dict
+    from .hardware import pick_device
     from .registry import MODELS
     from .runs import grid_rows, labelled_grid, load_checkpoint_file, resolve_checkpoint, run_of_checkpoint, save_grid
     from .runs import runs_dir as resolve_runs_dir
-    from .hardware import pick_device
 
     ckpt = resolve_checkpoint(target, resolve_runs_dir(runs_dir))
     state = load_checkpoint_file(ckpt)

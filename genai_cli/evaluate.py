@@ -482,8 +482,8 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     sample_options overrides the run's ``sample:`` defaults (e.g. {"sampler": "ddim", "steps": 50}).
     """
     from .data import load_data
-    from .runs import MetricsLog, resolve_checkpoint
     from .hardware import pick_device
+    from .runs import MetricsLog, resolve_checkpoint
 
     if n < PRDC_K + 1:
         raise GenaiError(f"-n must be at least {PRDC_K + 1} (the nearest-neighbour metrics use k = {PRDC_K}), got {n}")
@@ -553,8 +553,8 @@ def calibrate_run(target: str | None, *, root: Path, device: str = "auto",
                   log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Fit the temperature of a discrete family on its validation split; store and return the report."""
     from .data import load_data, to_float
-    from .runs import MetricsLog
     from .hardware import pick_device
+    from .runs import MetricsLog
 
     ckpt, state, model, cfg, run = resolve(target, root)
     dev = pick_device(device)

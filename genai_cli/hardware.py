@@ -156,7 +156,8 @@ def machine_line() -> str:
     m = machine_summary()
     line = (f"CPU: {m['cpu']} | instruction set {m['cpu_capability']} | native bf16 "
             f"{'yes' if m['native_bf16'] else 'no'} (AMX {'yes' if m['amx'] else 'no'}, AVX512-BF16 "
-            f"{'yes' if m['avx512_bf16'] else 'no'}) | {m['threads']} threads of {m['cores']} cores | torch {m['torch']}")
+            f"{'yes' if m['avx512_bf16'] else 'no'}) | {m['threads']} threads of {m['cores']} cores "
+            f"| torch {m['torch']}")
     if "gpu" in m:
         line += f" | GPU: {m['gpu']}"
     return line
