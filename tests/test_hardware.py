@@ -1,0 +1,134 @@
+"""Device and precision follow what the hardware reports (genai_cli/hardware.py), on every CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from helpers import SPEC, invoke, tiny_config, tiny_model
+from rich.console import Console
+
+from genai_cli import hardware
+from genai_cli.config import from_dict
+from genai_cli.errors import GenaiError
+from genai_cli.train import Trainer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Pretend the CPU has (True) or lacks (False) native bf16, whatever this machine is."""
+
+    def set_native(native: bool, amx: bool = False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native and amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native and not amx)
+        monkeypatch.setattr(hardware, "_warned", set())
+
+    return set_native
+
+
+def test_auto_follows_cpu_capability(cpu_bf16):
+    cpu_bf16(True, amx=True)
+    p = hardware.resolve_precision("auto", CPU)
+    assert (p.resolved, p.dtype) == ("bf16", torch.bfloat16) and "AMX" in p.reason
+    cpu_bf16(True)
+    assert hardware.resolve_precision("auto", CPU).describe() == "bf16 (CPU with AVX512-BF16)"
+    cpu_bf16(False)
+    p = hardware.resolve_precision("auto", CPU)
+    assert (p.resolved, p.dtype, p.needs_scaler) == ("fp32", None, False)
+    assert p.describe() == "fp32 (CPU without native bf16)"
+
+
+def test_auto_follows_cuda_capability(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert hardware.resolve_precision("auto", cuda).resolved == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    p = hardware.resolve_precision("auto", cuda)
+    assert (p.resolved, p.needs_scaler) == ("fp16", True)
+
+
+def test_explicit_requests_are_honoured(cpu_bf16):
+    cpu_bf16(False)
+    assert hardware.resolve_precision("bf16", CPU).resolved == "bf16"  # the user asked: it runs (emulated)
+    assert hardware.resolve_precision("fp32", CPU).resolved == "fp32"
+    with pytest.raises(GenaiError, match="fp16 needs a CUDA GPU"):
+        hardware.resolve_precision("fp16", CPU)
+
+
+def make_trainer(tmp_path, name, **train):
+    run = tmp_path / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "samples").mkdir()
+    console = Console(record=True, width=200)
+    return Trainer(from_dict(tiny_config("ddpm", **train)), run, quiet=True, console=console), console
+
+
+def test_emulated_bf16_warns_once(tmp_path, cpu_bf16):
+    cpu_bf16(False)
+    first, c1 = make_trainer(tmp_path, "a", precision="bf16")
+    second, c2 = make_trainer(tmp_path, "b", precision="bf16")
+    warnings = [line for line in (c1.export_text() + c2.export_text()).splitlines() if "emulated" in line]
+    assert len(warnings) == 1, warnings
+    assert "precision auto or fp32" in warnings[0]
+    assert first.stepper.autocast_dtype == torch.bfloat16  # still runs bf16, as asked
+    cpu_bf16(True)
+    _, c3 = make_trainer(tmp_path, "c", precision="bf16")
+    assert "emulated" not in c3.export_text()
+
+
+def test_auto_trainer_without_native_bf16_runs_fp32(tmp_path, cpu_bf16):
+    cpu_bf16(False)
+    trainer, _ = make_trainer(tmp_path, "a", precision="auto")
+    assert trainer.stepper.autocast_dtype is None and trainer.precision.resolved == "fp32"
+    cpu_bf16(True)
+    trainer, _ = make_trainer(tmp_path, "b", precision="auto")
+    assert trainer.stepper.autocast_dtype == torch.bfloat16
+
+
+def test_resolved_precision_in_config_yaml_and_inspect(tmp_path, config_file, cpu_bf16):
+    cpu_bf16(False)
+    invoke("train", config_file(precision="auto"), "--runs-dir", tmp_path / "runs", "--name", "r", "--quiet")
+    text = (tmp_path / "runs" / "r" / "config.yaml").read_text()
+    assert "precision: auto  # resolved: fp32 (CPU without native bf16)" in text
+    assert yaml.safe_load(text)["train"]["precision"] == "auto"  # the request stays what was asked
+    shown = invoke("inspect", tmp_path / "runs" / "r").stdout
+    assert "auto -> fp32 (CPU without native bf16)" in " ".join(shown.split())
+
+
+def test_sampling_follows_the_sampling_machine(tmp_path, config_file, cpu_bf16):
+    """A run trained in bf16 (on a machine with it) samples in fp32 on a machine without it."""
+    from genai_cli.api import load_checkpoint
+    from genai_cli.evaluate import sampling_autocast
+
+    cpu_bf16(True)
+    invoke("train", config_file(precision="bf16"), "--runs-dir", tmp_path / "runs", "--name", "r", "--quiet")
+    cpu_bf16(False)
+    model = load_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
+    seen = []
+    model.unet.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    with sampling_autocast(CPU):
+        model.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=2)
+    assert seen and not any(seen)
+    cpu_bf16(True)
+    seen.clear()
+    with sampling_autocast(CPU):
+        model.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=2)
+    assert seen and all(seen)
+
+
+def test_lstm_runs_under_bf16_autocast_on_every_cpu(cpu_bf16, shapes_batch):
+    """Without native bf16 oneDNN has no bf16 LSTM kernel: the recurrent part must leave autocast there."""
+    cpu_bf16(False)
+    model = tiny_model("pixel_lstm", SPEC)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(shapes_batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in model.lstm.parameters())
+
+
+def test_machine_line_names_cpu_and_instruction_set():
+    line = hardware.machine_line()
+    assert torch.backends.cpu.get_cpu_capability() in line and "native bf16" in line and torch.__version__ in line
