@@ -4,22 +4,29 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
 
-.PHONY: install test demo lint clean bench
+.PHONY: install install-dev test demo lint clean bench
 
-install: $(STAMP)
+install: $(STAMP)        # the toolkit alone: what `make demo` needs
+
+install-dev: $(DEV)      # plus pytest, ruff and tensorboard: what `make test` and `make lint` need
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
-test: install
+$(DEV): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(DEV)
+
+test: install-dev
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check genai_cli tests benchmarks
 
 demo: install

@@ -17,7 +17,6 @@ the two samplers' images are compared. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import genai_cli.models  # noqa: E402,F401  (registers the families)
+from genai_cli.hardware import machine_line  # noqa: E402
 from genai_cli.models.base import ImageSpec  # noqa: E402
 from genai_cli.registry import MODELS  # noqa: E402
 from genai_cli.sampling import sample_logits  # noqa: E402
@@ -102,8 +102,7 @@ def main() -> None:
         print(f"{label}: naive {t_naive:.2f}s ({how}), incremental {t_inc:.3f}s", file=sys.stderr, flush=True)
 
     print(f"\nSampling {args.n} images of {args.size}x{args.size} = {spec.dims} tokens, K = 2, "
-          f"{device.type} ({platform.processor() or platform.machine()}), {args.threads} thread(s), "
-          f"torch {torch.__version__}\n")
+          f"{device.type}; {machine_line()}\n")
     print("| family | parameters | naive (s) | naive timing | incremental (s) | ratio | same samples |")
     print("|---|---:|---:|---|---:|---:|---|")
     for label, params, t_naive, how, t_inc, same in rows:

@@ -5,7 +5,6 @@ Not a benchmark itself (``run_all.py`` skips it).
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from genai_cli import evaluate as ev  # noqa: E402
+from genai_cli.hardware import machine_line  # noqa: E402
 from genai_cli.train import Trainer  # noqa: E402
 
 RUNS = ROOT / "benchmarks" / "runs"  # ignored by git
@@ -25,18 +25,9 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
-    return f"{cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    """The machine every table ran on: CPU model, instruction set, native bf16, threads, torch (and GPU)."""
+    return machine_line()
 
 
 def evaluator_for(data_cfg, spec, root: Path = RUNS):

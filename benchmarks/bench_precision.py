@@ -20,7 +20,6 @@ Prints a markdown table. Settings that cannot run here (fp16 without CUDA) are l
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -37,10 +36,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from genai_cli.config import load_config  # noqa: E402
 from genai_cli.data import load_data  # noqa: E402
 from genai_cli.errors import GenaiError  # noqa: E402
-from genai_cli.hardware import pick_device  # noqa: E402
+from genai_cli.hardware import machine_line, pick_device  # noqa: E402
 from genai_cli.train import Trainer, epoch_order, lr_factor  # noqa: E402
 
 SETTINGS = {  # name -> (precision, compile, channels_last)
+    "auto": ("auto", False, False),  # what the toolkit picks on this machine (genai_cli/hardware.py)
     "fp32": ("fp32", False, False), "bf16": ("bf16", False, False), "fp16": ("fp16", False, False),
     "fp32+cl": ("fp32", False, True), "bf16+cl": ("bf16", False, True),
     "fp32+compile": ("fp32", True, False), "bf16+compile": ("bf16", True, False),
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=4)
-    parser.add_argument("--settings", default="fp32,bf16,fp16,fp32+cl,bf16+cl,fp32+compile,bf16+compile")
+    parser.add_argument("--settings", default="auto,fp32,bf16,fp16,fp32+cl,bf16+cl,fp32+compile,bf16+compile")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
@@ -122,10 +122,8 @@ def main() -> None:
     if device.type != "cuda":
         del dtypes["fp16"]
     peaks = {p: matmul_peak(dt, device, args.matmul_size) for p, dt in dtypes.items()}
-    cpu = platform.processor() or platform.machine()
     print(f"# {Path(args.config).name}: {cfg.family}, batch {cfg.train.batch_size}, {args.steps} timed steps after "
-          f"{args.warmup} warm-up; device {device} ({cpu}), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}\n")
+          f"{args.warmup} warm-up; device {device}; {machine_line()}\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         flops = bench.flops_per_step(Path(tmp) / "flops")
@@ -152,7 +150,10 @@ def main() -> None:
                 seconds = min(seconds, (time.perf_counter() - start) / per_chunk)  # per step
             val = trainer.validate()
             quality = ", ".join(f"{k[4:]} {val[k]:.4f}" for k in ("val_bits_per_dim", "val_loss") if k in val)
-            rows.append((name, precision, seconds, warm if compile_ else 0.0, quality))
+            ran = trainer.precision.resolved  # auto's choice on this machine
+            if name == "auto":
+                name = f"auto -> {trainer.precision.describe()}"
+            rows.append((name, ran, seconds, warm if compile_ else 0.0, quality))
             print(f"{name}: {1000 * seconds:.0f} ms/step", file=sys.stderr, flush=True)
     # The peak again after the runs: on a shared machine the better of the two is the machine's.
     peaks = {p: max(v, matmul_peak(dtypes[p], device, args.matmul_size)) for p, v in peaks.items()}

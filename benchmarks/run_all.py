@@ -28,7 +28,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("families", ["bench_families.py"], ["--budget", "15", "--samples", "50"]),
     ("ar_sampling", ["bench_ar_sampling.py"], ["--size", "12", "--n", "2"]),
     ("precision", ["bench_precision.py"],
-     ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "fp32,bf16", "--matmul-size", "256"]),
+     ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "auto,fp32,bf16", "--matmul-size", "256"]),
 ]
 
 
