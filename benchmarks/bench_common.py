@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from genai_cli import evaluate as ev  # noqa: E402
+from genai_cli.evaluation.evaluator import load_evaluator, resolve_evaluator  # noqa: E402
 from genai_cli.hardware import machine_line  # noqa: E402
 from genai_cli.train import Trainer  # noqa: E402
 
@@ -32,11 +32,9 @@ def machine() -> str:
 
 def evaluator_for(data_cfg, spec, root: Path = RUNS):
     """The evaluator network of this dataset under ``root``, trained there first when missing."""
-    ckpt = ev.find_evaluator(data_cfg, spec, root)
-    if ckpt is None:
-        ckpt = ev.train_evaluator(data_cfg, root, log)
-    model, accuracy = ev.load_evaluator(ckpt, spec, torch.device("cpu"))
-    return model, accuracy, ckpt
+    evaluator = resolve_evaluator(None, data_cfg, spec, root, train_missing=True, log=log)
+    model, accuracy = load_evaluator(evaluator, torch.device("cpu"))
+    return model, accuracy, evaluator.source
 
 
 class BudgetTrainer(Trainer):

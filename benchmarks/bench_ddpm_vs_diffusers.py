@@ -31,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from bench_common import RUNS, BudgetTrainer, evaluator_for, log, machine, markdown
 
-from genai_cli import evaluate as ev
 from genai_cli.config import load_config
 from genai_cli.data import load_data, to_float
+from genai_cli.evaluation.evaluator import evaluator_outputs
+from genai_cli.evaluation.metrics import frechet_distance
+from genai_cli.evaluation.run import draw_samples, load_run, sample_quality, sampling_autocast
 from genai_cli.runs import new_run, save_grid
 
 CONFIG = "configs/quickstart.yaml"
@@ -142,14 +144,14 @@ def main() -> None:
     log(f"evaluator {ev_ckpt} (validation accuracy {ev_acc})")
 
     def judge(images: torch.Tensor) -> dict:
-        return ev.sample_quality(evaluator, data, images, cpu, args.seed)
+        return sample_quality(evaluator, data, images, cpu, args.seed)
 
     rows, results = [], {}
     log(f"ours: {CONFIG} for {args.budget:.0f} CPU s")
     run, steps, used, cfg = train_ours(args.budget, data, "bench-ddpm-ours")
-    model = ev.resolve(str(run), RUNS)[2].to(cpu).eval()
-    fake, secs = ev.draw_samples(model, args.samples, args.seed, {"sampler": "ddim", "steps": args.steps}, cpu,
-                                 ev.sampling_autocast(cpu))
+    model = load_run(str(run), RUNS)[2].to(cpu).eval()
+    fake, secs = draw_samples(model, args.samples, args.seed, {"sampler": "ddim", "steps": args.steps}, cpu,
+                              sampling_autocast(cpu))
     save_grid(fake[:64], run / "samples" / "bench_ddim50.png")
     results["ours"] = {"steps": steps, "cpu_seconds": used, "images_seen": steps * cfg.train.batch_size,
                        "lr": cfg.train.lr, "batch": cfg.train.batch_size, "sample_seconds": secs,
@@ -161,8 +163,7 @@ def main() -> None:
         log(f"peer: lr {lr:g} for {args.budget:.0f} CPU s")
         unet, psteps, pused, sched = train_peer(args.budget, data, lr, args.seed)
         probe, _ = sample_peer(unet, sched, args.select_samples, args.steps, args.seed)
-        fid = ev.frechet_distance(*[ev.evaluator_outputs(evaluator, x, cpu)[0]
-                                    for x in (to_float(data.val_x), probe)])
+        fid = frechet_distance(*[evaluator_outputs(evaluator, x, cpu)[0] for x in (to_float(data.val_x), probe)])
         log(f"peer lr {lr:g}: {psteps} steps, classifier-FID on {args.select_samples} samples {fid:.2f}")
         candidates[lr] = (fid, unet, psteps, pused, sched)
     best_lr = min(candidates, key=lambda k: candidates[k][0])

@@ -20,8 +20,8 @@ import json
 import torch
 from bench_common import ROOT, RUNS, BudgetTrainer, log, machine, markdown
 
-from genai_cli import evaluate as ev
 from genai_cli.config import load_config
+from genai_cli.evaluation.run import evaluate_run
 from genai_cli.runs import new_run
 
 CONFIGS = ["quickstart", "vae_mnist", "autoencoder_mnist", "dcgan_mnist", "cgan_mnist", "pixelcnn_mnist",
@@ -55,7 +55,7 @@ def main() -> None:
     for config in args.configs:
         log(f"{config}: training for {args.budget:.0f} CPU s")
         run, steps, used, params = train(config, args.budget)
-        r = ev.evaluate_run(run, root=RUNS, n=args.samples, device="cpu", train_missing=True, log=log)
+        r = evaluate_run(run, root=RUNS, n=args.samples, device="cpu", train_missing=True, log=log)
         m = r["metrics"]
         results[config] = {"family": r["family"], "parameters": params, "steps": steps, "cpu_seconds": used, **m}
         bpd = m.get("bits_per_dim")

@@ -12,12 +12,51 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 
 import yaml
 
 from .errors import GenaiError
 from .registry import MODELS, did_you_mean
+
+# -- references to other runs -------------------------------------------------------------------
+# A family that builds on another run names it in a field of its Config:
+#     autoencoder: RunRef = run_ref(accepts=("autoencoder", "vae"))
+# and the YAML gives a run name, a run folder or a checkpoint path (``autoencoder: ae-mnist``).
+# genai_cli/lineage.py resolves it before the model is built and embeds the parent in the checkpoint.
+RunRef = NewType("RunRef", str)
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """What a RunRef field accepts: the parent's families (and whether the field may stay empty)."""
+
+    accepts: tuple[str, ...]
+    required: bool = True
+
+    def expected(self) -> str:
+        return f"a run of family {' or '.join(self.accepts)}"
+
+
+def run_ref(*, accepts: tuple[str, ...] | str, required: bool = True) -> Any:
+    """The dataclass field of a RunRef (default None: the config must set it unless ``required=False``)."""
+    accepts = (accepts,) if isinstance(accepts, str) else tuple(accepts)
+    if not accepts:
+        raise ValueError("run_ref(accepts=...) needs at least one family name")
+    return field(default=None, metadata={"genai_parent": ParentRef(accepts, required)})
+
+
+def parent_refs(config_cls) -> dict[str, ParentRef]:
+    """The RunRef fields of a family's Config (a class or an instance), in declaration order."""
+    refs = {}
+    for f in dataclasses.fields(config_cls):
+        ref = f.metadata.get("genai_parent")
+        if ref is not None:
+            refs[f.name] = ref
+        elif f.type in (RunRef, "RunRef", "RunRef | None"):
+            raise TypeError(f"{config_cls.__name__}.{f.name} is a RunRef: declare it with "
+                            f"run_ref(accepts=(family, ...)) so the families it accepts are known")
+    return refs
 
 
 @dataclass
@@ -25,7 +64,10 @@ class DataConfig:
     name: str = "mnist5k"
     image_size: int | None = None  # None: the dataset's native size
     channels: int | None = None  # None: native; 1 or 3 converts (image_folder, shapes)
-    binarize: bool = False  # threshold at 0.5: pixels exactly 0 or 1
+    # Pixels exactly 0 or 1. true (or "threshold"): threshold at 0.5, once. "stochastic": each pixel white with
+    # probability its grey level, drawn afresh every time the loop draws a training image (the validation split
+    # is drawn once, with a fixed seed): the binarised-MNIST protocol of the likelihood literature.
+    binarize: Literal["threshold", "stochastic"] | bool = False
     val_fraction: float = 0.1  # of datasets without an official test split
     split_seed: int = 0  # the train/validation split is the same for every training seed
     limit: int | None = None  # use only this many training images (quick experiments, tests)
@@ -151,6 +193,13 @@ def coerce(value: Any, tp, key: str) -> Any:
         raise GenaiError(f"config key '{key}' must be a list of {_type_name(elem)}, got {value!r}")
     if tp is Any:
         return value
+    if tp is RunRef:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # a run named 42
+        if isinstance(value, str) and value.strip():
+            return value
+        raise GenaiError(f"config key '{key}' must name a run (a run name, run folder or checkpoint path), "
+                         f"got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -263,6 +312,10 @@ def validate(cfg: Config, cls) -> None:
         if t.tbptt < 0:
             raise GenaiError(f"config key 'train.tbptt' must be >= 0 (0: full backprop), got {t.tbptt}")
         cfg.model.tbptt = t.tbptt  # the loop stays family-agnostic: the family reads its own field
+    for key, ref in parent_refs(cls.Config).items():
+        if ref.required and getattr(cfg.model, key) is None:
+            raise GenaiError(f"config key 'model.{key}' is not set: family '{cfg.family}' builds on {ref.expected()}; "
+                             f"set it to a run name, run folder or checkpoint (--set model.{key}=RUN)")
     if t.max_seconds is not None and t.max_seconds <= 0:
         raise GenaiError(f"config key 'train.max_seconds' must be positive, got {t.max_seconds}")
     if t.lr <= 0:

@@ -2,7 +2,8 @@
 
 Every dataset is loaded whole into memory as uint8 (N, C, H, W) with long labels (N,): the image
 sets this toolkit targets are small, and indexing a tensor is far faster on a laptop CPU than a
-DataLoader with workers. Resizing and binarisation happen once, at load time.
+DataLoader with workers. Resizing and binarisation happen once, at load time, except with
+``data.binarize: stochastic``, where a training image is binarised afresh each time the loop draws it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from .config import DataConfig
 from .errors import GenaiError
-from .models.base import ImageSpec
 from .registry import DATASETS, register_dataset
+from .spec import ImageSpec
 
 OFFLINE = ("mnist5k", "digits", "shapes", "image_folder")
 
@@ -38,19 +39,48 @@ class RawData:
 
 @dataclass
 class DataBundle:
-    train_x: Tensor  # uint8 (N, C, H, W)
+    train_x: Tensor  # uint8 (N, C, H, W); with stochastic binarisation one fixed draw (for readers outside the loop)
     train_y: Tensor
     val_x: Tensor
     val_y: Tensor
     spec: ImageSpec
+    # data.binarize: stochastic: the grey levels (N, C, H, W) uint8 each training draw binarises afresh; else None.
+    train_levels: Tensor | None = None
 
     def __len__(self) -> int:
         return self.train_x.shape[0]
+
+    def train_images(self, idx: Tensor, seed: int | None = None) -> Tensor:
+        """The training images at ``idx``, uint8 (B, C, H, W). With stochastic binarisation, drawn afresh from their
+        grey levels with a generator seeded by ``seed`` (the loop passes one derived from (train.seed, step), so
+        a resumed run draws the same pixels); without a seed, the fixed draw in ``train_x``."""
+        if self.train_levels is None or seed is None:
+            return self.train_x[idx]
+        return stochastic_binarize(self.train_levels[idx], torch.Generator().manual_seed(seed))
 
 
 def to_float(x: Tensor) -> Tensor:
     """uint8 (B, C, H, W) -> float in [0, 1]."""
     return x.float().div_(255.0)
+
+
+def binarize_mode(value: bool | str) -> str | None:
+    """``data.binarize`` as None (grey levels), "threshold" (true, or "threshold") or "stochastic"."""
+    if value is False:
+        return None
+    if value is True or value == "threshold":
+        return "threshold"
+    if value == "stochastic":
+        return "stochastic"
+    raise GenaiError(f"config key 'data.binarize' must be true, false, 'threshold' or 'stochastic', got {value!r}")
+
+
+def stochastic_binarize(x: Tensor, generator: torch.Generator) -> Tensor:
+    """uint8 grey levels (B, C, H, W) -> uint8 {0, 255}: each pixel white with probability level / 255, one uniform
+    draw per pixel from ``generator`` (the stochastic binarisation of Salakhutdinov & Murray 2008, behind the
+    binarised-MNIST likelihoods of the literature)."""
+    u = torch.rand(x.shape, generator=generator, device=x.device)
+    return (u < x.float() / 255).to(torch.uint8) * 255
 
 
 # -- torchvision (network) ----------------------------------------------------------------------
@@ -192,9 +222,18 @@ def _convert(x: Tensor, cfg: DataConfig) -> Tensor:
         x = TF.rgb_to_grayscale(x)
     if cfg.image_size is not None and x.shape[-1] != cfg.image_size:
         x = TF.resize(x, [cfg.image_size, cfg.image_size], antialias=True)
-    if cfg.binarize:
+    if binarize_mode(cfg.binarize) == "threshold":
         x = (x >= 128).to(torch.uint8) * 255
     return x.contiguous()
+
+
+VAL_DRAW, TRAIN_DRAW = 1, 2  # which of the fixed stochastic draws
+
+
+def fixed_draw(x: Tensor, split_seed: int, which: int) -> Tensor:
+    """One stochastic binarisation seeded by data.split_seed alone: the validation split is the same binary
+    images for every training seed, like the split itself."""
+    return stochastic_binarize(x, torch.Generator().manual_seed(split_seed * 1_000_003 + which))
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -213,9 +252,16 @@ def load_data(cfg: DataConfig) -> DataBundle:
         if cfg.limit < 1:
             raise GenaiError(f"data.limit must be at least 1, got {cfg.limit}")
         train_x, train_y = train_x[: cfg.limit], train_y[: cfg.limit]
+    mode, levels = binarize_mode(cfg.binarize), None
+    if mode == "stochastic":
+        # Validation: binarised once, with a fixed seed, as the published binarised-MNIST test sets are. Training:
+        # the grey levels are kept and each draw is binarised afresh (DataBundle.train_images); train_x holds one
+        # fixed draw for whatever reads the training set outside the loop.
+        levels = train_x
+        train_x, val_x = fixed_draw(levels, cfg.split_seed, TRAIN_DRAW), fixed_draw(val_x, cfg.split_seed, VAL_DRAW)
     spec = ImageSpec(channels=train_x.shape[1], size=train_x.shape[-1], num_classes=raw.num_classes,
-                     binary=cfg.binarize)
-    return DataBundle(train_x, train_y, val_x, val_y, spec)
+                     binary=mode is not None)
+    return DataBundle(train_x, train_y, val_x, val_y, spec, train_levels=levels)
 
 
 # Native (channels, size, num_classes) of each dataset, so `genai inspect CONFIG` can build a model without the data.
@@ -230,4 +276,4 @@ def peek_spec(cfg: DataConfig) -> ImageSpec:
         return load_data(cfg).spec
     channels, size, classes = NATIVE[cfg.name]
     return ImageSpec(channels=cfg.channels or channels, size=cfg.image_size or size, num_classes=classes,
-                     binary=cfg.binarize)
+                     binary=binarize_mode(cfg.binarize) is not None)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -41,6 +42,20 @@ class Registry(Generic[T]):
             return obj
 
         return decorator
+
+    def unregister(self, name: str) -> None:
+        if name not in self._entries:
+            raise KeyError(f"{self.kind} '{name}' is not registered")
+        del self._entries[name]
+
+    @contextmanager
+    def scoped(self, name: str, obj: T, summary: str = "") -> Iterator[T]:
+        """Register ``obj`` for the duration of a with-block (test-only families), then remove it."""
+        self.register(name, summary)(obj)
+        try:
+            yield obj
+        finally:
+            self.unregister(name)
 
     def get(self, name: str) -> T:
         if name not in self._entries:

@@ -1,7 +1,8 @@
 """Run directories, atomic checkpoint save/load, metrics logs and PNG grids.
 
     runs/<name>/config.yaml            the resolved config, exactly what was trained
-    runs/<name>/checkpoints/last.pt    family, config, weights, EMA, optimizers, step, rng, metrics
+    runs/<name>/checkpoints/last.pt    family, config, weights, EMA, optimizers, step, rng, metrics, and the
+                                       frozen runs it builds on, embedded (lineage.py)
     runs/<name>/samples/step_000500.png
     runs/<name>/metrics.jsonl          one JSON object per logged step / evaluation
 """

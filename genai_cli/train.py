@@ -35,6 +35,7 @@ from .config import Config
 from .data import DataBundle, load_data, to_float
 from .errors import GenaiError
 from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
+from .lineage import Parent, check_frozen, check_same_parents, run_parents
 from .models.base import GenerativeModel, Stepper
 from .runs import CHECKPOINT_FORMAT, MetricsLog, save_checkpoint, save_grid
 
@@ -89,7 +90,8 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 class EMA:
     """Exponential moving average of the weights, with the usual warm-up of the decay
-    (min(decay, (1 + t) / (10 + t))) so short runs are not dominated by the initialisation."""
+    (min(decay, (1 + t) / (10 + t))) so short runs are not dominated by the initialisation.
+    The frozen parents a model builds on are not its parameters: the copy shares them, the average skips them."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -211,7 +213,7 @@ def tensorboard_writer_class():
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, *, data: DataBundle | None = None, quiet: bool = False,
-                 console: Console | None = None):
+                 console: Console | None = None, parents: dict[str, Parent] | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         t = cfg.train
@@ -226,7 +228,9 @@ class Trainer:
                              f"images); lower it, e.g. --set train.batch_size={max(1, len(self.data) // 2)}")
         distributed.check_batch(t.batch_size, t.grad_accum, self.dist.world_size)
         self.tb_class = tensorboard_writer_class() if "tensorboard" in t.log else None
-        self.model: GenerativeModel = build_model(cfg.family, cfg.model, self.data.spec).to(self.device)
+        if parents is None:  # a resumed run takes its parents from its own checkpoint, a new one from the runs dir
+            parents = run_parents(cfg.family, cfg.model, self.data.spec, run_dir)
+        self.model: GenerativeModel = build_model(cfg.family, cfg.model, self.data.spec, parents).to(self.device)
         if t.channels_last:
             if not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in self.model.modules()):
                 raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
@@ -234,6 +238,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         distributed.broadcast_module(self.model)
         self.optimizers = self.model.configure_optimizers(t)
+        check_frozen(self.model, self.optimizers)
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
@@ -289,6 +294,7 @@ class Trainer:
             "spec": asdict(self.data.spec),
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
+            "parents": self.model.parents.records(),  # frozen, embedded: the checkpoint samples without them on disk
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
             "step": self.step,
@@ -300,6 +306,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_same_parents(self.model, state, "the checkpoint")
         try:
             self.model.load_state_dict(state["model"])
             if self.ema and state.get("ema") is not None:
@@ -510,8 +517,12 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 idx = order[i * t.batch_size:(i + 1) * t.batch_size]
-                idx = idx[self.dist.rank * share:(self.dist.rank + 1) * share]  # this rank's slice
-                batch = self.batch(self.data.train_x[idx], self.data.train_y[idx])
+                # Images drawn afresh at each visit (data.binarize: stochastic) come from a seed of (seed, step) alone,
+                # "rank" -1 being no rank's step draws: the global batch is drawn, then sliced, so a resumed run and
+                # any number of processes see the same pixels.
+                x = self.data.train_images(idx, step_seed(t.seed, -1, self.step))
+                mine = slice(self.dist.rank * share, (self.dist.rank + 1) * share)  # this rank's slice
+                batch = self.batch(x[mine], self.data.train_y[idx[mine]])
                 total = self.total_steps
                 if t.max_seconds is not None and self.shared_elapsed > 0:
                     # Under a time budget the cosine follows time: the total is the steps the budget allows

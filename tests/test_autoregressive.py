@@ -18,9 +18,13 @@ from genai_cli.nn.autoregressive import (
 )
 from genai_cli.registry import MODELS
 
-FAMILIES = [("pixel_lstm", {}), ("row_lstm", {}), ("pixelcnn", {}), ("pixelcnn", {"gated": True}),
-            ("pixel_transformer", {})]
-FAMILY_IDS = ["pixel_lstm", "row_lstm", "pixelcnn", "gated_pixelcnn", "pixel_transformer"]
+# Every raster-order family in the registry (the discrete ones), plus config variants that change the network
+# enough to deserve their own run (a variant is not a family: it has no registry entry).
+AR = [name for name in MODELS.names() if MODELS.get(name).discrete]
+VARIANTS = {"pixelcnn": [("gated_pixelcnn", {"gated": True})]}
+FAMILIES = [(name, {}) for name in AR] + [(name, extra) for name in AR for _, extra in VARIANTS.get(name, [])]
+FAMILY_IDS = AR + [vid for name in AR for vid, _ in VARIANTS.get(name, [])]
+RECURRENT = [name for name in AR if MODELS.get(name).has_hidden_state]
 WIDE = {"pixelcnn": {"channels": 24}, "row_lstm": {"hidden": 24}}
 GREY = ImageSpec(channels=1, size=5)
 RGB = ImageSpec(channels=3, size=4)
@@ -190,7 +194,7 @@ def test_bad_and_unknown_options(name, extra):
             model.sample(2, **bad)
 
 
-@pytest.mark.parametrize("name", ["pixel_lstm", "row_lstm"])
+@pytest.mark.parametrize("name", RECURRENT)
 def test_noise_on_the_hidden_state(name):
     model = make(name, dtype=torch.float32)
     plain = model.sample(4, generator=torch.Generator().manual_seed(0), greedy=True)
@@ -201,7 +205,7 @@ def test_noise_on_the_hidden_state(name):
         model.sample_naive(2, noise_std=1.0, noise_on="hidden")
 
 
-@pytest.mark.parametrize("name, extra", [f for f in FAMILIES if f[0] in ("pixelcnn", "pixel_transformer")])
+@pytest.mark.parametrize("name, extra", [f for f in FAMILIES if f[0] not in RECURRENT])
 def test_no_hidden_state_refuses_hidden_noise(name, extra):
     with pytest.raises(GenaiError, match="--noise-on logits"):
         make(name, extra, dtype=torch.float32).sample(2, noise_std=0.5, noise_on="hidden")

@@ -42,6 +42,28 @@ def test_sample_png_and_npz(trained, tmp_path):
     assert Image.open(png).size[0] > 8
 
 
+def test_sample_refuses_unwritable_outputs_in_one_line(trained, tmp_path):
+    runs, run = trained
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out, needle in (("/proc/genai-x/grid.png", "not writable"), (a_file / "grid.png", "not a folder"),
+                        (tmp_path, "--out must end")):
+        r = invoke("sample", run, "-n", 2, "--out", out, ok=False)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    deep = tmp_path / "new" / "folder" / "grid.png"
+    invoke("sample", run, "-n", 2, "--out", deep)  # missing folders are made
+    assert deep.is_file()
+
+
+def test_shared_options_on_every_command(trained, tmp_path):
+    runs, run = trained
+    r = invoke("sample", run, "-n", 2, "--out", tmp_path / "q.png", "--quiet", "--device", "cpu")
+    assert r.stdout == "" and (tmp_path / "q.png").is_file()
+    assert "steps trained" in invoke("inspect", "t", "--runs-dir", runs, "--device", "cpu").stdout
+    r = invoke("list", "--runs-dir", runs)
+    assert "runs in" in r.stdout and " t " in r.stdout
+
+
 def test_same_seed_same_samples_from_the_cli(trained, tmp_path):
     _, run = trained
     for name in ("a.npz", "b.npz"):

@@ -69,12 +69,49 @@ def test_sweep_draws_one_labelled_png(runs, tmp_path):
 
 
 @pytest.mark.parametrize("family, opts", [("vae", ["--traverse"]), ("vae", ["--traverse-dim", "1"]),
+                                          ("vae", ["--traverse", "--traverse-dim", "1"]), ("vae", ["--interpolate"]),
                                           ("dcgan", ["--interpolate"]), ("cgan", ["--interpolate"])])
 def test_latent_walks(runs, tmp_path, family, opts):
     out = tmp_path / "w.npz"
     r = run("sample", runs / family, "-n", 16, "--out", out, *opts)
     assert r.exit_code == 0, r.stderr
     assert np.load(out)["images"].shape == (16, 1, 8, 8)
+
+
+def test_walks_honour_n_temperature_and_labels(runs, tmp_path):
+    def walk(name, family, *opts):
+        r = run("sample", runs / family, "--seed", 2, "--out", tmp_path / name, *opts)
+        assert r.exit_code == 0, r.stderr
+        return np.load(tmp_path / name)
+
+    assert walk("a.npz", "vae", "--interpolate", "-n", 4)["images"].shape == (4, 1, 8, 8)  # one row of 4
+    assert walk("b.npz", "vae", "--interpolate", "-n", 24)["images"].shape == (24, 1, 8, 8)
+    hot, cold = walk("h.npz", "dcgan", "--interpolate", "-n", 8), walk("c.npz", "dcgan", "--interpolate", "-n", 8,
+                                                                      "--temperature", "0.3")
+    assert not np.array_equal(hot["images"], cold["images"])
+    interpolation, traversal = hot["images"], walk("t.npz", "dcgan", "--traverse-dim", "0", "-n", 8)["images"]
+    assert not np.array_equal(interpolation, traversal)
+    assert list(walk("l.npz", "cgan", "--interpolate", "-n", 16, "--label", 3)["labels"]) == [3] * 16
+    assert list(walk("d.npz", "cgan", "--interpolate", "-n", 16)["labels"]) == [0] * 8 + [1] * 8
+
+
+@pytest.mark.parametrize("family, opts, needle", [
+    ("pixel_lstm", ["--sweep", "temperature=1,2", "--prefix-rows", "2"], "--sweep and --prefix-rows are different"),
+    ("vae", ["--sweep", "temperature=1,2", "--interpolate"], "--sweep and --interpolate are different"),
+    ("vae", ["--interpolate", "--traverse"], "--interpolate and --traverse are different"),
+    ("vae", ["--interpolate", "--traverse-dim", "1"], "--interpolate and --traverse-dim are different"),
+    ("vae", ["--traverse", "--temperature", "0.5"], "--temperature scales random latents"),
+    ("vae", ["--interpolate", "-n", "12"], "-n must be a multiple of 8"),
+    ("dcgan", ["--traverse"], "--traverse is not an option of family 'dcgan'; families that take it: autoencoder, vae"),
+    ("pixel_lstm", ["--sweep", "temperature=1,2", "--temperature", "1"], "--temperature is given and swept"),
+    ("pixel_lstm", ["--sweep", "temperature=1,2", "--out", "x.npz"], "--sweep draws a labelled PNG"),
+    ("pixel_lstm", ["--sweep", "prefix_rows=1,2"], "--sweep cannot vary 'prefix_rows'"),
+])
+def test_modes_refused_when_combined(runs, tmp_path, family, opts, needle):
+    r = run("sample", runs / family, "--out", tmp_path / "never.png", *opts)
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "never.png").exists()
 
 
 def test_cgan_labels(runs, tmp_path):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 import yaml
-from helpers import tiny_config
+from helpers import invoke, tiny_config
 
 from genai_cli.config import apply_overrides, from_dict, load_config
 from genai_cli.errors import GenaiError
 from genai_cli.registry import MODELS, Registry
+from genai_cli.runs import load_checkpoint_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_overrides_are_typed_by_the_dataclass(tmp_path):
@@ -106,3 +112,104 @@ def test_train_tbptt_reaches_recurrent_families_and_is_refused_elsewhere():
     raw["train"]["tbptt"] = 16
     with pytest.raises(GenaiError, match="train.tbptt applies to recurrent families \\(pixel_lstm, row_lstm\\)"):
         from_dict(raw)
+
+
+# -- data.binarize ------------------------------------------------------------------------------
+def test_binarize_takes_threshold_stochastic_and_booleans():
+    raw = tiny_config()
+    for value, expected in [(True, True), (False, False), ("threshold", "threshold"), ("stochastic", "stochastic")]:
+        raw["data"]["binarize"] = value
+        assert from_dict(raw).data.binarize == expected
+    raw["data"]["binarize"] = "stochastik"
+    with pytest.raises(GenaiError, match="'data.binarize' must be one of .*did you mean 'stochastic'"):
+        from_dict(raw)
+
+
+def test_threshold_and_true_binarise_alike_and_grey_stays_grey():
+    from genai_cli.config import DataConfig
+    from genai_cli.data import load_data
+
+    grey, true, threshold = (load_data(DataConfig(name="shapes", image_size=8, binarize=b))
+                             for b in (False, True, "threshold"))
+    assert not grey.spec.binary and len(grey.train_x.unique()) > 2
+    assert true.spec.binary and torch.equal(true.train_x, threshold.train_x) and torch.equal(true.val_x, threshold.val_x)
+    assert torch.equal(true.train_x, (grey.train_x >= 128).to(torch.uint8) * 255)
+
+
+def test_stochastic_binarisation_fixes_validation_and_keeps_the_grey_levels():
+    from genai_cli.config import DataConfig
+    from genai_cli.data import load_data
+
+    cfg = DataConfig(name="shapes", image_size=8, binarize="stochastic")
+    a, b = load_data(cfg), load_data(cfg)
+    grey = load_data(DataConfig(name="shapes", image_size=8))
+    assert a.spec.binary and torch.equal(a.val_x, b.val_x), "validation is binarised once, with a fixed seed"
+    assert set(a.val_x.unique().tolist()) <= {0, 255} and set(a.train_x.unique().tolist()) <= {0, 255}
+    assert torch.equal(a.train_levels, grey.train_x)
+    assert not torch.equal(a.val_x, (grey.val_x >= 128).to(torch.uint8) * 255), "drawn, not thresholded"
+    assert not (a.val_x[grey.val_x == 0]).any() and (a.val_x[grey.val_x == 255] == 255).all()
+    # A draw is white with probability level / 255: over many draws of one image the mean approaches its levels.
+    idx = torch.zeros(400, dtype=torch.long)
+    draws = a.train_images(idx, seed=0).float()
+    assert (draws.mean(0) - grey.train_x[0].float()).abs().max() < 255 * 0.1
+    assert torch.equal(a.train_images(idx[:3], seed=5), b.train_images(idx[:3], seed=5))
+    assert torch.equal(a.train_images(idx[:3]), a.train_x[idx[:3]])  # no seed: the fixed draw
+
+
+def test_the_loop_binarises_each_visit_afresh(tmp_path):
+    """Two epochs see different binarisations of the same training image; the run is still a function of the
+    seed (a second run draws the same pixels)."""
+    from rich.console import Console
+
+    from genai_cli.train import Trainer
+
+    def seen(name: str) -> dict[int, list[torch.Tensor]]:
+        raw = tiny_config("vae", max_steps=4, batch_size=8, eval_every=100, sample_every=100, checkpoint_every=100)
+        raw["data"].update(limit=16, binarize="stochastic")  # 2 steps per epoch: 2 epochs
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "samples").mkdir()
+        trainer = Trainer(from_dict(raw), run, quiet=True, console=Console(quiet=True))
+        images: dict[int, list[torch.Tensor]] = {}
+        draw = trainer.data.train_images
+
+        def record(idx, seed=None):
+            x = draw(idx, seed)
+            for i, image in zip(idx.tolist(), x):
+                images.setdefault(i, []).append(image)
+            return x
+
+        trainer.data.train_images = record
+        trainer.fit()
+        return images
+
+    first, again = seen("a"), seen("b")
+    assert sorted(first) == list(range(16)) and all(len(v) == 2 for v in first.values())
+    assert sum(not torch.equal(*v) for v in first.values()) >= 12, "each visit draws the pixels afresh"
+    assert all(torch.equal(p, q) for i in first for p, q in zip(first[i], again[i])), "seeded: the same every run"
+
+
+# -- every bundled config -----------------------------------------------------------------------
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_bundled_configs_include_the_quickstart():
+    assert "quickstart" in [p.stem for p in CONFIGS]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_bundled_config_loads_and_builds(path):
+    cfg = load_config(path)
+    r = invoke("inspect", path)  # builds the model from the config alone, as a user's first look does
+    assert cfg.family in r.stdout and "parameters" in r.stdout.lower()
+
+
+# A grey-level DDPM (the quickstart), a VAE and a binarised autoregressive model: two steps each, end to end.
+@pytest.mark.parametrize("name", ["quickstart", "vae_mnist", "pixel_lstm_mnist12"])
+def test_cheap_bundled_configs_train_two_steps(tmp_path, name):
+    runs = tmp_path / "runs"
+    invoke("train", ROOT / "configs" / f"{name}.yaml", "--runs-dir", runs, "--name", name, "-q",
+           "--set", "train.max_steps=2", "--set", "train.batch_size=8", "--set", "data.limit=16",
+           "--set", "train.eval_max_images=16", "--set", "train.sample_n=1", "--set", "train.sample_every=2",
+           "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2", "--set", "train.precision=fp32")
+    assert load_checkpoint_file(runs / name / "checkpoints" / "last.pt")["step"] == 2

@@ -83,22 +83,40 @@ def test_ddim_timesteps():
 def test_ddim_step_with_eta_zero_is_deterministic():
     s = NoiseSchedule(100)
     x_t, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
-    a = s.ddim_step(eps, 60, 40, x_t, eta=0.0, generator=torch.Generator().manual_seed(1))
-    b = s.ddim_step(eps, 60, 40, x_t, eta=0.0, generator=torch.Generator().manual_seed(2))
+    x0 = s.predict_x0(x_t, eps, 60)
+    a = s.ddim_step(eps, x0, 60, 40, x_t, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = s.ddim_step(eps, x0, 60, 40, x_t, eta=0.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-    c = s.ddim_step(eps, 60, 40, x_t, eta=1.0, generator=torch.Generator().manual_seed(1))
-    d = s.ddim_step(eps, 60, 40, x_t, eta=1.0, generator=torch.Generator().manual_seed(2))
+    c = s.ddim_step(eps, x0, 60, 40, x_t, eta=1.0, generator=torch.Generator().manual_seed(1))
+    d = s.ddim_step(eps, x0, 60, 40, x_t, eta=1.0, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(c, d)
 
 
-def test_clipped_ddim_step_stays_on_the_forward_process():
-    """With clip_x0, x_t and x_prev imply the same (clipped x_0, noise) pair, so the chain stays consistent."""
-    s = NoiseSchedule(100)
-    x_t, eps = torch.randn(4, 1, 8, 8), 3 * torch.randn(4, 1, 8, 8)  # a large eps, as guidance makes
+class FixedOutput(torch.nn.Module):
+    """Stands in for the UNet: the same output for every (x_t, t, labels)."""
+
+    def __init__(self, out: torch.Tensor):
+        super().__init__()
+        self.register_buffer("out", out)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # the model's device comes from its parameters
+
+    def forward(self, x, t, labels=None):
+        return self.out.expand_as(x)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_clipped_ddim_step_stays_on_the_forward_process(prediction):
+    """With clip, x_t and x_prev imply the same (clipped x_0, noise) pair, so the chain stays consistent."""
+    m = tiny_model(timesteps=100, prediction=prediction)
+    s = m.schedule
+    x_t, out = torch.randn(4, 1, 8, 8), 3 * torch.randn(4, 1, 8, 8)  # a large output, as guidance makes
+    m.unet = FixedOutput(out)
     t, t_prev = 60, 40
-    x0 = s.predict_x0(x_t, eps, t).clamp(-1, 1)
-    assert float(s.predict_x0(x_t, eps, t).abs().max()) > 1  # clipping is active
-    x_prev = s.ddim_step(eps, t, t_prev, x_t, eta=0.0, clip_x0=True)
+    eps_raw, x0_raw = m.denoise(x_t, t)
+    assert float(x0_raw.abs().max()) > 1  # clipping is active
+    eps, x0 = m.denoise(x_t, t, clip=True)
+    assert torch.equal(x0, x0_raw.clamp(-1, 1))
+    x_prev = s.ddim_step(eps, x0, t, t_prev, x_t, eta=0.0)
     implied_t = (x_t - s.alphas_cumprod[t].sqrt() * x0) / (1 - s.alphas_cumprod[t]).sqrt()
     implied_prev = (x_prev - s.alphas_cumprod[t_prev].sqrt() * x0) / (1 - s.alphas_cumprod[t_prev]).sqrt()
     assert torch.allclose(implied_t, implied_prev, atol=1e-4)
@@ -108,7 +126,7 @@ def test_ddim_with_eta_one_has_the_ddpm_posterior_variance():
     """eq. 16 with eta = 1 on consecutive steps gives sigma^2 = beta_tilde (Song et al. sec. 4.1)."""
     s = NoiseSchedule(100)
     x_t, eps = torch.zeros(20000, 1), torch.zeros(20000, 1)
-    out = s.ddim_step(eps, 50, 49, x_t, eta=1.0, generator=torch.Generator().manual_seed(0))
+    out = s.ddim_step(eps, s.predict_x0(x_t, eps, 50), 50, 49, x_t, eta=1.0, generator=torch.Generator().manual_seed(0))
     assert float(out.var()) == pytest.approx(float(s.posterior_variance[50]), rel=0.05)
 
 
@@ -127,7 +145,7 @@ def test_true_noise_recovers_x0():
     for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
         abar = s.alphas_cumprod[t]
         true_eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-        x = s.ddim_step(true_eps, t, t_prev, x, eta=0.0)
+        x = s.ddim_step(true_eps, s.predict_x0(x, true_eps, t), t, t_prev, x, eta=0.0)
     assert torch.allclose(x, x0, atol=1e-3)
 
 
@@ -136,18 +154,75 @@ def test_ddpm_step_is_algorithm_2():
     s = NoiseSchedule(100)
     x_t, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     t = 37
-    ours = s.ddpm_step(eps, t, x_t, torch.Generator().manual_seed(3))
+    ours = s.ddpm_step(s.predict_x0(x_t, eps, t), t, x_t, torch.Generator().manual_seed(3))
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3))
     alpha, beta, abar = s.alphas[t], s.betas[t], s.alphas_cumprod[t]
     algo2 = (x_t - beta / (1 - abar).sqrt() * eps) / alpha.sqrt() + s.posterior_variance[t].sqrt() * z
     assert torch.allclose(ours, algo2, atol=1e-5)
     # The last step adds no noise.
-    assert torch.equal(s.ddpm_step(eps, 0, x_t, torch.Generator().manual_seed(1)),
-                       s.ddpm_step(eps, 0, x_t, torch.Generator().manual_seed(2)))
+    x0 = s.predict_x0(x_t, eps, 0)
+    assert torch.equal(s.ddpm_step(x0, 0, x_t, torch.Generator().manual_seed(1)),
+                       s.ddpm_step(x0, 0, x_t, torch.Generator().manual_seed(2)))
+
+
+# -- prediction targets and loss weights ---------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_prediction_targets_convert_into_each_other_exactly(schedule):
+    """eps, v and x_0 determine each other at a given (x_t, t): target() and eps_and_x0() are inverses."""
+    s = NoiseSchedule(1000, schedule)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(16, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(16, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (14,), generator=g)])
+    x_t = s.add_noise(x0, eps, t)
+    abar = s.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    v = s.velocity(x0, eps, t)
+    assert torch.allclose(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0, rtol=0, atol=1e-12)  # Salimans & Ho
+    assert torch.allclose(s.predict_eps(x_t, x0, t), eps, rtol=0, atol=1e-9)
+    assert torch.allclose(s.predict_x0(x_t, eps, t), x0, rtol=0, atol=1e-9)
+    for prediction in ("eps", "v", "x0"):
+        target = s.target(x0, eps, t, prediction)
+        eps_back, x0_back = s.eps_and_x0(target, x_t, t, prediction)
+        assert torch.allclose(eps_back, eps, rtol=0, atol=1e-9), prediction
+        assert torch.allclose(x0_back, x0, rtol=0, atol=1e-9), prediction
+    # The same for one int timestep, and the error for an unknown target.
+    x_500 = s.add_noise(x0, eps, 500)
+    assert torch.allclose(s.eps_and_x0(s.velocity(x0, eps, 500), x_500, 500, "v")[1], x0, rtol=0, atol=1e-12)
+    with pytest.raises(GenaiError, match="prediction"):
+        s.target(x0, eps, t, "noise")
+
+
+def test_min_snr_weights_match_the_formula():
+    """Hang et al.: min(SNR, gamma) on the x_0 error, expressed for each target's own squared error."""
+    s = NoiseSchedule(1000, "cosine")
+    t = torch.arange(1000)
+    x = torch.zeros(1000, 1, 2, 2, dtype=torch.float64)
+    abar = s.alphas_cumprod.double()
+    snr = (abar / (1 - abar)).view(-1, 1, 1, 1)
+    gamma = 5.0
+    expected = {"eps": snr.clamp(max=gamma) / snr, "v": snr.clamp(max=gamma) / (snr + 1), "x0": snr.clamp(max=gamma)}
+    for prediction, want in expected.items():
+        got = s.loss_weight(t, x, prediction, "min_snr", gamma)
+        assert got.shape == (1000, 1, 1, 1)
+        assert torch.allclose(got, want, rtol=1e-9, atol=0), prediction
+        assert torch.equal(s.loss_weight(t, x, prediction, "none"), torch.ones_like(want))
+    assert float(s.loss_weight(t, x, "eps", "min_snr", gamma)[-1]) == 1.0  # noisy end: plain L_simple
+    # Each weighted target error equals min(SNR, gamma) times the x_0 error of the same estimate.
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1000, 1, 2, 2, generator=g, dtype=torch.float64), torch.randn(1000, 1, 2, 2, generator=g,
+                                                                                       dtype=torch.float64)
+    x_t = s.add_noise(x0, eps, t)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    eps_hat = s.predict_eps(x_t, x0_hat, t)
+    x0_error = snr.clamp(max=gamma) * (x0 - x0_hat) ** 2
+    for prediction in ("eps", "v", "x0"):
+        err = (s.target(x0, eps, t, prediction) - s.target(x0_hat, eps_hat, t, prediction)) ** 2
+        weighted = s.loss_weight(t, x, prediction, "min_snr", gamma) * err
+        assert torch.allclose(weighted, x0_error, rtol=1e-6, atol=1e-12), prediction
 
 
 # -- the family --------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "heun"])
 def test_sample_shape_range_and_seed(sampler):
     m = tiny_model()
     a = m.sample(5, generator=torch.Generator().manual_seed(0), sampler=sampler)
@@ -160,12 +235,32 @@ def test_sample_shape_range_and_seed(sampler):
 def test_sample_options_are_checked():
     m = tiny_model()
     for bad in [dict(sampler="euler"), dict(steps=0), dict(sampler="ddim", steps=21), dict(steps=5),
-                dict(sampler="ddim", eta=-1.0), dict(eta=0.5)]:
+                dict(sampler="ddim", eta=-1.0), dict(eta=0.5), dict(sampler="heun", eta=0.0),
+                dict(sampler="dpm++2m", steps=21), dict(sampler="heun", steps=0)]:
         with pytest.raises(GenaiError):
             m.sample(2, **bad)
     with pytest.raises(TypeError):
         m.sample(2, temperature=1.0)
     assert m.sample(2, sampler="ddim", steps=3, eta=1.0).shape == (2, 1, 8, 8)
+    for sampler in ("dpm++2m", "heun"):  # every step count from 1 to T runs
+        for steps in (1, 2, 19, 20):
+            assert m.sample(1, sampler=sampler, steps=steps).shape == (1, 1, 8, 8)
+    with pytest.raises(GenaiError, match="sampler"):
+        DDPM(Config(**{**DDPM.tiny, "sampler": "euler"}), SPEC)
+
+
+def test_default_steps_per_sampler():
+    """ddim 50, dpm++2m and heun 20 (all capped at T), ddpm all T; the config's steps follow its own sampler."""
+    m = tiny_model(timesteps=100)
+    assert [m._resolve_options(s, None, 0.0, 1.0)[1] for s in ("ddpm", "ddim", "dpm++2m", "heun")] == [100, 50, 20, 20]
+    assert tiny_model()._resolve_options("ddim", None, 0.0, 1.0)[1] == 20  # T = 20
+    s = NoiseSchedule(1000)
+    assert s.dpm_solver_timesteps(20)[:3] == [999, 949, 899] and s.dpm_solver_timesteps(20)[-1] == 50
+    assert s.dpm_solver_timesteps(1) == [999]
+    assert s.dpm_solver_timesteps(1000) == list(range(999, -1, -1))
+    for steps in (7, 26, 500, 999):  # distinct and decreasing, where torch.linspace would round differently
+        ts = s.dpm_solver_timesteps(steps)
+        assert len(ts) == steps and all(a > b for a, b in zip(ts, ts[1:], strict=False)) and ts[-1] >= 1
 
 
 def test_guidance_and_labels_refused_when_unconditional():
@@ -213,6 +308,73 @@ def test_loss_falls_and_grads_reach_every_parameter():
         opt.step()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("prediction,weighting", [("eps", "min_snr"), ("v", "none"), ("v", "min_snr"),
+                                                  ("x0", "none"), ("x0", "min_snr")])
+def test_loss_falls_for_every_target_and_weighting(prediction, weighting):
+    m = tiny_model(prediction=prediction, loss_weighting=weighting)
+    batch = fixed_batch()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(0)  # the same t and noise every step: the loss of one fixed draw must fall
+        opt.zero_grad()
+        loss = m.loss(batch)["loss"]
+        assert torch.isfinite(loss)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        opt.step()
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_loss_is_the_weighted_mse_against_the_target():
+    m = tiny_model(timesteps=50, prediction="v", loss_weighting="min_snr", min_snr_gamma=2.0)
+    batch = fixed_batch()
+    torch.manual_seed(3)
+    loss = m.loss(batch)["loss"]
+    torch.manual_seed(3)  # replay the draws of loss(): t, then the noise
+    x0 = batch[0] * 2 - 1
+    t = torch.randint(0, 50, (x0.shape[0],))
+    noise = torch.randn_like(x0)
+    s = m.schedule
+    x_t = s.add_noise(x0, noise, t)
+    snr = (s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])).view(-1, 1, 1, 1)
+    per_image = ((m.unet(x_t, t) - s.velocity(x0, noise, t)) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(loss, (snr.clamp(max=2.0) / (snr + 1) * per_image).mean(), rtol=1e-5)
+
+
+def test_bad_training_options_are_one_line_errors():
+    from genai_cli.config import from_dict
+
+    for bad in [dict(prediction="noise"), dict(loss_weighting="snr"), dict(min_snr_gamma=0.0)]:
+        with pytest.raises(GenaiError) as err:
+            DDPM(Config(**{**DDPM.tiny, **bad}), SPEC)
+        assert "\n" not in str(err.value)
+        with pytest.raises(GenaiError) as err:  # the YAML path: the Literal types refuse at load time
+            cfg = from_dict({"model": {"family": "ddpm", **DDPM.tiny, **bad}})
+            DDPM(cfg.model, SPEC)
+        assert "\n" not in str(err.value) and next(iter(bad)) in str(err.value)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_guidance_mixes_the_network_outputs_for_any_target(prediction):
+    """Guidance is linear in the output, so the guided eps is eps_uncond + w (eps_cond - eps_uncond) for any target."""
+    m = tiny_model(LABELLED, class_conditional=True, prediction=prediction).eval()
+    x, labels, t, w = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]), 12, 3.0
+    with torch.no_grad():
+        eps, x0 = m.denoise(x, t, labels, guidance=w)
+        eps_c, x0_c = m.denoise(x, t, labels)
+        eps_u, x0_u = m.denoise(x, t, labels, guidance=0.0)
+    assert torch.allclose(eps, eps_u + w * (eps_c - eps_u), atol=1e-4)
+    assert torch.allclose(x0, x0_u + w * (x0_c - x0_u), atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_variational_bound_reads_any_target(prediction):
+    m = tiny_model(prediction=prediction)
+    bound = m.variational_bound(fixed_batch(), timesteps_per_image=3, generator=torch.Generator().manual_seed(0))
+    assert bound.shape == (8,) and bool(torch.isfinite(bound).all())
 
 
 def test_bf16_autocast_and_channels_last():

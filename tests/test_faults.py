@@ -8,6 +8,7 @@ no second import of torch; SIGKILL gives them no chance to clean up, exactly lik
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -23,6 +24,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import tiny_config  # noqa: E402
 
+import genai_cli.models  # noqa: E402, F401  (registers the families the tests are parametrised over)
+from genai_cli.registry import MODELS  # noqa: E402
 from genai_cli.runs import load_checkpoint_file  # noqa: E402
 
 STEPS = 60
@@ -59,7 +62,30 @@ def wait(pid: int, timeout: float = 120) -> int:
         time.sleep(0.01)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    raise AssertionError("training did not finish in time")
+    raise AssertionError(f"training (pid {pid}) did not finish in {timeout:.0f} s; killed it")
+
+
+def wait_for(condition, pid: int, what: str, timeout: float = 60, poll: float = 0.001) -> None:
+    """Poll until ``condition()`` holds while child ``pid`` runs. A child that dies first, or a deadline that
+    passes (the child is then killed), fails the test with a message instead of hanging it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            raise AssertionError(f"training (pid {pid}) ended with exit code {os.waitstatus_to_exitcode(status)} "
+                                 f"before {what}")
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"no {what} within {timeout:.0f} s; killed training (pid {pid})")
+        time.sleep(poll)
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def config(folder: Path, **train) -> Path:
@@ -95,21 +121,14 @@ def kill_repeatedly(folder: Path, kills: int, seed: int = 0, log=print) -> dict:
     mid_write = 0
     for k in range(kills):
         argv = ["train", str(cfg), "--name", "cut", *common] if k == 0 else ["train", "--resume", str(run), *common]
-        before = (checkpoints / "last.pt").stat().st_ino if k else None
+        before = inode(checkpoints / "last.pt") if k else None
         pid = start(argv)
-        while True:  # each kill comes after one new checkpoint, so that every round makes progress
-            try:
-                if (checkpoints / "last.pt").stat().st_ino != before:
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.001)
+        # Each kill comes after one new checkpoint, so that every round makes progress.
+        wait_for(lambda: inode(checkpoints / "last.pt") not in (None, before), pid, f"kill {k + 1}: a new last.pt")
         during_write = k % 2 == 1
         if during_write:  # wait for a checkpoint write to begin, then kill at once
-            deadline = time.monotonic() + 30
-            pattern = f".last.pt.tmp-{pid}"
-            while time.monotonic() < deadline and not (checkpoints / pattern).exists():
-                time.sleep(0.0002)
+            pattern = checkpoints / f".last.pt.tmp-{pid}"
+            wait_for(pattern.exists, pid, f"kill {k + 1}: a checkpoint write", timeout=30, poll=0.0002)
         else:
             time.sleep(rng.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)
@@ -146,8 +165,8 @@ def test_sigterm_stops_at_a_step_boundary_and_resume_is_exact(tmp_path):
     assert wait(start(["train", str(cfg), "--name", "straight", *common])) == 0
     pid = start(["train", str(cfg), "--name", "cut", *common])
     metrics = runs / "cut" / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().count('"train"') >= 2):
-        time.sleep(0.002)
+    wait_for(lambda: metrics.is_file() and metrics.read_text().count('"train"') >= 2, pid, "two logged steps",
+             poll=0.002)
     os.kill(pid, signal.SIGTERM)
     assert wait(pid) == 130, "SIGTERM: finish the step, save, exit 130"
     state = load_checkpoint_file(runs / "cut" / "checkpoints" / "last.pt")
@@ -203,18 +222,22 @@ def test_rotation_keeps_the_last_k_and_the_best(tmp_path, monkeypatch):
     assert load_checkpoint_file(folder / "last.pt")["step"] == 6
 
 
-@pytest.mark.parametrize("family", ["dcgan", "vae", "pixel_transformer"])
+@pytest.mark.parametrize("family", MODELS.names())
 def test_exact_resume_across_families_and_an_epoch_boundary(tmp_path, monkeypatch, family):
-    """Two optimizers and random z (GAN), reparameterisation noise (VAE), dropout (transformer): stopped at
-    step 7 and resumed, the run crosses into epoch 1 (8 steps per epoch) exactly as the one never stopped."""
+    """Two optimizers and random z (GANs), reparameterisation noise (VAE), dropout, diffusion noise, and for the
+    likelihood families images binarised afresh at every visit (data.binarize: stochastic): stopped at step 7
+    and resumed, the run crosses into epoch 1 (8 steps per epoch) exactly as the one never stopped."""
     from typer.testing import CliRunner
 
     from genai_cli.cli import app
     from genai_cli.train import Trainer
 
+    cls = MODELS.get(family)
     raw = tiny_config(family, max_steps=10, log_every=1, eval_every=5, checkpoint_every=100, sample_every=100)
-    if family == "pixel_transformer":
+    if "dropout" in {f.name for f in dataclasses.fields(cls.Config)}:
         raw["model"]["dropout"] = 0.1
+    if cls.log_likelihood is not None:  # the binarised-likelihood protocol: fresh Bernoulli draws at every visit
+        raw["data"]["binarize"] = "stochastic"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     runs = tmp_path / "runs"

@@ -100,7 +100,7 @@ def test_resolved_precision_in_config_yaml_and_inspect(tmp_path, config_file, cp
 def test_sampling_follows_the_sampling_machine(tmp_path, config_file, cpu_bf16):
     """A run trained in bf16 (on a machine with it) samples in fp32 on a machine without it."""
     from genai_cli.api import load_checkpoint
-    from genai_cli.evaluate import sampling_autocast
+    from genai_cli.evaluation.run import sampling_autocast
 
     cpu_bf16(True)
     invoke("train", config_file(precision="bf16"), "--runs-dir", tmp_path / "runs", "--name", "r", "--quiet")

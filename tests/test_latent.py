@@ -26,13 +26,14 @@ from genai_cli.models.dcgan import (
     discriminator_loss,
     generator_loss,
 )
-from genai_cli.models.vae import VAE, free_bits_kl, gaussian_kl, kl_beta
+from genai_cli.models.vae import VAE, discretized_log_prob, free_bits_kl, gaussian_kl, kl_beta
 from genai_cli.nn.conv import ConvDecoder, ConvEncoder, level_sizes
 from genai_cli.registry import MODELS
 
 torch.set_num_threads(1)
 SIZE = 12
 SPEC = ImageSpec(channels=1, size=SIZE, num_classes=10)
+BINARY = ImageSpec(channels=1, size=SIZE, num_classes=10, binary=True)  # batch() draws binary pixels
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -102,7 +103,7 @@ def test_free_bits_floors_each_dimension():
 
 def test_free_bits_in_the_loss():
     x = batch()
-    plain, floored = make("vae"), make("vae", free_bits=100.0)  # same weights (same seed)
+    plain, floored = make("vae", BINARY), make("vae", BINARY, free_bits=100.0)  # same weights (same seed)
     torch.manual_seed(3)
     a = plain.loss(x)
     torch.manual_seed(3)
@@ -144,7 +145,7 @@ def test_active_units_count_dimensions_that_vary():
 
 
 def test_elbo_iwae_and_validation_metrics():
-    model = make("vae").eval()
+    model = make("vae", BINARY).eval()
     x = batch()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -161,6 +162,57 @@ def test_elbo_iwae_and_validation_metrics():
     for key in ("loss", "nll_nats", "bits_per_dim", "kl_total", "active_units", "iwae_nats", "iwae_bits_per_dim"):
         assert math.isfinite(metrics[key]), key
     assert metrics["iwae_bits_per_dim"] == pytest.approx(metrics["iwae_nats"] / (SIZE * SIZE * math.log(2)))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "laplace"])
+def test_discretised_decoders_put_mass_one_on_the_256_levels(kind):
+    """The Gaussian/Laplace decoders are distributions over the 256 grey levels: their bin masses sum to 1, each
+    equals F(hi) - F(lo) of the continuous distribution, and tails far from the mean stay finite, gradients too."""
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    for mean, scale in [(0.0, 1e-3), (0.3, 0.05), (0.5, 0.1), (0.97, 1.0), (1.0, 20.0), (-0.4, 0.2)]:
+        m = torch.tensor(mean, dtype=torch.float64, requires_grad=True)
+        log_s = torch.tensor(math.log(scale), dtype=torch.float64, requires_grad=True)
+        lp = discretized_log_prob(levels, m, log_s, kind)  # (256,)
+        assert float(lp.detach().exp().sum()) == pytest.approx(1.0, abs=1e-9), (mean, scale)
+        lp.sum().backward()
+        assert torch.isfinite(lp).all() and torch.isfinite(m.grad) and torch.isfinite(log_s.grad)
+        dist = (torch.distributions.Normal if kind == "gaussian" else torch.distributions.Laplace)(mean, scale)
+        inner = slice(1, 255)  # the end bins reach to -inf / +inf
+        lo, hi = levels[inner] - 0.5 / 255, levels[inner] + 0.5 / 255
+        mass = dist.cdf(hi) - dist.cdf(lo)
+        ok = mass > 1e-6  # where the float64 difference of two CDFs is itself accurate
+        torch.testing.assert_close(lp.detach()[inner][ok].exp(), mass[ok], rtol=1e-5, atol=0)
+
+
+def test_continuous_decoders_bound_the_probability_of_8bit_images():
+    """Discretised, a Gaussian/Laplace decoder's ELBO is a log-probability (<= 0) of the 8-bit images, so its
+    bits/dim is reported; the IWAE bound sits above it."""
+    grey = (torch.randint(0, 256, (8, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(0)) / 255.0,
+            torch.zeros(8, dtype=torch.long))
+    for decoder in ("gaussian", "l1"):
+        model = make("vae", decoder=decoder).eval()
+        assert model.log_likelihood is not None
+        torch.manual_seed(0)
+        with torch.no_grad():
+            assert float(model.log_likelihood(grey).max()) <= 0.0
+        metrics = model.validation_metrics([grey])
+        assert 0 < metrics["bits_per_dim"] and metrics["iwae_nats"] <= metrics["nll_nats"] + 1.0
+
+
+def test_bernoulli_decoder_on_grey_levels_reports_no_likelihood():
+    """Binary cross-entropy on grey levels is no likelihood (the Bernoulli does not normalise over [0, 1]): the
+    model trains on it and reports it as the reconstruction error, with no ELBO, IWAE bound or bits/dim."""
+    grey_model, binary_model = make("vae"), make("vae", BINARY)
+    assert grey_model.log_likelihood is None and binary_model.log_likelihood is not None
+    x = (torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), torch.zeros(8, dtype=torch.long))
+    out = grey_model.loss(x)
+    assert "nelbo" not in out and math.isfinite(float(out["recon"]))
+    metrics = grey_model.eval().validation_metrics([x])
+    assert {"loss", "recon", "kl_total", "active_units"} <= set(metrics)
+    assert not {"nll_nats", "bits_per_dim", "iwae_nats", "iwae_bits_per_dim", "nelbo"} & set(metrics)
+    with pytest.raises(GenaiError, match="no likelihood"):
+        grey_model.iwae_bound(x, 4)
+    assert "bits_per_dim" in binary_model.eval().validation_metrics([batch()])
 
 
 @pytest.mark.parametrize("decoder", ["gaussian", "l1"])
@@ -200,13 +252,49 @@ def test_walk_between_real_images(name):
     torch.testing.assert_close(out[0], ends[0])
     torch.testing.assert_close(out[4], ends[1])
     torch.testing.assert_close(out[14], ends[5])
-    traversal = model.walk(2, 4, images=images, dim=1, generator=torch.Generator().manual_seed(0))
+    traversal = model.walk(2, 4, images=images[:2], dim=1)  # a traversal starts at one image per row
     assert traversal.shape == (8, 1, SIZE, SIZE)
     assert model.walk(2, 3, generator=torch.Generator().manual_seed(0), dim=0).shape == (6, 1, SIZE, SIZE)
     with pytest.raises(GenaiError, match="latent dimension 9 out of range"):
         model.walk(2, 3, dim=9)
     with pytest.raises(GenaiError, match="needs 8 images"):
         model.walk(4, 3, images=images)
+    with pytest.raises(GenaiError, match="temperature scales random latents"):
+        model.walk(3, 5, images=images, temperature=0.5)
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "vae", "dcgan", "cgan"])
+def test_random_walk_ends_are_samples_and_honour_temperature(name):
+    """Row i of a random interpolation runs from sample(2 * rows)[2i] to [2i + 1] (same generator, same
+    temperature): the walk interpolates between exactly the latents sample() draws."""
+    model = make(name).eval()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    rows, steps = 3, 5
+    walk = model.walk(rows, steps, generator=g(), temperature=0.5).view(rows, steps, 1, SIZE, SIZE)
+    extra = {"labels": model.walk_labels(rows, 1).repeat_interleave(2)} if name == "cgan" else {}
+    ends = model.sample(2 * rows, generator=g(), temperature=0.5, **extra)
+    torch.testing.assert_close(walk[:, 0], ends[0::2])
+    torch.testing.assert_close(walk[:, -1], ends[1::2])
+    hot = model.walk(rows, steps, generator=g()).view(rows, steps, 1, SIZE, SIZE)
+    assert not torch.allclose(hot[:, 0], walk[:, 0])  # temperature reaches the walk
+    between = walk[:, 1:-1]
+    assert not torch.allclose(between, walk[:, :1].expand_as(between))  # and it moves
+    traversal = model.walk(rows, steps, generator=g(), dim=0, temperature=0.5).view(rows, steps, 1, SIZE, SIZE)
+    assert not torch.allclose(traversal, walk)  # interpolation and traversal are different walks
+
+
+def test_walk_latents_traverse_one_coordinate():
+    from genai_cli.nn.latent import walk_latents
+
+    start = torch.arange(6.0).view(2, 3)  # two rows of a 3-d latent
+    z = walk_latents(2, 4, latent_dim=3, draw=lambda k, t: start[:k] * t, dim=1).view(2, 4, 3)
+    torch.testing.assert_close(z[:, :, 1], torch.linspace(-3, 3, 4).expand(2, 4))
+    torch.testing.assert_close(z[:, :, [0, 2]], start[:, None, [0, 2]].expand(2, 4, 2))
+    mean, std = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0, 0.5, 1.0])
+    z = walk_latents(1, 3, latent_dim=3, draw=lambda k, t: start[:k], dim=1, mean=mean, std=std)
+    torch.testing.assert_close(z[:, 1], torch.tensor([-0.5, 1.0, 2.5]))  # mean +- 3 std of that coordinate
+    line = walk_latents(1, 3, latent_dim=3, draw=lambda k, t: start[:k] * t, temperature=2.0)
+    torch.testing.assert_close(line, torch.stack([start[0] * 2, (start[0] + start[1]), start[1] * 2]))
 
 
 @pytest.mark.parametrize("name", ["dcgan", "cgan"])
@@ -219,7 +307,18 @@ def test_gan_walks(name):
     assert model.walk(2, 4, generator=g(), dim=3).shape == (8, 1, SIZE, SIZE)
     with pytest.raises(GenaiError, match="no encoder"):
         model.walk(1, 4, images=batch()[0])
-    assert {"interpolate", "traverse", "traverse_dim", "temperature"} <= model.sample_options
+    assert {"interpolate", "traverse_dim", "temperature"} <= model.sample_options
+    assert "traverse" not in model.sample_options  # walking between real images needs an encoder
+
+
+def test_cgan_walk_labels_per_row():
+    model = make("cgan").eval()
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    sevens = model.walk(2, 3, generator=g(), labels=7)
+    assert not torch.allclose(sevens, model.walk(2, 3, generator=g()))
+    torch.testing.assert_close(sevens, model.walk(2, 3, generator=g(), labels=torch.tensor([7, 7])))
+    with pytest.raises(GenaiError, match="out of range"):
+        model.walk(2, 3, labels=10)
 
 
 def test_autoencoder_tracks_latent_statistics():

@@ -42,6 +42,16 @@ def test_load_checkpoint_api_gives_a_model_ready_to_sample(tmp_path, config_file
     model = load_checkpoint(runs / "a" / "checkpoints" / "last.pt")
     x = model.sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim", steps=3)
     assert x.shape == (2, 1, 8, 8)
+    # A checkpoint from before runs could build on runs (no "parents") loads the same; an unknown data kind is refused.
+    state = load_checkpoint_file(runs / "a" / "checkpoints" / "last.pt")
+    assert state.pop("parents") == {}
+    save_checkpoint(state, tmp_path / "old.pt")
+    y = load_checkpoint(tmp_path / "old.pt").sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim",
+                                                    steps=3)
+    assert torch.equal(x, y)
+    save_checkpoint({**state, "spec": {**state["spec"], "kind": "tokens"}}, tmp_path / "text.pt")
+    with pytest.raises(GenaiError, match="data spec of kind 'tokens' is unknown"):
+        load_checkpoint(tmp_path / "text.pt")
 
 
 def train_losses(run):

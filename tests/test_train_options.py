@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from genai_cli.cli import app
 from genai_cli.config import from_dict
 from genai_cli.errors import GenaiError
+from genai_cli.registry import MODELS
 from genai_cli.train import LossForward, Trainer
 
 runner = CliRunner()
@@ -39,7 +40,18 @@ def fit(tmp: Path, family: str, **train) -> tuple[Trainer, list[float]]:
     return trainer, losses
 
 
-@pytest.mark.parametrize("family", ["pixelcnn", "ddpm"])
+def first(**capabilities) -> str:
+    """The first registered family whose class attributes have these values."""
+    return next(name for name in MODELS.names()
+                if all(getattr(MODELS.get(name), k, None) == v for k, v in capabilities.items()))
+
+
+# A discrete family (without a recurrent kernel: those run their recurrence in fp32) and the diffusion family.
+BF16_FAMILIES = [first(discrete=True, has_hidden_state=False),
+                 next(n for n in MODELS.names() if MODELS.get(n).variational_bound is not None)]
+
+
+@pytest.mark.parametrize("family", BF16_FAMILIES)
 def test_bf16_loss_stays_close_to_fp32(tmp_path, family):
     """bf16 autocast is a first-class CPU setting: over a short run its losses track fp32's."""
     _, fp32 = fit(tmp_path, family)
@@ -80,7 +92,7 @@ def test_compile_goes_through_the_loss_or_the_sub_networks(tmp_path, monkeypatch
     assert len(compiled) == 1 and isinstance(compiled[0], LossForward) and compiled[0].model is trainer.model
     children = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: children.append(self))
-    gan, _ = fit(tmp_path, "dcgan", compile=True, max_steps=2)
+    gan, _ = fit(tmp_path, first(adversarial=True), compile=True, max_steps=2)
     assert children == list(gan.model.children())  # a GAN steps its own optimizers: its networks are compiled
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..nn.conv import ConvDecoder, ConvEncoder
-from ..nn.latent import check_temperature, check_walk, interpolate, traverse
+from ..nn.latent import check_temperature, walk_latents
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
@@ -103,19 +103,14 @@ class Autoencoder(GenerativeModel):
 
     @torch.no_grad()
     def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
-             images: Tensor | None = None, dim: int | None = None) -> Tensor:
+             images: Tensor | None = None, dim: int | None = None, temperature: float = 1.0) -> Tensor:
         """(rows * steps, C, H, W) in [0, 1]. Row i goes from the latent of images[2i] to that of images[2i+1]
-        (random latents when images is None); with ``dim``, row i instead varies latent dimension ``dim`` over
-        the training latents' mean +- 3 std, the other coordinates staying at the row's start latent."""
-        check_walk(rows, steps, self.config.latent_dim, images, dim)
-        if images is None:
-            ends = self._random_latents(2 * rows, generator)
-        else:
-            ends = self.encode(images[: 2 * rows].to(self.latent_mean.device))
-        start, end = ends[0::2], ends[1::2]  # (rows, D) each
-        if dim is None:
-            z = interpolate(start, end, steps)
-        else:
-            t = torch.linspace(-3, 3, steps, device=start.device)
-            z = traverse(start, dim, self.latent_mean[dim] + t * self.latent_std[dim])
+        (with images None: from the latent of ``sample(2 * rows)[2i]`` to that of ``[2i + 1]``, the same
+        generator and temperature giving the same draws); with ``dim``, row i instead starts at the latent of
+        images[i] (or of ``sample(rows)[i]``) and varies latent dimension ``dim`` over the training latents'
+        mean +- 3 std. See ``genai_cli.nn.latent``."""
+        z = walk_latents(rows, steps, latent_dim=self.config.latent_dim,
+                         draw=lambda k, t: self._random_latents(k, generator, t),
+                         encode=lambda x: self.encode(x.to(self.latent_mean.device)), images=images, dim=dim,
+                         temperature=temperature, mean=self.latent_mean, std=self.latent_std, name="autoencoder")
         return torch.sigmoid(self.decode(z))

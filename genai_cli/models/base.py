@@ -3,35 +3,25 @@
 A family is one file in this package: a ``Config`` dataclass (the YAML ``model:`` section, minus
 ``family``) and a ``GenerativeModel`` subclass registered with ``@register_model("name")``.
 The training loop, the CLI and the run directory talk to families only through this class.
+
+A family that builds on another run (MaskGIT on a VQ-VAE, latent diffusion on an autoencoder) declares
+the config field that names it, ``autoencoder: RunRef = run_ref(accepts=("autoencoder", "vae"))``, and
+takes ``parents`` in ``__init__``: ``parents["autoencoder"]`` is that run's model, built, frozen and
+embedded in this run's checkpoints (see ``genai_cli/lineage.py``).
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """What the data looks like: every family is built for one image shape."""
-
-    channels: int = 1
-    size: int = 28  # square images, size x size
-    num_classes: int = 0  # 0: the dataset has no labels
-    binary: bool = False  # pixel values are exactly 0 or 1
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.size, self.size)
-
-    @property
-    def dims(self) -> int:
-        return self.channels * self.size * self.size
+from ..config import RunRef, run_ref  # noqa: F401  (re-exported: a family declares the runs it builds on)
+from ..lineage import Parents
+from ..spec import ImageSpec  # the data contract lives in spec.py; families import it from here
 
 
 class Stepper:
@@ -97,11 +87,19 @@ class GenerativeModel(nn.Module):
     adversarial: ClassVar[bool] = False
     # False for helper networks trained by the same loop that draw no images (the evaluator classifier).
     generative: ClassVar[bool] = True
+    # True for networks genai evaluate measures samples in: they give features(x) (B, D) and head(features)
+    # (B, K) logits, and evaluator_recipe ({"model": {...}, "train": {...}}) is what --train-evaluator trains.
+    evaluator: ClassVar[bool] = False
+    evaluator_recipe: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, config: Any, spec: ImageSpec):
+    def __init__(self, config: Any, spec: ImageSpec, parents: Parents | None = None):
         super().__init__()
         self.config = config
         self.spec = spec
+        # The frozen runs this model builds on, by config field (families without run_ref fields: none).
+        # Deliberately not submodules: their weights stay out of parameters(), state_dict(), the optimizers
+        # and the EMA; the checkpoint embeds them apart, with their name, step and hash.
+        self.parents = parents if parents is not None else Parents({})
         # The loop sets this before every train_step (for schedules such as KL annealing).
         self.current_step = 0
 
@@ -111,8 +109,9 @@ class GenerativeModel(nn.Module):
         raise NotImplementedError
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
-        """One AdamW over all parameters; the loop adds warm-up + cosine decay to each optimizer."""
-        return {"main": torch.optim.AdamW(self.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
+        """One AdamW over the trainable parameters; the loop adds warm-up + cosine decay to each optimizer."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return {"main": torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=tuple(train_cfg.betas),
                                           weight_decay=train_cfg.weight_decay)}
 
     def train_step(self, batch, optimizers: dict[str, torch.optim.Optimizer], stepper: Stepper) -> dict[str, float]:
@@ -161,6 +160,12 @@ class GenerativeModel(nn.Module):
 
     # Likelihood families override this; the loop reports bits/dim when it exists.
     log_likelihood = None  # (batch) -> Tensor (B,) of log p(x) in nats (or a lower bound)
+    # Families whose likelihood is a bound estimated from sampled timesteps (diffusion) give this instead;
+    # genai evaluate reports its bits/dim.
+    variational_bound = None  # (batch, timesteps_per_image, generator=) -> Tensor (B,) lower bound in nats
+    # Non-discrete families that predict categories give this; genai evaluate --calibrate fits a temperature
+    # to it (discrete families are calibrated on their tokenize / seq_logits).
+    calibration_logits = None  # (batch) -> (logits (N, K), targets (N,))
 
     @staticmethod
     def bits_per_dim(nll_nats_per_image: Tensor | float, spec: ImageSpec) -> float:
@@ -169,3 +174,10 @@ class GenerativeModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)``, ``.float()``...: the frozen parents go along (they are not submodules)."""
+        super()._apply(fn, recurse)
+        for parent in self.parents.values():
+            parent._apply(fn, recurse)
+        return self

@@ -75,3 +75,15 @@ class CGAN(dcgan.DCGAN):
         y = self.check_labels(n, labels)
         z = self._noise(n, generator, check_temperature(temperature))
         return self._images(z, y)
+
+    @torch.no_grad()
+    def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
+             images: Tensor | None = None, dim: int | None = None, temperature: float = 1.0,
+             labels: Tensor | int | None = None) -> Tensor:
+        """DCGAN's walk (see dcgan.py), conditioned: ``labels`` gives one class per row (an int for all rows, or
+        a (rows,) tensor); by default row i draws class i % K (``walk_labels``)."""
+        if labels is None:
+            y = self.walk_labels(rows, steps)
+        else:
+            y = self.check_labels(rows, labels).repeat_interleave(steps)  # (rows * steps,)
+        return self._walk(rows, steps, y, generator=generator, images=images, dim=dim, temperature=temperature)

@@ -14,6 +14,7 @@ No batch norm: the network behaves the same in train and eval mode apart from dr
 the weights that the loop keeps needs no running statistics.
 
 It draws no images (``generative = False``): the loop writes no grids for it and ``sample`` refuses.
+It is declared an evaluator (``evaluator = True``): ``genai evaluate --evaluator RUN`` accepts its runs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class Classifier(GenerativeModel):
     tiny = {"channels": [8, 16], "feature_dim": 16, "dropout": 0.0, "shift": 1}
     sample_options = frozenset()
     generative = False
+    evaluator = True
+    # What `genai evaluate --train-evaluator` trains: the model section of configs/classifier_mnist.yaml (a test
+    # keeps them equal), 12 epochs or genai_cli.evaluation.evaluator.EVALUATOR_MAX_STEPS steps, whichever is fewer.
+    evaluator_recipe = {
+        "model": {"channels": [16, 32, 64], "feature_dim": 128, "dropout": 0.3, "shift": 2},
+        "train": {"epochs": 12, "batch_size": 64, "lr": 3.0e-3, "weight_decay": 1.0e-4, "warmup_steps": 50,
+                  "ema_decay": 0.99, "log_every": 50, "eval_every": 250, "checkpoint_every": 250},
+    }
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..nn.conv import ConvDecoder, ConvEncoder
-from ..nn.latent import check_temperature, check_walk, interpolate, traverse
+from ..nn.latent import check_temperature, walk_latents
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec, Stepper
 
@@ -147,7 +147,8 @@ class DCGAN(GenerativeModel):
     Config = Config
     tiny = {"latent_dim": 8, "widths": [8, 16], "minibatch": "features", "minibatch_kernels": 4,
             "minibatch_kernel_dim": 3}
-    sample_options = frozenset({"temperature", "interpolate", "traverse", "traverse_dim"})
+    # No "traverse": walking between real images' latents needs an encoder, which a GAN has not.
+    sample_options = frozenset({"temperature", "interpolate", "traverse_dim"})
     adversarial = True
 
     def __init__(self, config: Config, spec: ImageSpec, *, label_dim: int = 0):
@@ -255,18 +256,16 @@ class DCGAN(GenerativeModel):
 
     @torch.no_grad()
     def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
-             images: Tensor | None = None, dim: int | None = None) -> Tensor:
-        """(rows * steps, C, H, W) in [0, 1]: row i walks between two noise draws, or (with ``dim``) sets noise
-        coordinate ``dim`` to values in [-3, 3] around its first draw. A GAN has no encoder, so ``images``
-        must be None."""
-        if images is not None:
-            raise GenaiError(f"{type(self).__name__.lower()} has no encoder to place real images in its latent "
-                             "space; walk between random latent points instead (images=None)")
-        check_walk(rows, steps, self.config.latent_dim, images, dim)
-        ends = self._noise(2 * rows, generator)
-        start, end = ends[0::2], ends[1::2]  # (rows, D) each
-        if dim is None:
-            z = interpolate(start, end, steps)
-        else:
-            z = traverse(start, dim, torch.linspace(-3, 3, steps, device=start.device))
-        return self._images(z, self.walk_labels(rows, steps))
+             images: Tensor | None = None, dim: int | None = None, temperature: float = 1.0) -> Tensor:
+        """(rows * steps, C, H, W) in [0, 1]: row i walks from the noise of ``sample(2 * rows)[2i]`` to that of
+        ``[2i + 1]`` (the same generator and temperature giving the same draws), or (with ``dim``) sets noise
+        coordinate ``dim`` to values in [-3, 3] around the noise of ``sample(rows)[i]``. A GAN has no encoder,
+        so ``images`` must be None."""
+        return self._walk(rows, steps, self.walk_labels(rows, steps), generator=generator, images=images, dim=dim,
+                          temperature=temperature)
+
+    def _walk(self, rows: int, steps: int, labels: Tensor, *, generator, images, dim, temperature) -> Tensor:
+        z = walk_latents(rows, steps, latent_dim=self.config.latent_dim,
+                         draw=lambda k, t: self._noise(k, generator, t), images=images, dim=dim,
+                         temperature=temperature, name=type(self).__name__.lower())
+        return self._images(z, labels)

@@ -1,8 +1,10 @@
-"""Denoising diffusion probabilistic models (Ho, Jain & Abbeel 2020), sampled by DDPM or DDIM (Song et al. 2021).
+"""Denoising diffusion probabilistic models (Ho, Jain & Abbeel 2020), with DDPM, DDIM (Song et al. 2021),
+DPM-Solver++(2M) (Lu et al. 2022) and Heun (Karras et al. 2022) samplers.
 
 The forward process adds Gaussian noise over T steps, q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I);
-a UNet eps_theta(x_t, t) learns to predict the noise that was added (Algorithm 1), and sampling runs the
-process backwards from pure noise (Algorithm 2, or DDIM's shorter, optionally deterministic chain).
+a UNet learns to predict the noise that was added (Algorithm 1), or equivalently v (Salimans & Ho 2022) or x_0
+itself (``model.prediction``), and sampling runs the process backwards from pure noise: Algorithm 2, DDIM's
+shorter, optionally deterministic chain, or a higher-order solver of the same probability-flow ODE.
 
 The noise schedule (``NoiseSchedule``) is kept apart from the network, as in diffusers' schedulers: it owns
 every beta/alpha and the maths of one step, the model owns the UNet and the loop. Images live in [-1, 1]
@@ -17,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
@@ -26,9 +28,11 @@ from ..nn.unet import UNet
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "heun")
+DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "heun": 20}  # ddpm always runs all T steps
 SCHEDULES = ("linear", "cosine")
-DEFAULT_DDIM_STEPS = 50
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,11 +63,12 @@ def make_betas(timesteps: int, schedule: str) -> Tensor:
 
 
 class NoiseSchedule(nn.Module):
-    """The fixed forward process and the maths of one reverse step, for DDPM and DDIM.
+    """The fixed forward process, the conversions between what a network may predict, and one step of each sampler.
 
     An nn.Module only so that ``.to(device)`` moves its tensors with the model; its buffers are not
     persistent (they follow from ``timesteps`` and ``schedule``, which the config already stores).
-    Methods taking ``t`` accept an int (the same step for the whole batch) or a (B,) long tensor.
+    Methods taking ``t`` accept an int (the same step for the whole batch) or a (B,) long tensor; the sampler
+    steps take ints, where t = -1 stands for the end of every chain, x_0 itself (alphā = 1, sigma = 0).
     """
 
     def __init__(self, timesteps: int = 1000, schedule: str = "linear"):
@@ -82,6 +87,9 @@ class NoiseSchedule(nn.Module):
                             ("alphas_cumprod_prev", alphas_cumprod_prev), ("posterior_variance", posterior_variance),
                             ("posterior_mean_x0", posterior_mean_x0), ("posterior_mean_xt", posterior_mean_xt)]:
             self.register_buffer(name, value.float(), persistent=False)
+        # The same alphā_t as plain floats (the float32 values above), for the samplers' per-step scalars: no
+        # device round trip per step, and float64 arithmetic on them.
+        self._abar = self.alphas_cumprod.tolist()
 
     def extra_repr(self) -> str:
         return f"timesteps={self.timesteps}, schedule={self.schedule!r}"
@@ -99,73 +107,165 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"timestep {t} outside 0..{self.timesteps - 1}")
         return t
 
+    def _alpha_sigma(self, t: int) -> tuple[float, float]:
+        """(sqrt(alphā_t), sqrt(1 - alphā_t)), the signal and noise scales of x_t; (1, 0) at t = -1."""
+        abar = 1.0 if t == -1 else self._abar[t]
+        return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+    def sigma(self, t: int) -> float:
+        """Karras et al.'s noise level sigma_t = sqrt((1 - alphā_t) / alphā_t): x_t / sqrt(alphā_t) = x_0 + sigma_t eps.
+
+        EDM Table 1 writes this variance-preserving process as s(t) = 1 / sqrt(1 + sigma^2); sigma = 0 at t = -1.
+        """
+        alpha, sigma_vp = self._alpha_sigma(t)
+        return sigma_vp / alpha
+
+    def snr(self, t: int | Tensor, x: Tensor) -> Tensor:
+        """SNR(t) = alphā_t / (1 - alphā_t) (Kingma et al. 2021, eq. 1 of Hang et al. 2023), shaped as ``_at``."""
+        abar = self._at(self.alphas_cumprod, t, x)
+        return abar / (1 - abar)
+
     # -- forward process --------------------------------------------------------------------------
     def add_noise(self, x0: Tensor, noise: Tensor, t: int | Tensor) -> Tensor:
         """A draw of x_t ~ q(x_t | x_0) = N(sqrt(alphā_t) x_0, (1 - alphā_t) I), Ho eq. 4, given the noise."""
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    # -- what the network predicts: eps, v or x_0, and how each determines the others ------------------
     def predict_x0(self, x_t: Tensor, eps: Tensor, t: int | Tensor) -> Tensor:
         """x_0 implied by x_t and a noise estimate: eq. 4 solved for x_0 (DDIM eq. 9's "predicted x_0")."""
         abar = self._at(self.alphas_cumprod, t, x_t)
         return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
+    def predict_eps(self, x_t: Tensor, x0: Tensor, t: int | Tensor) -> Tensor:
+        """The noise implied by x_t and an x_0 estimate: eq. 4 solved for eps."""
+        abar = self._at(self.alphas_cumprod, t, x_t)
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    def velocity(self, x0: Tensor, eps: Tensor, t: int | Tensor) -> Tensor:
+        """v = sqrt(alphā_t) eps - sqrt(1 - alphā_t) x_0, the "velocity" target of Salimans & Ho 2022 (sec. 4)."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+    def target(self, x0: Tensor, eps: Tensor, t: int | Tensor, prediction: str) -> Tensor:
+        """What a network predicting ``prediction`` (eps, v or x0) is trained to output for x_t = add_noise(x0, eps)."""
+        if prediction == "eps":
+            return eps
+        if prediction == "v":
+            return self.velocity(x0, eps, t)
+        if prediction == "x0":
+            return x0
+        raise GenaiError(f"unknown prediction target '{prediction}'; valid: {', '.join(PREDICTIONS)}")
+
+    def eps_and_x0(self, output: Tensor, x_t: Tensor, t: int | Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+        """(eps, x_0) that a network output for (x_t, t) stands for, whichever target it predicts: ``target``'s inverse.
+
+        The pair always satisfies x_t = sqrt(alphā_t) x_0 + sqrt(1 - alphā_t) eps. From v (Salimans & Ho sec. 4):
+        x_0 = sqrt(alphā_t) x_t - sqrt(1 - alphā_t) v and eps = sqrt(1 - alphā_t) x_t + sqrt(alphā_t) v.
+        """
+        if prediction == "eps":
+            return output, self.predict_x0(x_t, output, t)
+        if prediction == "x0":
+            return self.predict_eps(x_t, output, t), output
+        if prediction == "v":
+            abar = self._at(self.alphas_cumprod, t, x_t)
+            a, b = abar.sqrt(), (1 - abar).sqrt()
+            return b * x_t + a * output, a * x_t - b * output
+        raise GenaiError(f"unknown prediction target '{prediction}'; valid: {', '.join(PREDICTIONS)}")
+
+    def loss_weight(self, t: Tensor, x0: Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> Tensor:
+        """Per-sample weights (B, 1, 1, 1) of the squared error against ``prediction``'s target, for timesteps t (B,).
+
+        none: 1 for every t (Ho et al.'s L_simple when the target is eps).
+        min_snr: Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"):
+        the x_0 error weighted by min(SNR(t), gamma). Since ||eps - eps_hat||^2 = SNR ||x_0 - x0_hat||^2 and
+        ||v - v_hat||^2 = (SNR + 1) ||x_0 - x0_hat||^2 at the same x_t, that is min(SNR, gamma) / SNR for an eps
+        target, min(SNR, gamma) / (SNR + 1) for v, and min(SNR, gamma) for x_0.
+        """
+        if weighting == "none":
+            return torch.ones_like(self.snr(t, x0))
+        if weighting != "min_snr":
+            raise GenaiError(f"unknown loss weighting '{weighting}'; valid: {', '.join(LOSS_WEIGHTINGS)}")
+        snr = self.snr(t, x0)
+        clipped = snr.clamp(max=gamma)  # Hang et al.: min(SNR(t), gamma) on the x_0 loss
+        if prediction == "eps":
+            return clipped / snr
+        if prediction == "v":
+            return clipped / (snr + 1)
+        if prediction == "x0":
+            return clipped
+        raise GenaiError(f"unknown prediction target '{prediction}'; valid: {', '.join(PREDICTIONS)}")
+
     # -- DDPM ancestral step ---------------------------------------------------------------------
-    def ddpm_step(self, model_eps: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None,
-                  clip_x0: bool = False) -> Tensor:
-        """x_{t-1} ~ p_theta(x_{t-1} | x_t), Ho Algorithm 2 line 4.
+    def ddpm_step(self, x0: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_{t-1} ~ p_theta(x_{t-1} | x_t), Ho Algorithm 2 line 4, from the model's x_0 estimate x0_hat.
 
         The mean 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alphā_t) eps) is computed in its equivalent form
-        mu_tilde(x_t, x0_hat) (eq. 7 with x0_hat from eq. 4), which lets ``clip_x0`` clamp x0_hat to the data
-        range [-1, 1] first; without clipping the two are identical.
+        mu_tilde(x_t, x0_hat) (eq. 7 with x0_hat from eq. 4), which works from any prediction target and lets the
+        caller clamp x0_hat to the data range first; without clipping the two are identical.
         The variance is the posterior's beta_tilde_t (eq. 7), not beta_t. Ho et al. found both give similar
         samples at T = 1000; beta_tilde is the exact choice when x_0 is a point (true of images, far from
         N(0, I)), it is 0 at the last step as Algorithm 2's z = 0 asks, and it stays sensible for small T,
         where beta_t is large and would leave visible noise in the samples.
         """
         t = self._check_t(t)
-        x0 = self.predict_x0(x_t, model_eps, t)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
         mean = self.posterior_mean_x0[t] * x0 + self.posterior_mean_xt[t] * x_t
         if t == 0:
             return mean
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         return mean + self.posterior_variance[t].sqrt() * z
 
-    # -- DDIM -------------------------------------------------------------------------------------
+    # -- the timesteps of the shorter chains -----------------------------------------------------------
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """``steps`` timesteps from T-1 down to 0, evenly spaced (a sub-sequence tau of DDIM sec. 4.2).
+        """``steps`` timesteps from T-1 down to 0, evenly spaced (a sub-sequence tau of DDIM sec. 4.2); ddim and heun.
 
+        It is diffusers' HeunDiscreteScheduler grid (timestep_spacing="linspace") rounded to whole timesteps, the
+        only ones the UNet was trained on. Both samplers take a last step from t = 0 to t = -1 (sigma = 0).
         Starting at T-1 matters: the chain must start where x_T is pure noise. Spacing >= 1 keeps them distinct.
         """
-        if not 1 <= steps <= self.timesteps:
-            raise GenaiError(f"DDIM steps must be in 1..{self.timesteps} (the schedule's timesteps), got {steps}")
+        self._check_steps(steps)
         return [int(v) for v in torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round()]
 
-    def ddim_step(self, eps: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = 0.0,
-                  generator: torch.Generator | None = None, clip_x0: bool = False) -> Tensor:
-        """x_{t_prev} from x_t, Song et al. eq. 12; t_prev = -1 means the end of the chain (alphā = 1).
+    def dpm_solver_timesteps(self, steps: int) -> list[int]:
+        """``steps`` timesteps from T-1 down to round((T-1) / steps): diffusers' DPMSolverMultistepScheduler grid
+        (timestep_spacing="linspace", computed with numpy as there, so the two agree to the timestep).
+
+        The solver's last step goes from the smallest of them straight to sigma = 0. Ending at t = 0 as DDIM's grid
+        does would leave a long second-order step into sigma_0 ~ 0.01 (lambda jumps by ~3 there at 20 steps), which
+        the multistep extrapolation handles badly. steps = T takes every timestep T-1..0: the linspace rule would
+        repeat timesteps there.
+        """
+        self._check_steps(steps)
+        if steps == self.timesteps:
+            return list(range(self.timesteps - 1, -1, -1))
+        return [int(v) for v in np.linspace(0, self.timesteps - 1, steps + 1).round()[::-1][:-1]]
+
+    def _check_steps(self, steps: int) -> None:
+        if not 1 <= steps <= self.timesteps:
+            raise GenaiError(f"sampling steps must be in 1..{self.timesteps} (the schedule's timesteps), got {steps}")
+
+    def _check_pair(self, t: int, t_prev: int) -> int:
+        t = self._check_t(t)
+        if not -1 <= t_prev < t:
+            raise ValueError(f"t_prev must be in -1..{t - 1}, got {t_prev}")
+        return t
+
+    # -- DDIM -------------------------------------------------------------------------------------
+    def ddim_step(self, eps: Tensor, x0: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float = 0.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+        """x_{t_prev} from x_t and the model's (eps, x0_hat) at t, Song et al. eq. 12; t_prev = -1 ends the chain.
 
         x_prev = sqrt(alphā_prev) x0_hat + sqrt(1 - alphā_prev - sigma^2) eps + sigma z, with
         sigma = eta sqrt((1 - alphā_prev) / (1 - alphā_t)) sqrt(1 - alphā_t / alphā_prev) (eq. 16):
         eta = 0 is the deterministic DDIM, eta = 1 the DDPM posterior. For eta > 1 the eps coefficient is
-        floored at 0. ``clip_x0`` clamps x0_hat to [-1, 1] and uses the eps that the clamped x0_hat implies.
+        floored at 0. (eps, x0_hat) should satisfy eq. 4 at x_t, as ``DDPM.denoise`` gives them even after
+        clipping x0_hat, so that x_prev is again a point of the forward process.
         """
-        t = self._check_t(t)
-        if not -1 <= t_prev < t:
-            raise ValueError(f"t_prev must be in -1..{t - 1}, got {t_prev}")
+        t = self._check_pair(t, t_prev)
         if eta < 0:
             raise GenaiError(f"eta must be >= 0, got {eta}; use 0 for deterministic DDIM, 1 for DDPM-like noise")
         abar = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(abar)
-        x0 = self.predict_x0(x_t, eps, t)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-            # Re-derive eps from the clipped x0 (eq. 4 solved for eps), so that x_prev is again a point of the
-            # forward process, as in guided-diffusion's DDIM. Keeping the model's eps instead mixes a clipped
-            # x0 with a noise estimate that contradicts it: with guidance w >= 2 that wrecked 50-step samples.
-            eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).clamp(min=0).sqrt()  # eq. 16
         direction = (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps  # "direction pointing to x_t"
         x_prev = abar_prev.sqrt() * x0 + direction  # eq. 12
@@ -173,6 +273,48 @@ class NoiseSchedule(nn.Module):
             x_prev = x_prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device,
                                                   dtype=x_t.dtype)
         return x_prev
+
+    # -- DPM-Solver++(2M) -------------------------------------------------------------------------
+    def dpm_solver_step(self, x0: Tensor, t: int, t_prev: int, x_t: Tensor,
+                        last: tuple[int, Tensor] | None = None) -> Tensor:
+        """x_{t_prev} from x_t by DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data-prediction form.
+
+        With alpha_t = sqrt(alphā_t), sigma_t = sqrt(1 - alphā_t), lambda_t = log(alpha_t / sigma_t) and
+        h = lambda_prev - lambda_t, one step of the exponential integrator is
+            x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D,
+        with D = x0_hat for the first-order step (which is DDIM), and, given ``last`` = (t_last, x0_hat_last) of the
+        previous step, the multistep second-order D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_last, r = h_last / h.
+        The step to t_prev = -1 (sigma = 0, lambda = inf) is first order and lands on x0_hat, as diffusers'
+        DPMSolverMultistepScheduler does with final_sigmas_type="zero".
+        """
+        t = self._check_pair(t, t_prev)
+        if t_prev == -1:
+            return x0  # the first-order update's limit as sigma_prev -> 0
+        alpha, sigma = self._alpha_sigma(t)
+        alpha_prev, sigma_prev = self._alpha_sigma(t_prev)
+        lam, lam_prev = math.log(alpha / sigma), math.log(alpha_prev / sigma_prev)
+        h = lam_prev - lam
+        d = x0
+        if last is not None:
+            t_last, x0_last = last
+            alpha_last, sigma_last = self._alpha_sigma(t_last)
+            r = (lam - math.log(alpha_last / sigma_last)) / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_last
+        return (sigma_prev / sigma) * x_t - alpha_prev * math.expm1(-h) * d
+
+    # -- Heun (Karras et al. 2022) ----------------------------------------------------------------
+    def edm_step(self, slope: Tensor, t: int, t_next: int, x_t: Tensor) -> Tensor:
+        """x_{t_next} from x_t by one step along dy/dsigma = slope, in y = x_t / sqrt(alphā_t) = x_0 + sigma eps.
+
+        The probability-flow ODE there is dy/dsigma = (y - D(y; sigma)) / sigma = eps_hat (Karras et al. eq. 3 with
+        s(t) = 1, D the x_0 estimate): an Euler step with slope = eps_hat is Algorithm 1 line 5 (and equals
+        DDIM's eta = 0 step), the trapezoidal slope (eps_hat + eps_hat_next) / 2 is the Heun correction, line 8.
+        """
+        t = self._check_pair(t, t_next)
+        alpha, _ = self._alpha_sigma(t)
+        alpha_next, _ = self._alpha_sigma(t_next)
+        y_next = x_t / alpha + (self.sigma(t_next) - self.sigma(t)) * slope
+        return alpha_next * y_next  # back to the variance-preserving x_{t_next}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,16 +331,20 @@ class Config:
     schedule: Literal["linear", "cosine"] = "linear"
     class_conditional: bool = False
     cond_drop_prob: float = 0.1  # label dropout, trains the unconditional model for classifier-free guidance
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int | None = None  # DDIM steps; None: 50 (or T if smaller) for ddim, T for ddpm
+    prediction: Literal["eps", "v", "x0"] = "eps"  # the UNet's target: the noise, v (Salimans & Ho), or x_0
+    loss_weighting: Literal["none", "min_snr"] = "none"  # min_snr: Min-SNR-gamma (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # gamma of min_snr (the paper's default)
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "heun"] = "ddpm"
+    steps: int | None = None  # None: T for ddpm, 50 for ddim, 20 for dpm++2m and heun (at most T)
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     guidance: float = 1.0  # classifier-free guidance weight w (class_conditional only); 1 = plain conditional
     clip_x0: bool = True  # clamp each step's predicted x_0 to [-1, 1] while sampling (steadier early in training)
 
 
-@register_model("ddpm", "Denoising diffusion (DDPM/DDIM) with a UNet")
+@register_model("ddpm", "Denoising diffusion with a UNet (DDPM, DDIM, DPM-Solver++, Heun samplers)")
 class DDPM(GenerativeModel):
-    """eps-prediction diffusion: loss is Ho et al.'s L_simple, sampling is DDPM (Algorithm 2) or DDIM."""
+    """Diffusion with an eps-, v- or x_0-predicting UNet: loss is Ho et al.'s L_simple (optionally Min-SNR weighted),
+    sampling is DDPM (Algorithm 2), DDIM, DPM-Solver++(2M) or Heun, all through ``denoise``."""
 
     Config = Config
     tiny = {"base_channels": 8, "channel_mults": [1, 2], "timesteps": 20}
@@ -211,6 +357,14 @@ class DDPM(GenerativeModel):
                              "set model.class_conditional=false or use a dataset with labels")
         if not 0.0 <= config.cond_drop_prob < 1.0:
             raise GenaiError(f"cond_drop_prob must be in [0, 1), got {config.cond_drop_prob}")
+        # The Literal types catch these in a YAML file; a Config built in Python is checked here.
+        if config.prediction not in PREDICTIONS:
+            raise GenaiError(f"unknown model.prediction '{config.prediction}'; valid: {', '.join(PREDICTIONS)}")
+        if config.loss_weighting not in LOSS_WEIGHTINGS:
+            raise GenaiError(f"unknown model.loss_weighting '{config.loss_weighting}'; "
+                             f"valid: {', '.join(LOSS_WEIGHTINGS)}")
+        if not config.min_snr_gamma > 0:
+            raise GenaiError(f"model.min_snr_gamma must be > 0, got {config.min_snr_gamma}; the paper uses 5")
         self.schedule = NoiseSchedule(config.timesteps, config.schedule)
         self.unet = UNet(in_channels=spec.channels, base_channels=config.base_channels,
                          channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks,
@@ -227,20 +381,27 @@ class DDPM(GenerativeModel):
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        """Ho Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14)."""
+        """Ho Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), || target - net(x_t, t) ||^2 (L_simple, eq. 14, for eps).
+
+        The target is eps, v or x_0 (``model.prediction``); ``model.loss_weighting: min_snr`` weights each image's
+        squared error by Min-SNR-gamma (see ``NoiseSchedule.loss_weight``).
+        """
+        cfg = self.config
         x, y = batch
         x0 = x * 2 - 1  # [0, 1] -> [-1, 1]
         b = x0.shape[0]
-        t = torch.randint(0, self.config.timesteps, (b,), device=x0.device)
+        t = torch.randint(0, cfg.timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)  # eq. 4
         labels = None
-        if self.config.class_conditional:
+        if cfg.class_conditional:
             # Label dropout: a fraction of the batch learns the unconditional model (Ho & Salimans 2022, Alg. 1).
-            drop = torch.rand(b, device=x0.device) < self.config.cond_drop_prob
+            drop = torch.rand(b, device=x0.device) < cfg.cond_drop_prob
             labels = torch.where(drop, torch.full_like(y, self.null_label), y)
-        eps = self.unet(x_t, t, labels)
-        return {"loss": F.mse_loss(eps.float(), noise.float())}
+        output = self.unet(x_t, t, labels).float()
+        target = self.schedule.target(x0.float(), noise.float(), t, cfg.prediction)
+        weight = self.schedule.loss_weight(t, target, cfg.prediction, cfg.loss_weighting, cfg.min_snr_gamma)
+        return {"loss": (weight * (output - target) ** 2).mean()}  # (B, 1, 1, 1) weights, one per image
 
     # -- sampling -------------------------------------------------------------------------------
     def _resolve_options(self, sampler, steps, eta, guidance, explicit: bool = True):
@@ -255,10 +416,10 @@ class DDPM(GenerativeModel):
         if sampler == "ddpm":
             if steps is not None and steps != T:
                 raise GenaiError(f"the ddpm sampler runs all {T} steps, got steps={steps}; "
-                                 f"use sampler ddim for fewer steps")
+                                 f"use sampler ddim, dpm++2m or heun for fewer steps")
             steps = T
         elif steps is None:
-            steps = min(DEFAULT_DDIM_STEPS, T)
+            steps = min(DEFAULT_STEPS[sampler], T)
         if eta < 0:
             raise GenaiError(f"{where}eta must be >= 0, got {eta}; use 0 for deterministic DDIM")
         if guidance < 0:
@@ -291,18 +452,33 @@ class DDPM(GenerativeModel):
                              f"got values from {int(labels.min())} to {int(labels.max())}")
         return labels
 
-    def _eps(self, x: Tensor, t: int, labels: Tensor | None, guidance: float) -> Tensor:
-        """eps_theta(x_t, t), with classifier-free guidance (Ho & Salimans 2022 eq. 6) for conditional models."""
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    def denoise(self, x: Tensor, t: int | Tensor, labels: Tensor | None = None, guidance: float = 1.0,
+                clip: bool = False) -> tuple[Tensor, Tensor]:
+        """The model's (eps, x_0) estimate at (x_t, t), whichever target the UNet predicts: every sampler and
+        ``variational_bound`` read the network through this one method.
+
+        Classifier-free guidance (Ho & Salimans 2022 eq. 6) mixes the raw outputs, out_uncond + w (out_cond -
+        out_uncond): the conversions to eps and x_0 are affine in the output at a fixed (x_t, t), so this is the
+        same guided eps for every target. ``clip`` clamps x_0 to the data range [-1, 1] and replaces eps by the
+        noise the clamped x_0 implies (eq. 4), so that (eps, x_0) stays a point of the forward process, as in
+        guided-diffusion's DDIM: keeping the model's eps instead mixes a clipped x_0 with a noise estimate that
+        contradicts it, and with guidance w >= 2 that wrecked 50-step samples.
+        """
+        tt = t if isinstance(t, Tensor) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         if labels is None or guidance == 1.0:
-            return self.unet(x, tt, labels).float()
-        null = torch.full_like(labels, self.null_label)
-        if guidance == 0.0:
-            return self.unet(x, tt, null).float()
-        # One batch of 2n: conditional and unconditional halves share the forward pass.
-        eps_cond, eps_uncond = self.unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])) \
-            .float().chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+            out = self.unet(x, tt, labels).float()
+        elif guidance == 0.0:
+            out = self.unet(x, tt, torch.full_like(labels, self.null_label)).float()
+        else:  # one batch of 2n: conditional and unconditional halves share the forward pass
+            null = torch.full_like(labels, self.null_label)
+            out_cond, out_uncond = self.unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])) \
+                .float().chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        eps, x0 = self.schedule.eps_and_x0(out, x, t, self.config.prediction)
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = self.schedule.predict_eps(x, x0, t)
+        return eps, x0
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
@@ -310,8 +486,11 @@ class DDPM(GenerativeModel):
                labels=None) -> Tensor:
         """n images (n, C, H, W) in [0, 1]. Options default to the config's; see ``sample_options``.
 
+        sampler: ddpm (all T ancestral steps), ddim (eta = 0 deterministic), dpm++2m or heun (deterministic);
+        steps: timesteps visited (``NoiseSchedule.ddim_timesteps``, ``dpm_solver_timesteps``); heun evaluates
+        the UNet 2 steps - 1 times.
         labels: a (n,) LongTensor (or one int for all) of classes, conditional models only; by default
-        image i gets class i % num_classes. guidance: w in eps_uncond + w (eps_cond - eps_uncond).
+        image i gets class i % num_classes. guidance: w in out_uncond + w (out_cond - out_uncond).
         """
         cfg = self.config
         eta_given = eta is not None
@@ -323,10 +502,14 @@ class DDPM(GenerativeModel):
             steps if steps is not None else (cfg.steps if sampler in (None, cfg.sampler) else None),
             cfg.eta if eta is None else eta,
             cfg.guidance if guidance is None else guidance)
-        if eta_given and sampler == "ddpm":
-            raise GenaiError("eta applies to the ddim sampler only; add sampler ddim or drop eta")
+        if eta_given and sampler != "ddim":
+            raise GenaiError(f"eta applies to the ddim sampler only, not {sampler}; add sampler ddim or drop eta")
         device = self.device
         labels = self._labels(labels, n, device)
+        s = self.schedule
+
+        def denoise(x: Tensor, t: int) -> tuple[Tensor, Tensor]:
+            return self.denoise(x, t, labels, guidance, cfg.clip_x0)
 
         was_training = self.training
         self.eval()  # no dropout while sampling
@@ -334,12 +517,23 @@ class DDPM(GenerativeModel):
             x = torch.randn((n, *self.spec.shape), generator=generator, device=device)  # x_T ~ N(0, I)
             if sampler == "ddpm":
                 for t in reversed(range(cfg.timesteps)):
-                    x = self.schedule.ddpm_step(self._eps(x, t, labels, guidance), t, x, generator, cfg.clip_x0)
+                    x = s.ddpm_step(denoise(x, t)[1], t, x, generator)
             else:
-                ts = self.schedule.ddim_timesteps(steps)
+                ts = s.dpm_solver_timesteps(steps) if sampler == "dpm++2m" else s.ddim_timesteps(steps)
+                last = None  # dpm++2m: (t, x0_hat) of the step before
                 for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
-                    x = self.schedule.ddim_step(self._eps(x, t, labels, guidance), t, t_prev, x, eta, generator,
-                                                cfg.clip_x0)
+                    eps, x0 = denoise(x, t)
+                    if sampler == "ddim":
+                        x = s.ddim_step(eps, x0, t, t_prev, x, eta, generator)
+                    elif sampler == "dpm++2m":
+                        x, last = s.dpm_solver_step(x0, t, t_prev, x, last), (t, x0)
+                    else:  # heun: Karras et al. Algorithm 1
+                        x_euler = s.edm_step(eps, t, t_prev, x)  # line 5
+                        if t_prev == -1:  # line 6: no correction at sigma = 0
+                            x = x_euler
+                        else:
+                            eps_next, _ = denoise(x_euler, t_prev)  # line 7
+                            x = s.edm_step((eps + eps_next) / 2, t, t_prev, x)  # line 8
         finally:
             self.train(was_training)
         return ((x + 1) / 2).clamp(0, 1)
@@ -369,13 +563,12 @@ class DDPM(GenerativeModel):
         abar_last = s.alphas_cumprod[T - 1].double()
         prior = 0.5 * (abar_last * x0.double() ** 2 + (1 - abar_last) - 1 - torch.log(1 - abar_last)).sum(dims)
 
-        def eps_at(t: Tensor) -> tuple[Tensor, Tensor]:
+        def x0_hat_at(t: Tensor) -> Tensor:
             x_t = s.add_noise(x0, torch.randn(x0.shape, generator=generator, device=device), t)
-            return x_t, self.unet(x_t, t, labels).float()
+            return self.denoise(x_t, t, labels)[1]  # unclipped, whichever target the UNet predicts
 
         # L_0: the model's mean at the first step is its x_0 estimate (alphā_prev = 1 there).
-        x_1, eps = eps_at(torch.zeros(b, dtype=torch.long, device=device))
-        mean = s.predict_x0(x_1, eps, 0).double()
+        mean = x0_hat_at(torch.zeros(b, dtype=torch.long, device=device)).double()
         std = s.betas[0].double().sqrt()
         upper = torch.where(x0 > 1 - 1e-3, math.inf, x0.double() + 1 / 255)  # bin edges, open at -1 and 1
         lower = torch.where(x0 < -1 + 1e-3, -math.inf, x0.double() - 1 / 255)
@@ -387,9 +580,8 @@ class DDPM(GenerativeModel):
         for j in range(k if T > 1 else 0):
             lo, hi = 1 + (T - 1) * j // k, 1 + (T - 1) * (j + 1) // k  # stratum [lo, hi) of 1..T-1
             t = torch.randint(lo, hi, (b,), generator=generator, device=device)
-            x_t, eps = eps_at(t)
             # mu_tilde(x_t, x_0) - mu_tilde(x_t, x0_hat) (eq. 7): the x_t terms cancel.
-            gap = s._at(s.posterior_mean_x0, t, x0) * (x0 - s.predict_x0(x_t, eps, t))
+            gap = s._at(s.posterior_mean_x0, t, x0) * (x0 - x0_hat_at(t))
             kl = gap.double().pow(2).sum(dims) / (2 * s.posterior_variance[t].double())
             middle += kl * (hi - lo)
         return -(prior + decoder + middle).float()

@@ -14,10 +14,18 @@ all dimensions, the decoder ignoring z) has two remedies here, both config optio
   over the batch, is floored at ``free_bits`` nats in the objective, so a dimension gains nothing by going
   below the floor.
 
-The decoder is Bernoulli (logits; exact for binary images), Gaussian, or Laplace, whose negative log-density
-is the L1 reconstruction error; the last two have one scale shared by all pixels, learned (Rybkin et al.
-2021, sigma-VAE) or fixed by ``scale``. For continuous pixels the Gaussian/Laplace likelihoods are densities,
-so their nats are comparable between runs with the same decoder, not with discrete likelihoods.
+The decoder is Bernoulli (logits), Gaussian, or Laplace (an L1 reconstruction error, up to scale); the last two
+have one scale shared by all pixels, learned (Rybkin et al. 2021, sigma-VAE) or fixed by ``scale``. Every
+reported likelihood is a probability of the pixels as stored, so its bits/dim bound the same quantity as the
+autoregressive families' and the DDPM's:
+- Gaussian and Laplace are discretised into the 256 bins of 8-bit grey levels (bin k/255 covers +-1/510, the
+  end bins reach out to -inf and +inf, as the DDPM bound's L_0 in Ho et al. 2020, eq. 13, and the discretised
+  logistic of Salimans et al. 2017): p(x|z) is the mass of the bin x falls in, the 256 masses sum to 1, and
+  the ELBO bounds the probability of the 8-bit image. They are trained on that same discretised likelihood.
+- Bernoulli is a distribution over {0, 1}: on binary data (``data.binarize``) the ELBO bounds the probability
+  of the binary image. On grey levels the binary cross-entropy is no likelihood (the Bernoulli "density" does
+  not normalise over [0, 1], Loaiza-Ganem & Cunningham 2019): the model still trains on it, but reports it as
+  the reconstruction error ``recon`` only, with no ELBO, IWAE bound or bits/dim (``log_likelihood`` is None).
 
 Diagnostics: KL per latent dimension and the number of active units (Burda et al. 2016, sec. 5.2: dimension
 u is active when Var_x(E_q[z_u | x]) > 0.01), plus the importance-weighted bound (IWAE, Burda et al. 2016,
@@ -36,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..nn.conv import ConvDecoder, ConvEncoder
-from ..nn.latent import check_temperature, check_walk, interpolate, traverse
+from ..nn.latent import check_temperature, walk_latents
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
@@ -49,6 +57,7 @@ class Config:
     latent_dim: int = 16
     widths: list[int] = field(default_factory=lambda: [32, 64])  # channels per stride-2 level, high to low res
     norm: Literal["batch", "none"] = "batch"
+    # bernoulli: binary pixels (on grey levels a reconstruction error, no likelihood); gaussian, l1 (Laplace): 8-bit levels
     decoder: Literal["bernoulli", "gaussian", "l1"] = "bernoulli"
     scale: float | None = None  # std (gaussian) / scale (l1) of the decoder; None learns one shared value
     beta: float = 1.0  # weight of the KL term once warmed up
@@ -85,6 +94,46 @@ def kl_beta(step: int, target: float, warmup_steps: int) -> float:
     return float(target) * min(1.0, step / warmup_steps)
 
 
+LEVELS = 256  # 8-bit grey levels: the data a Gaussian or Laplace decoder is discretised onto
+HALF_BIN = 0.5 / (LEVELS - 1)  # level k sits at k / 255 in [0, 1], its bin reaches half a level either side
+
+
+def _log1mexp(a: Tensor) -> Tensor:
+    """log(1 - exp(-a)) for a > 0, accurate at both ends (Maechler 2012); a is clamped away from 0. Each
+    branch of where() sees only its own range, so the branch not taken gives finite values and no NaN gradient."""
+    small, large = a.clamp(min=1e-12, max=math.log(2)), a.clamp(min=math.log(2))
+    return torch.where(a < math.log(2), torch.log(-torch.expm1(-small)), torch.log1p(-torch.exp(-large)))
+
+
+def _log_cdf(u: Tensor, kind: str) -> Tensor:
+    """log F(u) of the standard Gaussian or Laplace at standardised u = (t - mean) / scale."""
+    if kind == "gaussian":
+        return torch.special.log_ndtr(u)
+    # Laplace: F(u) = exp(u) / 2 below 0, 1 - exp(-u) / 2 above; each branch sees only its own side (finite
+    # values on both sides of where(), so no NaN gradient leaks from the branch not taken).
+    return torch.where(u < 0, u.clamp(max=0) - math.log(2), torch.log1p(-0.5 * torch.exp(-u.clamp(min=0))))
+
+
+def discretized_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor, kind: str) -> Tensor:
+    """log P(x) per pixel, same shape as x, for 8-bit pixels x = k / 255 under a Gaussian or Laplace (``kind``)
+    with this mean and scale, discretised into 256 bins: [x - 1/510, x + 1/510], the first bin open down to
+    -inf and the last up to +inf, so the 256 probabilities sum to 1 (the DDPM decoder of Ho et al. 2020,
+    eq. 13, on [0, 1]).
+
+    A bin's mass F(hi) - F(lo) is formed in log space from the side of the mean it lies on (the survival
+    function S = 1 - F above the mean, F below, both symmetric), so far tails neither cancel nor underflow.
+    """
+    scale = log_scale.exp()
+    lo, hi = (x - HALF_BIN - mean) / scale, (x + HALF_BIN - mean) / scale  # standardised bin edges
+    log_f_hi, log_f_lo = _log_cdf(hi, kind), _log_cdf(lo, kind)
+    log_s_lo, log_s_hi = _log_cdf(-lo, kind), _log_cdf(-hi, kind)  # S(u) = F(-u) for both
+    below = log_f_hi + _log1mexp(log_f_hi - log_f_lo)  # log(F(hi) - F(lo)), for bins below the mean
+    above = log_s_lo + _log1mexp(log_s_lo - log_s_hi)  # log(S(lo) - S(hi)), for bins above it
+    inner = torch.where(x > mean, above, below)
+    first, last = x < HALF_BIN, x > 1 - HALF_BIN  # the end bins: log F(hi), log S(lo)
+    return torch.where(first, log_f_hi, torch.where(last, log_s_lo, inner))
+
+
 @register_model("vae", "variational autoencoder: ELBO, IWAE bound, KL annealing and free bits against collapse")
 class VAE(GenerativeModel):
     Config = Config
@@ -113,6 +162,10 @@ class VAE(GenerativeModel):
                 self.log_scale = nn.Parameter(torch.tensor(math.log(0.1)))
             else:
                 self.register_buffer("log_scale", torch.tensor(math.log(config.scale)))
+        if config.decoder == "bernoulli" and not spec.binary:
+            # A Bernoulli decoder on grey levels has no normalised likelihood: withdraw the capability on this
+            # instance (the base class's None), so no ELBO, IWAE bound or bits/dim is reported for it.
+            self.log_likelihood = None
 
     # -- encoder and decoder ------------------------------------------------------------------
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,15 +186,16 @@ class VAE(GenerativeModel):
         return torch.sigmoid(out)
 
     def log_px(self, out: Tensor, x: Tensor) -> Tensor:
-        """log p(x | z) summed over pixels, (B,) nats, for decoder output ``out`` (B, C, H, W)."""
+        """log p(x | z) summed over pixels, (B,) nats, for decoder output ``out`` (B, C, H, W).
+
+        A probability of binary pixels (Bernoulli) or of 8-bit ones (discretised Gaussian/Laplace); for a
+        Bernoulli decoder on grey levels, minus the binary cross-entropy: a reconstruction error, no likelihood.
+        """
         if self.config.decoder == "bernoulli":
             lp = -F.binary_cross_entropy_with_logits(out, x, reduction="none")
         else:
-            mean, log_s = torch.sigmoid(out), self.log_scale.float()
-            if self.config.decoder == "gaussian":
-                lp = -0.5 * ((x - mean) / log_s.exp()).pow(2) - log_s - 0.5 * math.log(2 * math.pi)
-            else:  # Laplace: -log p = |x - mean| / s + log(2 s), the L1 loss up to scale and a constant
-                lp = -(x - mean).abs() / log_s.exp() - log_s - math.log(2)
+            kind = "gaussian" if self.config.decoder == "gaussian" else "laplace"
+            lp = discretized_log_prob(x, torch.sigmoid(out), self.log_scale.float(), kind)
         return lp.flatten(1).sum(1)
 
     def kl_beta(self, step: int) -> float:
@@ -158,14 +212,12 @@ class VAE(GenerativeModel):
         beta = self.kl_beta(self.current_step)
         loss = recon + beta * free_bits_kl(kl, self.config.free_bits).sum()
         kl_image = kl.sum(1).mean()
-        return {
-            "loss": loss,
-            "recon": recon.detach(),
-            "kl": kl_image.detach(),
-            "nelbo": (recon + kl_image).detach(),  # -ELBO, nats per image (beta = 1, no free bits)
-            "beta": torch.tensor(beta),
-            "active_units": self._active_units(mu.detach()),  # this batch's estimate; validation uses all data
-        }
+        out = {"loss": loss, "recon": recon.detach(), "kl": kl_image.detach()}
+        if self.log_likelihood is not None:  # a proper likelihood: recon + KL is the -ELBO
+            out["nelbo"] = (recon + kl_image).detach()  # nats per image (beta = 1, no free bits)
+        out["beta"] = torch.tensor(beta)
+        out["active_units"] = self._active_units(mu.detach())  # this batch's estimate; validation uses all data
+        return out
 
     @staticmethod
     def _active_units(mu: Tensor) -> Tensor:
@@ -174,12 +226,15 @@ class VAE(GenerativeModel):
         return (mu.var(0, correction=0) > ACTIVE_UNIT_THRESHOLD).sum().float()
 
     # -- likelihood ---------------------------------------------------------------------------
-    def log_likelihood(self, batch) -> Tensor:
-        """The ELBO, a lower bound on log p(x): (B,) nats, from one posterior sample per image."""
+    def elbo(self, batch) -> Tensor:
+        """The ELBO, a lower bound on log p(x): (B,) nats, from one posterior sample per image. A bound on the
+        probability of the binary or 8-bit image, except for a Bernoulli decoder on grey levels."""
         x, _ = batch
         mu, logvar = self.posterior(x)
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
         return self.log_px(self.decode(z), x) - gaussian_kl(mu, logvar).sum(1)
+
+    log_likelihood = elbo  # the capability the toolkit reads (bits/dim); None on instances without a likelihood
 
     @torch.no_grad()
     def iwae_bound(self, batch, k: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -191,6 +246,9 @@ class VAE(GenerativeModel):
         """
         if k < 1:
             raise GenaiError(f"the IWAE bound needs k >= 1 importance samples, got {k}")
+        if self.log_likelihood is None:
+            raise GenaiError("a Bernoulli decoder on grey levels has no likelihood to bound; binarise the data "
+                             "(data.binarize) or use model.decoder gaussian or l1")
         x, _ = batch
         b = x.shape[0]
         mu, logvar = self.posterior(x)  # (B, D)
@@ -235,13 +293,16 @@ class VAE(GenerativeModel):
     @torch.no_grad()
     def validation_metrics(self, batches) -> dict[str, float]:
         """The base metrics (loss terms, ELBO as nll_nats and bits_per_dim), plus the latent diagnostics and
-        the IWAE bound with k = ``iwae_k`` (as an NLL: iwae_nats <= nll_nats up to noise)."""
+        the IWAE bound with k = ``iwae_k`` (as an NLL: iwae_nats <= nll_nats up to noise). Without a likelihood
+        (Bernoulli decoder, grey levels): the loss terms and diagnostics only."""
         batches = list(batches)  # read three times
         metrics = super().validation_metrics(batches)
         diag = self.latent_diagnostics(batches)
         kl = diag["kl_per_dim"]
         metrics.update(active_units=float(diag["active_units"]), kl_total=sum(kl), kl_dim_max=max(kl),
                        kl_dim_min=min(kl))
+        if self.log_likelihood is None:
+            return metrics
         g = torch.Generator(device=self.device).manual_seed(0)  # the same draws at every evaluation
         total, count = 0.0, 0
         for batch in batches:
@@ -261,18 +322,15 @@ class VAE(GenerativeModel):
 
     @torch.no_grad()
     def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
-             images: Tensor | None = None, dim: int | None = None) -> Tensor:
+             images: Tensor | None = None, dim: int | None = None, temperature: float = 1.0) -> Tensor:
         """(rows * steps, C, H, W) in [0, 1]. Row i goes from the posterior mean of images[2i] to that of
-        images[2i+1] (two prior draws when images is None); with ``dim``, latent dimension ``dim`` takes
-        values in [-3, 3] (prior standard deviations) while the rest stays at the row's start latent."""
-        check_walk(rows, steps, self.config.latent_dim, images, dim)
-        if images is None:
-            ends = torch.randn(2 * rows, self.config.latent_dim, generator=generator, device=self.device)
-        else:
-            ends = self.encode(images[: 2 * rows].to(self.device))
-        start, end = ends[0::2], ends[1::2]  # (rows, D) each
-        if dim is None:
-            z = interpolate(start, end, steps)
-        else:
-            z = traverse(start, dim, torch.linspace(-3, 3, steps, device=start.device))
+        images[2i+1] (with images None: from the latent of ``sample(2 * rows)[2i]`` to that of ``[2i + 1]``,
+        the same generator and temperature giving the same prior draws); with ``dim``, row i starts at the
+        latent of images[i] (or of ``sample(rows)[i]``) and latent dimension ``dim`` takes values in [-3, 3]
+        (prior standard deviations) while the rest stays. See ``genai_cli.nn.latent``."""
+        z = walk_latents(rows, steps, latent_dim=self.config.latent_dim,
+                         draw=lambda k, t: t * torch.randn(k, self.config.latent_dim, generator=generator,
+                                                           device=self.device),
+                         encode=lambda x: self.encode(x.to(self.device)), images=images, dim=dim,
+                         temperature=temperature, name="vae")
         return self.mean_image(self.decode(z))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,7 @@ from torch import Tensor
 
 from ..errors import GenaiError
 from ..sampling import check_sampling_options, sample_logits
-
-if TYPE_CHECKING:  # models/ imports the families, which import this module: no runtime import back
-    from ..models.base import ImageSpec
+from ..spec import ImageSpec
 
 # (tokens (n, T) with tokens[:, :pos] final, pos) -> logits (n, K) of token pos.
 Stepper = Callable[[Tensor, int], Tensor]
