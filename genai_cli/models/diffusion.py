@@ -121,7 +121,7 @@ class NoiseSchedule(nn.Module):
         return sigma_vp / alpha
 
     def snr(self, t: int | Tensor, x: Tensor) -> Tensor:
-        """SNR(t) = alphā_t / (1 - alphā_t) (Kingma et al. 2021, eq. 1 of Hang et al. 2023), shaped as ``_at``."""
+        """SNR(t) = alphā_t / (1 - alphā_t), x_t's signal-to-noise ratio (Kingma et al. 2021), shaped by ``_at``."""
         abar = self._at(self.alphas_cumprod, t, x)
         return abar / (1 - abar)
 
@@ -173,8 +173,9 @@ class NoiseSchedule(nn.Module):
             return b * x_t + a * output, a * x_t - b * output
         raise GenaiError(f"unknown prediction target '{prediction}'; valid: {', '.join(PREDICTIONS)}")
 
-    def loss_weight(self, t: Tensor, x0: Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> Tensor:
-        """Per-sample weights (B, 1, 1, 1) of the squared error against ``prediction``'s target, for timesteps t (B,).
+    def loss_weight(self, t: Tensor, like: Tensor, prediction: str, weighting: str, gamma: float = 5.0) -> Tensor:
+        """Per-sample weights (B, 1, 1, 1) of the squared error against ``prediction``'s target, for timesteps t (B,);
+        ``like`` gives the dtype and the number of dimensions.
 
         none: 1 for every t (Ho et al.'s L_simple when the target is eps).
         min_snr: Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"):
@@ -183,10 +184,10 @@ class NoiseSchedule(nn.Module):
         target, min(SNR, gamma) / (SNR + 1) for v, and min(SNR, gamma) for x_0.
         """
         if weighting == "none":
-            return torch.ones_like(self.snr(t, x0))
+            return torch.ones_like(self.snr(t, like))
         if weighting != "min_snr":
             raise GenaiError(f"unknown loss weighting '{weighting}'; valid: {', '.join(LOSS_WEIGHTINGS)}")
-        snr = self.snr(t, x0)
+        snr = self.snr(t, like)
         clipped = snr.clamp(max=gamma)  # Hang et al.: min(SNR(t), gamma) on the x_0 loss
         if prediction == "eps":
             return clipped / snr
@@ -306,9 +307,11 @@ class NoiseSchedule(nn.Module):
     def edm_step(self, slope: Tensor, t: int, t_next: int, x_t: Tensor) -> Tensor:
         """x_{t_next} from x_t by one step along dy/dsigma = slope, in y = x_t / sqrt(alphā_t) = x_0 + sigma eps.
 
-        The probability-flow ODE there is dy/dsigma = (y - D(y; sigma)) / sigma = eps_hat (Karras et al. eq. 3 with
-        s(t) = 1, D the x_0 estimate): an Euler step with slope = eps_hat is Algorithm 1 line 5 (and equals
-        DDIM's eta = 0 step), the trapezoidal slope (eps_hat + eps_hat_next) / 2 is the Heun correction, line 8.
+        The probability-flow ODE there is dy/dsigma = (y - D(y; sigma)) / sigma = eps_hat (Karras et al. Algorithm 1
+        line 4 with sigma(t) = t, s(t) = 1, D the x_0 estimate): an Euler step with slope = eps_hat is line 5 (and
+        equals DDIM's eta = 0 step), the trapezoidal slope (eps_hat + eps_hat_next) / 2 is the Heun correction, line 8.
+        With the cosine schedule, whose capped betas put sigma_{T-1} near 2e4 (Karras et al. start VP at ~150), the
+        first step is so long that Heun's correction there is poorly conditioned: dpm++2m suits such schedules better.
         """
         t = self._check_pair(t, t_next)
         alpha, _ = self._alpha_sigma(t)
