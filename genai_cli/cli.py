@@ -161,7 +161,7 @@ def sample(
     noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Gaussian noise added before each draw."),
     noise_on: Optional[str] = typer.Option(None, "--noise-on", help="Where --noise-std goes: logits or hidden."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion: number of sampling steps."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Diffusion: ddpm or ddim."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Diffusion: ddpm, ddim, dpm++2m or heun."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM: 0 deterministic, 1 DDPM-like."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     label: Optional[int] = typer.Option(None, "--label", help="Class to draw (conditional families)."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,11 +28,21 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """A named table of objects. Duplicate names raise; unknown names list the valid ones."""
+    """A named table of objects. Duplicate names raise; unknown names list the valid ones.
 
-    def __init__(self, kind: str):
+    ``populate`` names the module whose import registers the entries: the first lookup imports it, so a
+    caller never depends on having imported the families first (``import genai_cli`` stays free of torch).
+    """
+
+    def __init__(self, kind: str, populate: str | None = None):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._populate = populate
+
+    def _ensure(self) -> None:
+        if self._populate is not None:
+            module, self._populate = self._populate, None
+            importlib.import_module(module)
 
     def register(self, name: str, summary: str = "") -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -58,22 +69,25 @@ class Registry(Generic[T]):
             self.unregister(name)
 
     def get(self, name: str) -> T:
+        self._ensure()
         if name not in self._entries:
             valid = ", ".join(sorted(self._entries))
             raise GenaiError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; valid: {valid}")
         return self._entries[name].obj
 
     def names(self) -> list[str]:
+        self._ensure()
         return sorted(self._entries)
 
     def entries(self) -> list[Entry[T]]:
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: Any) -> bool:
+        self._ensure()
         return name in self._entries
 
 
-MODELS: Registry = Registry("model family")
+MODELS: Registry = Registry("model family", populate="genai_cli.models")
 DATASETS: Registry = Registry("dataset")
 register_model = MODELS.register
 register_dataset = DATASETS.register

@@ -124,7 +124,8 @@ def kill_repeatedly(folder: Path, kills: int, seed: int = 0, log=print) -> dict:
         before = inode(checkpoints / "last.pt") if k else None
         pid = start(argv)
         # Each kill comes after one new checkpoint, so that every round makes progress.
-        wait_for(lambda: inode(checkpoints / "last.pt") not in (None, before), pid, f"kill {k + 1}: a new last.pt")
+        wait_for(lambda before=before: inode(checkpoints / "last.pt") not in (None, before), pid,
+                 f"kill {k + 1}: a new last.pt")
         during_write = k % 2 == 1
         if during_write:  # wait for a checkpoint write to begin, then kill at once
             pattern = checkpoints / f".last.pt.tmp-{pid}"

@@ -57,7 +57,8 @@ class Config:
     latent_dim: int = 16
     widths: list[int] = field(default_factory=lambda: [32, 64])  # channels per stride-2 level, high to low res
     norm: Literal["batch", "none"] = "batch"
-    # bernoulli: binary pixels (on grey levels a reconstruction error, no likelihood); gaussian, l1 (Laplace): 8-bit levels
+    # bernoulli: binary pixels (on grey levels a reconstruction error, no likelihood); gaussian, l1 (Laplace):
+    # distributions over the 256 grey levels
     decoder: Literal["bernoulli", "gaussian", "l1"] = "bernoulli"
     scale: float | None = None  # std (gaussian) / scale (l1) of the decoder; None learns one shared value
     beta: float = 1.0  # weight of the KL term once warmed up
