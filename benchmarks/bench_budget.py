@@ -60,7 +60,7 @@ SHOWN = ["loss", "loss_d", "loss_g", "val_loss", "val_nll_nats", "val_bits_per_d
 
 
 BINARIZE = ("threshold", "stochastic")
-QUICK = ["data.limit=256", "train.eval_max_images=64", "train.batch_size=32"]  # --quick: a smoke test, no figures
+QUICK = ["data.limit=256", "train.eval_max_images=64", "train.batch_size=32", "train.sample_n=1"]  # --quick: no figures
 
 
 def run_one(name: str, config: str, overrides: list[str], seconds: float, runs: Path,
