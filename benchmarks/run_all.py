@@ -25,6 +25,8 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("ddpm_vs_diffusers", ["bench_ddpm_vs_diffusers.py"],
      ["--budget", "20", "--samples", "100", "--select-samples", "50", "--steps", "10"]),
     ("throughput", ["bench_throughput.py"], ["--rounds", "2", "--steps", "1"]),
+    ("samplers", ["bench_samplers.py"], ["--samples", "50", "--grid", "ddim:10", "dpm++2m:10", "--peer-samples", "20",
+                                         "--peer-steps", "5"]),
     ("families", ["bench_families.py"], ["--budget", "15", "--samples", "50"]),
     ("ar_sampling", ["bench_ar_sampling.py"], ["--size", "12", "--n", "2"]),
     ("precision", ["bench_precision.py"],

@@ -157,6 +157,8 @@ class UNet(nn.Module):
         self.num_levels = len(channel_mults)
         self.num_classes = num_classes
         self.base_channels = base_channels
+        self.channel_mults = channel_mults
+        self.num_res_blocks = num_res_blocks
 
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
