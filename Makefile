@@ -31,7 +31,7 @@ lint: install-dev
 
 demo: install
 	$(VENV)/bin/genai train configs/quickstart.yaml --name quickstart --force
-	$(VENV)/bin/genai sample runs/quickstart --sampler ddim --steps 50 -n 64 --out runs/quickstart/samples/demo.png
+	$(VENV)/bin/genai sample runs/quickstart --out runs/quickstart/samples/demo.png
 	@echo "open runs/quickstart/samples/demo.png"
 
 bench: install
