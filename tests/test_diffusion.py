@@ -416,3 +416,19 @@ def test_norm_groups_divide_channels():
     chans = (8, 32, 48, 64, 96, 128, 256, 3)
     assert [norm_groups(c) for c in chans] == [2, 8, 12, 16, 24, 32, 32, 1]
     assert all(c % norm_groups(c) == 0 for c in range(1, 300))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unet_upsample_equals_nearest_interpolation(channels_last):
+    """The UNet's fast 2x upsampling is nearest-neighbour interpolation, and keeps the input's memory format."""
+    import torch.nn.functional as F
+
+    from genai_cli.nn.unet import Upsample
+
+    up = Upsample(4)
+    x = torch.randn(3, 4, 5, 7)
+    if channels_last:
+        up, x = up.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    out = up(x)
+    torch.testing.assert_close(out, up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
