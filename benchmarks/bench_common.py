@@ -37,6 +37,18 @@ def evaluator_for(data_cfg, spec, root: Path = RUNS):
     return model, accuracy, evaluator.source
 
 
+def peer_unet(unet, size: int = 28):
+    """diffusers' UNet2DModel with the widths and depth of our UNet (ResBlocks per level, attention in the middle
+    block, GroupNorm groups of >= 4 channels): the same network size, for speed and quality comparisons."""
+    from diffusers import UNet2DModel
+
+    widths = tuple(unet.base_channels * m for m in unet.channel_mults)
+    return UNet2DModel(sample_size=size, in_channels=unet.in_channels, out_channels=unet.in_channels,
+                       layers_per_block=unet.num_res_blocks, block_out_channels=widths,
+                       down_block_types=("DownBlock2D",) * len(widths), up_block_types=("UpBlock2D",) * len(widths),
+                       norm_num_groups=max(1, min(8, unet.base_channels // 4)))
+
+
 class BudgetTrainer(Trainer):
     """The toolkit's Trainer, stopped after ``budget`` seconds of process CPU time spent in training steps.
 

@@ -20,7 +20,7 @@ import argparse
 import time
 
 import torch
-from bench_common import RUNS, evaluator_for, log, machine, markdown
+from bench_common import RUNS, evaluator_for, log, machine, markdown, peer_unet
 
 from genai_cli.api import model_from_state
 from genai_cli.config import from_dict, load_config
@@ -41,17 +41,6 @@ def trained_run(ref: str | None):
         cfg = load_config(RUNS.parent.parent / "configs" / "quickstart.yaml")
         start_run(cfg, RUNS, name="quickstart", force=True, quiet=True).fit()
     return ckpt
-
-
-def peer_unet(unet):
-    """diffusers' UNet2DModel with the widths and depth of our UNet (one ResBlock per level, mid attention)."""
-    from diffusers import UNet2DModel
-
-    base = unet.base_channels
-    widths = tuple(base * m for m in unet.channel_mults)
-    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, layers_per_block=unet.num_res_blocks,
-                       block_out_channels=widths, down_block_types=("DownBlock2D",) * len(widths),
-                       up_block_types=("UpBlock2D",) * len(widths), norm_num_groups=min(8, base // 4) or 1).eval()
 
 
 @torch.no_grad()
@@ -103,7 +92,7 @@ def main() -> None:
                          f"{q['coverage']:.3f}", f"{q['confident_share']:.3f}", str(classes)])
 
     # Speed against the peer: the same network size, DDIM at the same steps, unguided, the same batch.
-    peer = peer_unet(model.unet)
+    peer = peer_unet(model.unet).eval()
     ours_params = sum(p.numel() for p in model.unet.parameters())
     peer_params = sum(p.numel() for p in peer.parameters())
     plain = {"sampler": "ddim", "steps": args.peer_steps}

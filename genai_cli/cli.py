@@ -351,7 +351,7 @@ def inspect(
         if os.access(run, os.W_OK) and write_loss_curve(rows, curve):
             table.add_row("loss curve", str(curve))
         table.add_row("metrics", str(run / "metrics.jsonl"))
-        if hasattr(model, "encode") and os.access(run, os.W_OK):
+        if model.encode is not None and os.access(run, os.W_OK):
             from .config import from_dict
             from .data import load_data, to_float
             from .models.latent_plot import plot_latents

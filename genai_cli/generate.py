@@ -288,7 +288,7 @@ def check_values(model, options: Mapping[str, Any]) -> None:
         value = options.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise GenaiError(f"{flag_of(key)} must be at least 1, got {value}")
-    if getattr(model, "discrete", False):
+    if model.discrete:
         from .sampling import check_sampling_options
 
         check_sampling_options(temperature=options.get("temperature"), top_k=options.get("top_k"),
@@ -332,7 +332,7 @@ def plan(model, request: SampleRequest) -> Plan:
               and k not in mode.requires and mode.refusal(k) is None}
     merged.update(options)
     labels = merged.pop("labels", None)
-    conditional = bool(getattr(model, "conditional", False))
+    conditional = bool(model.conditional)
     if labels is not None:
         _check_labels(model, family, labels, conditional)
     check_values(model, merged)

@@ -166,6 +166,8 @@ class GenerativeModel(nn.Module):
     # Non-discrete families that predict categories give this; genai evaluate --calibrate fits a temperature
     # to it (discrete families are calibrated on their tokenize / seq_logits).
     calibration_logits = None  # (batch) -> (logits (N, K), targets (N,))
+    # Families with an encoder give this; genai inspect plots the validation latents (latents_pca.png).
+    encode = None  # (images (B, C, H, W) in [0, 1]) -> latents (B, D)
 
     @staticmethod
     def bits_per_dim(nll_nats_per_image: Tensor | float, spec: ImageSpec) -> float:

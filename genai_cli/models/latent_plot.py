@@ -19,7 +19,7 @@ from ..errors import GenaiError
 @torch.no_grad()
 def encode_all(model, images: Tensor, batch_size: int = 256) -> Tensor:
     """(N, C, H, W) in [0, 1] -> (N, latent_dim) float32 on the CPU, encoded in eval mode."""
-    if not hasattr(model, "encode"):
+    if getattr(model, "encode", None) is None:
         raise GenaiError(f"{type(model).__name__} has no encoder, so it has no latent space of images to plot")
     was_training = model.training
     model.eval()
