@@ -13,9 +13,13 @@ SPEC = ImageSpec(channels=1, size=8, num_classes=4, binary=False)
 
 
 def tiny_model(family: str, spec: ImageSpec = SPEC, **overrides):
+    """A tiny model of ``family``; a family that builds on other runs gets untrained tiny parents."""
+    from genai_cli.api import build_model
+    from genai_cli.lineage import tiny_parents
+
     cls = MODELS.get(family)
     cfg = cls.Config(**{**cls.tiny, **overrides})
-    return cls(cfg, spec)
+    return build_model(family, cfg, spec, parents=tiny_parents(cls, spec))
 
 
 def tiny_config(family: str = "ddpm", **train) -> dict:
