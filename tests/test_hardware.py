@@ -127,6 +127,9 @@ def test_lstm_runs_under_bf16_autocast_on_every_cpu(cpu_bf16, shapes_batch):
     assert torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in model.lstm.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # sampling, the fused kernel on the prefix
+        images = model.sample(2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, *SPEC.shape)
 
 
 def test_machine_line_names_cpu_and_instruction_set():

@@ -157,7 +157,8 @@ class _CarriedState:
                 cs.append(c_layer)
             h, c = torch.stack(hs), torch.stack(cs)
         else:  # the first call: the start token, or a whole prefix at once
-            out, (h, c) = m.lstm(x, self.state)
+            with m._recurrent_precision(x) as x:
+                out, (h, c) = m.lstm(x, self.state)
             top = out[:, -1]  # (n, hidden), equal to h[-1]
         if self.hidden_noise:
             # The deck's noise injection: perturb the recurrent state itself, so it carries to later pixels.
