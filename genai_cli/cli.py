@@ -214,7 +214,7 @@ def sample(
     run = run_of_checkpoint(ckpt)
     out_file = gen.check_out_path(out_path or (run / "samples" if run else Path(".")) / f"sample_{plan.seed}.png",
                                   plan.mode)
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
     samples = gen.draw(model, request, images=images, device=dev)
     samples.save(out_file)
@@ -294,7 +294,7 @@ def inspect(
     from .runs import MetricsLog, load_checkpoint_file, resolve_checkpoint, run_of_checkpoint
     from .runs import runs_dir as resolve_runs_dir
 
-    dev = pick_device(device)  # an unavailable device is refused whatever the target
+    dev = pick_device(device, "--device")  # an unavailable device is refused whatever the target
     if target is not None and Path(target).suffix in (".yaml", ".yml"):
         cfg = load_config(target)
         spec = peek_spec(cfg.data)

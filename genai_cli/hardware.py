@@ -29,8 +29,9 @@ def mps_available() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda, then mps, then cpu; an explicit device that is not there is a one-line error."""
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; an explicit device that is not there is a one-line error naming
+    ``option``, where the user asked for it (``train.device`` in a config, ``--device`` on the command line)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -38,10 +39,14 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise GenaiError("train.device is 'cuda' but no CUDA GPU is visible; use --set train.device=auto")
+        raise GenaiError(f"{option} is 'cuda' but no CUDA GPU is visible; use {_auto(option)}")
     if name == "mps" and not mps_available():
-        raise GenaiError("train.device is 'mps' but MPS is not available; use --set train.device=auto")
+        raise GenaiError(f"{option} is 'mps' but MPS is not available; use {_auto(option)}")
     return torch.device(name)
+
+
+def _auto(option: str) -> str:
+    return f"{option} auto" if option.startswith("--") else f"--set {option}=auto"
 
 
 def cpu_native_bf16() -> bool:

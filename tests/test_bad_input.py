@@ -128,6 +128,8 @@ CASES = [
     # training settings this machine or family cannot honour
     ("fp16 on the cpu", ["train", "{root}/ok.yaml", "--set", "train.precision=fp16"], "fp16 needs a CUDA GPU"),
     ("cuda without a gpu", ["train", "{root}/ok.yaml", "--set", "train.device=cuda"], "no CUDA GPU is visible"),
+    ("sample on cuda without a gpu", ["sample", "{runs}/good", "--device", "cuda"],
+     "--device is 'cuda' but no CUDA GPU is visible; use --device auto"),
     ("channels_last without convolutions", ["train", "{root}/transformer.yaml", "--set", "train.channels_last=true"],
      "channels_last is for convolutional families"),
     ("grad_accum not dividing the batch", ["train", "{root}/ok.yaml", "--set", "train.grad_accum=3"],
@@ -144,7 +146,7 @@ CASES = [
      "permission denied"),
 ]
 NEEDS_NON_ROOT = {"resume a run without write permission", "runs dir without write permission"}
-NEEDS_NO_GPU = {"cuda without a gpu", "fp16 on the cpu"}
+NEEDS_NO_GPU = {"cuda without a gpu", "sample on cuda without a gpu", "fp16 on the cpu"}
 
 
 def checksum(folder: Path) -> str:

@@ -100,7 +100,7 @@ def calibrate_run(target: str | None, *, root: Path, device: str = "auto",
     from .run import load_run, writable
 
     ckpt, state, model, cfg, run = load_run(target, root)
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     model.to(dev).eval()
     data = load_data(cfg.data)
     n = data.val_x.shape[0]

@@ -122,7 +122,7 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     if n < PRDC_K + 1:
         raise GenaiError(f"-n must be at least {PRDC_K + 1} (the nearest-neighbour metrics use k = {PRDC_K}), got {n}")
     ckpt, state, model, cfg, run = load_run(target, root)
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     model.to(dev).eval()
     data = load_data(cfg.data)
     spec = model.spec
