@@ -32,6 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from bench_common import RUNS, BudgetTrainer, evaluator_for, log, machine, markdown, peer_unet
 
 from genai_cli.config import load_config
@@ -54,7 +55,7 @@ def train_ours(budget: float, data, name: str, overrides: tuple[str, ...] = ()):
     RUNS.mkdir(parents=True, exist_ok=True)
     run = new_run(RUNS, name, name, force=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
-    trainer = BudgetTrainer(cfg, run, data=data, quiet=True, budget=budget)
+    trainer = BudgetTrainer(cfg, run, data=data, quiet=True, budget=budget, console=Console(stderr=True))
     trainer.fit()
     return run, trainer.step, trainer.cpu_used, cfg
 
