@@ -32,8 +32,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from bench_common import RUNS, BudgetTrainer, evaluator_for, log, machine, markdown, peer_unet
+from rich.console import Console
 
 from genai_cli.config import load_config
 from genai_cli.data import load_data, to_float
