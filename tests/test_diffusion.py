@@ -432,3 +432,18 @@ def test_unet_upsample_equals_nearest_interpolation(channels_last):
     out = up(x)
     torch.testing.assert_close(out, up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")))
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_bound_decoder_keeps_far_tails_in_log_space():
+    """L0's discretised Gaussian (nn.discretized, shared with the VAE): equal to the CDF differences where those
+    are accurate, and finite far below the 1e-12 floor a clamped probability would report instead."""
+    from genai_cli.nn.discretized import discretized_log_prob
+
+    x = torch.tensor([0.0, 100 / 255, 1.0], dtype=torch.float64)
+    mean, std = torch.tensor([0.02, 0.4, 0.97], dtype=torch.float64), 0.05
+    lo = torch.where(x < 1e-6, -torch.inf, x - 0.5 / 255)
+    hi = torch.where(x > 1 - 1e-6, torch.inf, x + 0.5 / 255)
+    direct = (torch.special.ndtr((hi - mean) / std) - torch.special.ndtr((lo - mean) / std)).log()
+    torch.testing.assert_close(discretized_log_prob(x, mean, torch.tensor(std).log(), "gaussian"), direct)
+    far = discretized_log_prob(torch.tensor([0.0]), torch.tensor([0.9]), torch.tensor(0.01).log(), "gaussian")
+    assert torch.isfinite(far).all() and far.item() < -1000  # the old clamp would have said log(1e-12) = -27.6

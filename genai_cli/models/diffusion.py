@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import GenaiError
+from ..nn.discretized import discretized_log_prob
 from ..nn.unet import UNet
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
@@ -573,10 +574,9 @@ class DDPM(GenerativeModel):
         # L_0: the model's mean at the first step is its x_0 estimate (alphā_prev = 1 there).
         mean = x0_hat_at(torch.zeros(b, dtype=torch.long, device=device)).double()
         std = s.betas[0].double().sqrt()
-        upper = torch.where(x0 > 1 - 1e-3, math.inf, x0.double() + 1 / 255)  # bin edges, open at -1 and 1
-        lower = torch.where(x0 < -1 + 1e-3, -math.inf, x0.double() - 1 / 255)
-        probs = torch.special.ndtr((upper - mean) / std) - torch.special.ndtr((lower - mean) / std)
-        decoder = -probs.clamp(min=1e-12).log().sum(dims)
+        # The same Gaussian on [0, 1] (mean and std halved with the range: bin masses are unchanged), its 256
+        # bin masses formed in log space, so a badly predicted pixel's far-tail bin neither underflows nor clamps.
+        decoder = -discretized_log_prob((x0.double() + 1) / 2, (mean + 1) / 2, (std / 2).log(), "gaussian").sum(dims)
 
         k = max(1, min(timesteps_per_image, T - 1))
         middle = torch.zeros(b, dtype=torch.float64, device=device)
