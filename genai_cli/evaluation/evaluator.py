@@ -61,6 +61,7 @@ def find_evaluator(data_cfg, spec, root: Path) -> Path | None:
     import yaml
 
     from ..config import DataConfig, build_dataclass
+    from ..data import binarize_mode
 
     families = evaluator_families()
     candidates = []
@@ -81,7 +82,8 @@ def find_evaluator(data_cfg, spec, root: Path) -> Path | None:
         if other.name == "image_folder" and other.path != data_cfg.path:
             continue
         same_split = (other.split_seed, other.val_fraction) == (data_cfg.split_seed, data_cfg.val_fraction)
-        candidates.append(((other.binarize == data_cfg.binarize, same_split, ckpt.stat().st_mtime), ckpt))
+        same_pixels = binarize_mode(other.binarize) == binarize_mode(data_cfg.binarize)  # true == 'threshold'
+        candidates.append(((same_pixels, same_split, ckpt.stat().st_mtime), ckpt))
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
