@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import torch
 from torch import Tensor
@@ -63,26 +63,26 @@ def flag_of(key: str) -> str:
 
 
 # -- modes --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plain:
-    """``n`` independent samples."""
+class _Mode:
+    """What every mode says of itself: its flag (for messages), the ``sample_options`` entries a family must offer
+    for it (``requires``), and why it cannot honour an option (``refusal``: None when it can)."""
 
-    @property
-    def flag(self) -> str:
-        return "plain sampling"
-
-    @property
-    def requires(self) -> frozenset[str]:
-        """The ``sample_options`` entries a family needs to offer this mode."""
-        return frozenset()
+    flag: ClassVar[str]
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def refusal(self, key: str) -> str | None:
-        """Why this mode cannot honour option ``key`` (None: it can)."""
         return None
 
 
 @dataclass(frozen=True)
-class Sweep:
+class Plain(_Mode):
+    """``n`` independent samples."""
+
+    flag = "plain sampling"
+
+
+@dataclass(frozen=True)
+class Sweep(_Mode):
     """One grid row of ``n`` samples per combination of the axes' values (their product, first axis slowest),
     each row drawn from the same seed, so rows differ only by the setting. ``Sweep.of(temperature=[0.5, 1])``."""
 
@@ -110,27 +110,18 @@ class Sweep:
 
 
 @dataclass(frozen=True)
-class Prefix:
+class Prefix(_Mode):
     """Complete real images from their top ``rows`` rows (the autoregressive families). Of n completions,
     ``originals`` real images get n // originals each; the grid row of one original shows it, then the rows
     the model was given (the rest grey), then its completions. ``rows=0`` is plain sampling."""
 
     rows: int
-
-    @property
-    def flag(self) -> str:
-        return "--prefix-rows"
-
-    @property
-    def requires(self) -> frozenset[str]:
-        return frozenset({"prefix_rows"})
-
-    def refusal(self, key: str) -> str | None:
-        return None
+    flag = "--prefix-rows"
+    requires = frozenset({"prefix_rows"})
 
 
 @dataclass(frozen=True)
-class Walk:
+class Walk(_Mode):
     """Rows of ``steps`` decoded latent points (the latent families; see ``genai_cli.nn.latent``).
 
     latents: "random": latents drawn as ``sample`` draws them (``temperature`` scales them); "real": the latents
@@ -170,7 +161,7 @@ class Walk:
 
 
 @dataclass(frozen=True)
-class Inpaint:
+class Inpaint(_Mode):
     """Reserved for the next mode: redraw the pixels of real images where ``mask`` is True, keeping the rest.
 
     mask: bool, (H, W) for every image or (n, 1, H, W) one per image. A family will offer it by listing
@@ -178,17 +169,8 @@ class Inpaint:
     until then, and ``_draw_inpaint`` is where the drawing goes (real images as for ``Prefix``)."""
 
     mask: Tensor
-
-    @property
-    def flag(self) -> str:
-        return "--inpaint"
-
-    @property
-    def requires(self) -> frozenset[str]:
-        return frozenset({"inpaint"})
-
-    def refusal(self, key: str) -> str | None:
-        return None
+    flag = "--inpaint"
+    requires = frozenset({"inpaint"})
 
 
 Mode = Union[Plain, Sweep, Prefix, Walk, Inpaint]
