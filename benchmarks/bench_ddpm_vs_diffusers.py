@@ -39,7 +39,7 @@ from genai_cli.config import load_config
 from genai_cli.data import load_data, to_float
 from genai_cli.evaluation.evaluator import evaluator_outputs
 from genai_cli.evaluation.metrics import frechet_distance
-from genai_cli.evaluation.run import draw_samples, load_run, sample_quality, sampling_autocast
+from genai_cli.evaluation.run import draw_samples, load_run, sample_quality
 from genai_cli.runs import new_run, save_grid
 
 CONFIG = "configs/quickstart.yaml"
@@ -154,7 +154,7 @@ def main() -> None:
         model = load_run(str(run), RUNS)[2].to(cpu).eval()
         for label, options in draws:
             options = options or cfg.sample.options()  # as make demo samples
-            fake, secs = draw_samples(model, args.samples, args.seed, options, cpu, sampling_autocast(cpu))
+            fake, secs = draw_samples(model, args.samples, args.seed, options, cpu)
             save_grid(fake[:64], run / "samples" / f"bench_{options['sampler']}{options.get('steps', '')}.png")
             sampler = f"{options['sampler']} {options.get('steps', '')}" + (
                 f", guidance {options['guidance']:g}" if options.get("guidance", 1.0) != 1.0 else "")

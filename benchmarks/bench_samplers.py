@@ -25,7 +25,7 @@ from bench_common import RUNS, evaluator_for, log, machine, markdown, peer_unet
 from genai_cli.api import model_from_state
 from genai_cli.config import from_dict, load_config
 from genai_cli.data import load_data
-from genai_cli.evaluation.run import draw_samples, sample_quality, sampling_autocast
+from genai_cli.evaluation.run import draw_samples, sample_quality
 from genai_cli.runs import load_checkpoint_file, resolve_checkpoint
 from genai_cli.session import start_run
 
@@ -83,7 +83,7 @@ def main() -> None:
         sampler, counts = entry.split(":")
         for steps in (int(s) for s in counts.split(",")):
             options = {**base, "sampler": sampler, "steps": steps}
-            fake, secs = draw_samples(model, args.samples, args.seed, options, cpu, sampling_autocast(cpu))
+            fake, secs = draw_samples(model, args.samples, args.seed, options, cpu)
             q = sample_quality(evaluator, data, fake, cpu, args.seed)
             classes = sum(1 for c in q["class_histogram"] if c > 0)
             log(f"{sampler} {steps}: {secs / args.samples * 64:.2f} s/64, FID {q['classifier_fid']:.2f}, "
@@ -100,7 +100,7 @@ def main() -> None:
         plain["guidance"] = 1.0  # one forward pass per step, as the peer
     timings = {"ours": [], "peer": []}
     for _ in range(2):  # alternate, so a neighbour's load falls on both
-        _, secs = draw_samples(model, args.peer_samples, args.seed, plain, cpu, sampling_autocast(cpu))
+        _, secs = draw_samples(model, args.peer_samples, args.seed, plain, cpu)
         timings["ours"].append(secs)
         timings["peer"].append(time_peer(peer, args.peer_samples, args.peer_steps, args.seed))
     ours_s, peer_s = min(timings["ours"]), min(timings["peer"])

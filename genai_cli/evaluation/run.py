@@ -37,13 +37,13 @@ def sampling_autocast(device: torch.device):
     return resolve_precision("auto", device).autocast(device)
 
 
-def draw_samples(model, n: int, seed: int, options: dict[str, Any], device: torch.device,
-                 autocast) -> tuple[Tensor, float]:
-    """n samples (n, C, H, W) on the CPU and the seconds it took, in chunks from one seeded generator."""
+def draw_samples(model, n: int, seed: int, options: dict[str, Any], device: torch.device) -> tuple[Tensor, float]:
+    """n samples (n, C, H, W) on the CPU and the seconds it took, in chunks from one seeded generator, in the
+    precision this machine runs best (``sampling_autocast``)."""
     g = torch.Generator(device).manual_seed(seed)
     chunks = []
     t0 = time.perf_counter()
-    with autocast:
+    with sampling_autocast(device):
         for i in range(0, n, SAMPLE_CHUNK):
             chunks.append(model.sample(min(SAMPLE_CHUNK, n - i), generator=g, **options).float().cpu())
     if device.type == "cuda":
@@ -142,7 +142,7 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
         options = {**cfg.sample.options(), **(sample_options or {})}
         log(f"drawing {n} samples (seed {seed}{', ' if options else ''}"
             f"{', '.join(f'{k}={v}' for k, v in options.items())})")
-        fake, seconds = draw_samples(model, n, seed, options, dev, sampling_autocast(dev))
+        fake, seconds = draw_samples(model, n, seed, options, dev)
         result["n_samples"] = n
         result["sample_options"] = options
         log(f"measuring against {min(data.val_x.shape[0], MAX_REAL_IMAGES)} validation images in the evaluator's "
