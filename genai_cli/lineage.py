@@ -239,18 +239,12 @@ def embedded_parents(state: dict[str, Any], where: str = "checkpoint") -> dict[s
 
 
 def run_parents(family: str, model_cfg: Any, spec: ImageSpec, run_dir: Path) -> dict[str, Parent]:
-    """The parents of a training run: those embedded in its last checkpoint when it has one (a resumed run never
-    reads its parents from disk again), else resolved from the config under the runs dir (``run_dir``'s folder)."""
+    """The parents of a new training run, resolved from its config under the runs dir (``run_dir``'s folder).
+    A resumed run takes them from its checkpoint instead (``embedded_parents``): it never reads them from disk."""
     from .registry import MODELS
-    from .runs import load_checkpoint_file
 
     cls = MODELS.get(family)
-    if not parent_refs(cls.Config):
-        return {}
-    last = run_dir / "checkpoints" / "last.pt"
-    if last.is_file():
-        return embedded_parents(load_checkpoint_file(last), where=str(last))
-    return resolve_parents(cls, model_cfg, spec, root=run_dir.parent)
+    return resolve_parents(cls, model_cfg, spec, root=run_dir.parent) if parent_refs(cls.Config) else {}
 
 
 def ancestors(model: nn.Module) -> list[nn.Module]:

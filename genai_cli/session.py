@@ -92,14 +92,16 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     """The Trainer of an existing run, loaded from its checkpoint (model, EMA, optimizers, step). Refuses a run
     that has already trained its whole budget. Returns the Trainer."""
     from .hardware import pick_device
+    from .lineage import embedded_parents
     from .runs import check_writable, load_checkpoint_file
     from .train import Trainer, write_text_atomically
 
     run, ckpt, cfg = point
     distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
     distributed.share_from_main(lambda: check_writable(run))
-    trainer = Trainer(cfg, run, quiet=quiet, console=console)
-    trainer.load_state_dict(load_checkpoint_file(ckpt))  # every rank resumes from the same checkpoint
+    state = load_checkpoint_file(ckpt)  # every rank resumes from the same checkpoint
+    trainer = Trainer(cfg, run, quiet=quiet, console=console, parents=embedded_parents(state, where=str(ckpt)))
+    trainer.load_state_dict(state)
     if trainer.step >= trainer.total_steps:
         raise GenaiError(f"run '{run}' already trained {trainer.step} of {trainer.total_steps} steps; "
                          f"raise the budget, e.g. --set train.epochs={cfg.train.epochs * 2}")

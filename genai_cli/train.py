@@ -228,7 +228,7 @@ class Trainer:
                              f"images); lower it, e.g. --set train.batch_size={max(1, len(self.data) // 2)}")
         distributed.check_batch(t.batch_size, t.grad_accum, self.dist.world_size)
         self.tb_class = tensorboard_writer_class() if "tensorboard" in t.log else None
-        if parents is None:  # a resumed run takes its parents from its own checkpoint, a new one from the runs dir
+        if parents is None:  # a new run resolves its parents under the runs dir; a resumed one passes its checkpoint's
             parents = run_parents(cfg.family, cfg.model, self.data.spec, run_dir)
         self.model: GenerativeModel = build_model(cfg.family, cfg.model, self.data.spec, parents).to(self.device)
         if t.channels_last:
