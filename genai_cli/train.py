@@ -88,6 +88,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=4).digest(), "little")
 
 
+PREPARE_IMAGES = 2000  # training images a family's prepare() measures on (latent statistics)
+
+
 class EMA:
     """Exponential moving average of the weights, with the usual warm-up of the decay
     (min(decay, (1 + t) / (10 + t))) so short runs are not dominated by the initialisation.
@@ -236,6 +239,9 @@ class Trainer:
                 raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
                                  f"convolution; drop it (--set train.channels_last=false)")
             self.model.to(memory_format=torch.channels_last)
+        # What the family measures on its data before the first step (a resumed run's checkpoint then overwrites it).
+        idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(t.seed))[:PREPARE_IMAGES]
+        self.prepared = self.model.prepare(to_float(self.data.train_images(idx)).to(self.device))
         distributed.broadcast_module(self.model)
         self.optimizers = self.model.configure_optimizers(t)
         check_frozen(self.model, self.optimizers)
@@ -420,6 +426,11 @@ class Trainer:
             images = model.sample(self.cfg.train.sample_n, generator=g, **self.cfg.sample.options())
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         save_grid(images, path)
+        if model.reconstruct is not None:  # a row of validation images over a row of their reconstructions
+            real = to_float(self.data.val_x[:8].to(self.device))
+            with self.stepper.autocast():
+                recon = model.reconstruct(real).float()
+            save_grid(torch.cat([real, recon]), path.with_name(f"recon_{path.name}"), nrow=real.shape[0])
         if self.tb is not None:
             from torchvision.utils import make_grid
 
@@ -474,6 +485,10 @@ class Trainer:
         if self.is_main:
             self.open_run()
         reporter = Reporter(self.total_steps, self.step, self.quiet, self.console)
+        if self.step == 0 and self.prepared:
+            self.summary.update(self.prepared)
+            if self.is_main:
+                self.log({"step": 0, "split": "prepare", **self.prepared})
         try:
             with self.stop_signals():
                 last_logs = self.run_steps(reporter)

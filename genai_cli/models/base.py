@@ -168,6 +168,16 @@ class GenerativeModel(nn.Module):
     calibration_logits = None  # (batch) -> (logits (N, K), targets (N,))
     # Families with an encoder give this; genai inspect plots the validation latents (latents_pca.png).
     encode = None  # (images (B, C, H, W) in [0, 1]) -> latents (B, D)
+    # Autoencoding families give this; the loop writes reconstruction grids of validation images beside the samples.
+    reconstruct = None  # (images (B, C, H, W) in [0, 1]) -> reconstructions, same shape, in [0, 1]
+
+    @torch.no_grad()
+    def prepare(self, train_images: Tensor) -> dict[str, float]:
+        """Called once when a new run starts, before the first step, with a sample of training images (N, C, H, W)
+        in [0, 1]: for what a family measures on its data rather than learns (latent diffusion's latent scale).
+        Store the result in a buffer, so the checkpoint keeps it and a resumed run never measures again.
+        Returns what is worth logging (metrics.jsonl at step 0, and the run's summary)."""
+        return {}
 
     @staticmethod
     def bits_per_dim(nll_nats_per_image: Tensor | float, spec: ImageSpec) -> float:
