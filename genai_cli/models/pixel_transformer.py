@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
-from ..nn.autoregressive import AutoregressiveImageModel, Stepper, causal_mask
+from ..nn.autoregressive import AutoregressiveImageModel, Stepper
+from ..nn.transformer import Block, KVCache
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
@@ -32,54 +32,6 @@ class Config:
     layers: int = 4  # transformer blocks
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
     dropout: float = 0.0
-
-
-class KVCache:
-    """Keys and values of the positions computed so far, one preallocated (n, heads, T, head_dim) pair."""
-
-    def __init__(self, n: int, heads: int, max_len: int, head_dim: int, like: Tensor):
-        self.k = like.new_zeros(n, heads, max_len, head_dim)
-        self.v = like.new_zeros(n, heads, max_len, head_dim)
-        self.length = 0
-
-    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append (n, heads, L, head_dim) keys and values; return all of them so far."""
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, d: int, heads: int, mlp_ratio: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d),
-                                 nn.Dropout(dropout))
-
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (t.reshape(b, length, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        p = self.dropout if self.training else 0.0
-        if cache is None:
-            # softmax(Q K^T / sqrt(d_k)) V with future keys masked, Vaswani et al. Eq. 1; (B, heads, T, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        else:
-            k_all, v_all = cache.extend(k, v)  # (n, heads, S, head_dim), S = positions so far
-            # One new position sees every cached key: no mask needed (and SDPA is faster without one).
-            mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
-        x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
-        return x + self.mlp(self.ln2(x))
 
 
 @register_model("pixel_transformer", "GPT-style causal transformer over sub-pixel tokens, with a key/value cache")
