@@ -160,7 +160,12 @@ def sample(
     greedy: bool = typer.Option(False, "--greedy", help="Take the most likely value (argmax)."),
     noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Gaussian noise added before each draw."),
     noise_on: Optional[str] = typer.Option(None, "--noise-on", help="Where --noise-std goes: logits or hidden."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion: number of sampling steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion: sampling steps; masked models: filling "
+                                        "steps."),
+    fill: Optional[str] = typer.Option(None, "--fill", help="Masked models: iterative (--steps passes, the most "
+                                       "confident kept each time) or one-shot (one pass)."),
+    choice_temperature: Optional[float] = typer.Option(None, "--choice-temperature", help="Masked models: Gumbel "
+                                                       "noise on the confidences, annealed to 0 (MaskGIT: 4.5)."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Diffusion: ddpm, ddim, dpm++2m or heun."),
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM: 0 deterministic, 1 DDPM-like."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
@@ -169,6 +174,9 @@ def sample(
                                     "--sweep temperature=0.5,1,1.5 (several --sweep: every combination)."),
     prefix_rows: Optional[int] = typer.Option(None, "--prefix-rows", help="Mode: complete real validation images "
                                               "from their top R rows (autoregressive families)."),
+    mask: Optional[str] = typer.Option(None, "--mask", help="Mode: redraw a region of real validation images, "
+                                       "keeping the rest: top, bottom, left, right, center or random[:P] "
+                                       "(masked families)."),
     interpolate: bool = typer.Option(False, "--interpolate", help="Mode: each row a straight line between two "
                                      "random latents (latent families)."),
     traverse: bool = typer.Option(False, "--traverse", help="Mode: each row a straight line between two real "
@@ -183,7 +191,7 @@ def sample(
 ):
     """Draw images from a trained model into a PNG grid (or an .npz of raw images).
 
-    One mode at a time: plain samples (default), --sweep, --prefix-rows, or a latent walk (--interpolate,
+    One mode at a time: plain samples (default), --sweep, --prefix-rows, --mask, or a latent walk (--interpolate,
     --traverse, --traverse-dim). Options a family or a mode cannot honour are refused."""
     from . import generate as gen
     from .api import model_from_state
@@ -202,12 +210,12 @@ def sample(
 
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy or None,
              "noise_std": noise_std, "noise_on": noise_on, "steps": steps, "sampler": sampler, "eta": eta,
-             "guidance": guidance, "labels": label}
+             "guidance": guidance, "labels": label, "fill": fill, "choice_temperature": choice_temperature}
     options = {k: temp(v) if k == "temperature" else v for k, v in given.items() if v is not None}
     sweeps = [(k, tuple(temp(v) if k == "temperature" else v for v in values))
               for k, values in gen.parse_sweeps(sweep)]
-    mode = gen.select_mode(sweeps=sweeps, prefix_rows=prefix_rows, interpolate=interpolate, traverse=traverse,
-                           traverse_dim=traverse_dim)
+    mode = gen.select_mode(sweeps=sweeps, prefix_rows=prefix_rows, mask=mask, interpolate=interpolate,
+                           traverse=traverse, traverse_dim=traverse_dim)
     request = gen.SampleRequest(mode=mode, n=n, seed=seed, options=options,
                                 defaults={"n": cfg.sample.n, "seed": cfg.sample.seed, **cfg.sample.options()})
     plan = gen.plan(model, request)  # every refusal happens here, before any work

@@ -122,6 +122,8 @@ class SampleConfig:
     steps: int | None = None
     eta: float | None = None
     guidance: float | None = None
+    fill: str | None = None  # masked models: iterative or one-shot
+    choice_temperature: float | None = None
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("n", "seed") and v is not None}

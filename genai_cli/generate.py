@@ -9,7 +9,9 @@ sampling options (temperature, top-k, steps, guidance, labels, ...).
   Walk(latents, dim)       latent families: rows of decoded latent points, a straight line between two latents
                            (interpolation) or one latent coordinate varied (traversal); ``latents`` says whether
                            the points are random draws or real images' latents (families with an encoder)
-  Inpaint(mask)            the next mode (fill the masked pixels of real images); refused until a family has it
+  Inpaint(region)          masked families: redraw a region of real images (top, bottom, left, right, center,
+                           random[:p]) keeping the rest exactly; the AR families' Prefix(rows) is Inpaint("bottom")
+                           with the boundary at a given row
 
 ``plan(model, request)`` checks a request once, in one place, before any work: the mode and every option
 against the family (``sample_options``) and against the mode (an option that cannot be honoured is a one-line
@@ -18,7 +20,7 @@ against the family (``sample_options``) and against the mode (an option that can
 and returns ``Samples``: the images, the class labels they were drawn with (conditional families) and the grid
 layout (images per row, row names for sweeps); ``Samples.save`` writes a PNG grid or an .npz of raw images.
 
-``select_mode`` maps the CLI's flags (--sweep, --prefix-rows, --interpolate, --traverse, --traverse-dim) onto
+``select_mode`` maps the CLI's flags (--sweep, --prefix-rows, --mask, --interpolate, --traverse, --traverse-dim) onto
 one mode, refusing combinations; ``check_out_path`` refuses an output file that cannot be written, before the
 (possibly long) drawing starts.
 """
@@ -49,13 +51,15 @@ OPTION_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--
                 "noise_std": "--noise-std", "noise_on": "--noise-on", "prefix_rows": "--prefix-rows",
                 "steps": "--steps", "sampler": "--sampler", "eta": "--eta", "guidance": "--guidance",
                 "labels": "--label", "interpolate": "--interpolate", "traverse": "--traverse",
-                "traverse_dim": "--traverse-dim", "inpaint": "--inpaint"}
+                "traverse_dim": "--traverse-dim", "inpaint": "--mask", "fill": "--fill",
+                "choice_temperature": "--choice-temperature"}
 # sample_options entries that name a mode a family offers, not an option of its sample(): a request selects
 # them through ``SampleRequest.mode``.
 MODE_KEYS = frozenset({"prefix_rows", "interpolate", "traverse", "traverse_dim", "inpaint"})
 # Options a sweep may vary (one value per grid row).
 SWEEPABLE = ("temperature", "top_k", "top_p", "greedy", "noise_std", "noise_on", "steps", "sampler", "eta",
-             "guidance")
+             "guidance", "fill", "choice_temperature")
+REGIONS = ("top", "bottom", "left", "right", "center", "random")
 
 
 def flag_of(key: str) -> str:
@@ -162,15 +166,44 @@ class Walk(_Mode):
 
 @dataclass(frozen=True)
 class Inpaint(_Mode):
-    """Reserved for the next mode: redraw the pixels of real images where ``mask`` is True, keeping the rest.
+    """Redraw a region of real images, keeping every other pixel exactly (families listing "inpaint": the masked
+    models, which predict from both sides). region: "top", "bottom", "left", "right" (that half of the image),
+    "center" (the middle square of half the side), or "random" / "random:p" (each pixel with probability p,
+    default 0.5, drawn from the seed). Shared among the originals as for ``Prefix``; the grid row of one original
+    shows it, then what the model was given (the region grey), then the completions."""
 
-    mask: bool, (H, W) for every image or (n, 1, H, W) one per image. A family will offer it by listing
-    "inpaint" in ``sample_options`` and taking ``mask`` and ``known`` images in ``sample``; ``plan`` refuses it
-    until then, and ``_draw_inpaint`` is where the drawing goes (real images as for ``Prefix``)."""
-
-    mask: Tensor
-    flag = "--inpaint"
+    region: str
+    flag = "--mask"
     requires = frozenset({"inpaint"})
+
+    def probability(self) -> float | None:
+        """The p of "random[:p]" (None for the other regions); a malformed region is a one-line error."""
+        name, _, p = self.region.partition(":")
+        if name not in REGIONS or (p and name != "random"):
+            raise GenaiError(f"--mask must be one of {', '.join(REGIONS)} or random:P, got '{self.region}'")
+        if name != "random":
+            return None
+        try:
+            prob = float(p) if p else 0.5
+        except ValueError:
+            prob = -1.0
+        if not 0 < prob <= 1:
+            raise GenaiError(f"--mask random:P needs P in (0, 1], got '{p}'; e.g. --mask random:0.5")
+        return prob
+
+    def pixels(self, m: int, size: int, generator: torch.Generator | None = None,
+               device: torch.device | None = None) -> Tensor:
+        """(m, 1, size, size) bool, True where pixels are redrawn."""
+        prob = self.probability()
+        if prob is not None:
+            return torch.rand(m, 1, size, size, generator=generator, device=device) < prob
+        mask = torch.zeros(m, 1, size, size, dtype=torch.bool, device=device)
+        half, quarter = size // 2, size // 4
+        where = {"top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
+                 "left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
+                 "center": (slice(quarter, size - quarter), slice(quarter, size - quarter))}[self.region]
+        mask[:, :, where[0], where[1]] = True
+        return mask
 
 
 Mode = Union[Plain, Sweep, Prefix, Walk, Inpaint]
@@ -192,12 +225,14 @@ def parse_sweeps(texts: Iterable[str]) -> list[tuple[str, tuple[Any, ...]]]:
 
 
 def select_mode(*, sweeps: Sequence[tuple[str, Sequence[Any]]] = (), prefix_rows: int | None = None,
-                interpolate: bool = False, traverse: bool = False, traverse_dim: int | None = None) -> Mode:
+                mask: str | None = None, interpolate: bool = False, traverse: bool = False,
+                traverse_dim: int | None = None) -> Mode:
     """The one mode the CLI's flags ask for; two modes at once is a one-line error.
 
     --traverse and --traverse-dim together are one walk (a traversal starting at real images' latents).
     """
     given = [f for f, on in (("--sweep", bool(sweeps)), ("--prefix-rows", prefix_rows is not None),
+                             ("--mask", mask is not None),
                              ("--interpolate", interpolate), ("--traverse", traverse),
                              ("--traverse-dim", traverse_dim is not None)) if on]
     if len(given) > 1 and set(given) != {"--traverse", "--traverse-dim"}:
@@ -207,6 +242,8 @@ def select_mode(*, sweeps: Sequence[tuple[str, Sequence[Any]]] = (), prefix_rows
         return Sweep(tuple((key, tuple(values)) for key, values in sweeps))
     if prefix_rows is not None:
         return Prefix(prefix_rows)
+    if mask is not None:
+        return Inpaint(mask)
     if interpolate or traverse or traverse_dim is not None:
         return Walk("real" if traverse else "random", traverse_dim)
     return Plain()
@@ -238,9 +275,9 @@ class Plan:
     options: dict[str, Any]  # passed to sample() / walk(), labels apart
     labels: int | Tensor | None  # given classes; None: a conditional family draws the classes in turn
     conditional: bool
-    real_images: int = 0  # real images the mode needs (Prefix: the originals; Walk "real": its start points)
-    rows: int = 1  # Walk: rows; Prefix: originals
-    per_row: int = 0  # Walk: points per row; Prefix: completions per original
+    real_images: int = 0  # real images the mode needs (Prefix, Inpaint: the originals; Walk "real": start points)
+    rows: int = 1  # Walk: rows; Prefix, Inpaint: originals
+    per_row: int = 0  # Walk: points per row; Prefix, Inpaint: completions per original
     settings: tuple[dict[str, Any], ...] = ()  # Sweep: one options dict per row
 
 
@@ -291,16 +328,17 @@ def _count(value: Any, what: str) -> int:
 def plan(model, request: SampleRequest) -> Plan:
     """Check ``request`` against ``model`` (see the module doc) and resolve it; every refusal is one line."""
     mode = request.mode
-    if isinstance(mode, Inpaint):
-        raise GenaiError("inpainting (--inpaint) is not implemented yet; no family offers it")
     if not isinstance(mode, MODES):
-        raise GenaiError(f"unknown sampling mode {mode!r}; use Plain(), Sweep(...), Prefix(rows) or Walk(...)")
+        raise GenaiError(f"unknown sampling mode {mode!r}; use Plain(), Sweep(...), Prefix(rows), Inpaint(region) "
+                         f"or Walk(...)")
+    if isinstance(mode, Inpaint):
+        mode.probability()  # a malformed region fails here
     cls, family = type(model), family_of(model)
     options = dict(request.options)
     for key in options:
         if key in MODE_KEYS:
             raise GenaiError(f"{flag_of(key)} chooses a way of drawing, not an option of it: "
-                             f"pass it as the request's mode (Prefix, Walk), not in options")
+                             f"pass it as the request's mode (Prefix, Inpaint, Walk), not in options")
     if isinstance(mode, Sweep):
         _check_axes(mode)
     refuse_unsupported(family, cls, [*options, *sorted(mode.requires)])
@@ -332,8 +370,9 @@ def plan(model, request: SampleRequest) -> Plan:
         n = n or defaults.get("n", DEFAULT_N)
         if mode.rows == 0:  # nothing given: plain sampling
             return Plan(mode=Plain(), n=n, **common)
-        originals = max(d for d in range(1, min(PREFIX_ORIGINALS, n) + 1) if n % d == 0)
-        return Plan(mode=mode, n=n, real_images=originals, rows=originals, per_row=n // originals, **common)
+        return _plan_completion(mode, n, common)
+    if isinstance(mode, Inpaint):
+        return _plan_completion(mode, n or defaults.get("n", DEFAULT_N), common)
     if isinstance(mode, Walk):
         return _plan_walk(model, mode, n, defaults.get("n", DEFAULT_N), common)
     if isinstance(mode, Sweep):
@@ -342,6 +381,12 @@ def plan(model, request: SampleRequest) -> Plan:
             check_values(model, s)
         return Plan(mode=mode, n=n or SWEEP_N, settings=settings, rows=len(settings), **common)
     return Plan(mode=mode, n=n or defaults.get("n", DEFAULT_N), **common)
+
+
+def _plan_completion(mode: Prefix | Inpaint, n: int, common: dict[str, Any]) -> Plan:
+    """Prefix and Inpaint: n completions shared among as many real images as divide n (at most 8)."""
+    originals = max(d for d in range(1, min(PREFIX_ORIGINALS, n) + 1) if n % d == 0)
+    return Plan(mode=mode, n=n, real_images=originals, rows=originals, per_row=n // originals, **common)
 
 
 def _check_axes(mode: Sweep) -> None:
@@ -472,7 +517,7 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
     """Draw what ``request`` asks for (see the module doc) from ``model`` and return ``Samples``.
 
     images: real images (N, C, H, W) in [0, 1], at least ``plan(model, request).real_images`` of them, for
-      Prefix and Walk(latents="real"); ``validation_images`` gives a run's. device: where to draw (the model
+      Prefix, Inpaint and Walk(latents="real"); ``validation_images`` gives a run's. device: where to draw (the model
       is moved there; default: where it is). precision: "auto" (what the hardware runs natively; see
       ``genai_cli.hardware``), "fp32" or "bf16". The same seed gives the same images on the same machine.
     """
@@ -492,7 +537,8 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
                              f"got a tensor of shape {tuple(images.shape)}")
         images = images[: p.real_images].to(dev, torch.float32)
     elif images is not None:
-        raise GenaiError(f"{p.mode.flag} uses no real images; images= is for Prefix and Walk(latents='real')")
+        raise GenaiError(f"{p.mode.flag} uses no real images; images= is for Prefix, Inpaint and "
+                         f"Walk(latents='real')")
     was_training = model.training
     model.eval()
     try:
@@ -542,13 +588,20 @@ def _draw_sweep(model, p: Plan, images, dev) -> Samples:
     return Samples(torch.cat(rows), None if labels is None else labels.cpu().repeat(len(rows)), p.n, names)
 
 
+def _beside_originals(model, p: Plan, images: Tensor, redrawn: Tensor, completions: Tensor) -> Samples:
+    """One grid row per original: the image, what the model was given (the ``redrawn`` (m, 1, H, W) pixels grey),
+    then its completions."""
+    shown = images.masked_fill(redrawn, 0.5)
+    grid = torch.cat([images[:, None], shown[:, None], completions.view(p.rows, p.per_row, *model.spec.shape)], 1)
+    return Samples(_cpu(grid.flatten(0, 1)), None, p.per_row + 2)
+
+
 def _draw_prefix(model, p: Plan, images: Tensor, dev) -> Samples:
     rows = p.mode.rows
     completions = model.sample(p.n, generator=_generator(p, dev), prefix=images, prefix_rows=rows, **p.options)
-    shown = images.clone()
-    shown[:, :, rows:, :] = 0.5  # what the model was given, the rest grey
-    grid = torch.cat([images[:, None], shown[:, None], completions.view(p.rows, p.per_row, *model.spec.shape)], 1)
-    return Samples(_cpu(grid.flatten(0, 1)), None, p.per_row + 2)
+    redrawn = torch.zeros(images.shape[0], 1, *images.shape[2:], dtype=torch.bool, device=images.device)
+    redrawn[:, :, rows:] = True
+    return _beside_originals(model, p, images, redrawn, completions)
 
 
 def _draw_walk(model, p: Plan, images: Tensor | None, dev) -> Samples:
@@ -562,7 +615,10 @@ def _draw_walk(model, p: Plan, images: Tensor | None, dev) -> Samples:
 
 
 def _draw_inpaint(model, p: Plan, images: Tensor, dev) -> Samples:
-    raise GenaiError("inpainting (--inpaint) is not implemented yet")
+    g = _generator(p, dev)
+    mask = p.mode.pixels(images.shape[0], model.spec.size, generator=g, device=dev)
+    completions = model.sample(p.n, generator=g, known=images, mask=mask, **p.options)
+    return _beside_originals(model, p, images, mask, completions)
 
 
 DRAWERS: dict[type, Callable[..., Samples]] = {Plain: _draw_plain, Sweep: _draw_sweep, Prefix: _draw_prefix,

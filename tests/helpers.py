@@ -12,14 +12,22 @@ from genai_cli.registry import MODELS
 SPEC = ImageSpec(channels=1, size=8, num_classes=4, binary=False)
 
 
+def tiny_cfg(family: str, **overrides):
+    """The tiny Config of ``family``; its parent-run fields name the untrained parents ``tiny_parents`` builds."""
+    from genai_cli.config import parent_refs
+
+    cls = MODELS.get(family)
+    refs = {key: f"untrained-{ref.accepts[0]}" for key, ref in parent_refs(cls.Config).items()}
+    return cls.Config(**{**refs, **cls.tiny, **overrides})
+
+
 def tiny_model(family: str, spec: ImageSpec = SPEC, **overrides):
     """A tiny model of ``family``; a family that builds on other runs gets untrained tiny parents."""
     from genai_cli.api import build_model
     from genai_cli.lineage import tiny_parents
 
     cls = MODELS.get(family)
-    cfg = cls.Config(**{**cls.tiny, **overrides})
-    return build_model(family, cfg, spec, parents=tiny_parents(cls, spec))
+    return build_model(family, tiny_cfg(family, **overrides), spec, parents=tiny_parents(cls, spec))
 
 
 def tiny_config(family: str = "ddpm", **train) -> dict:

@@ -33,7 +33,8 @@ SHAPE = (1, 8, 8)
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {name: tiny_model(name).eval() for name in ("vae", "autoencoder", "dcgan", "cgan", "pixelcnn", "ddpm")}
+    return {name: tiny_model(name).eval() for name in ("vae", "autoencoder", "dcgan", "cgan", "pixelcnn", "ddpm",
+                                                          "masked_pixel")}
 
 
 def one_line(excinfo) -> str:
@@ -85,7 +86,9 @@ def test_flags_select_one_mode():
     ("cgan", SampleRequest(options={"labels": 4}), "--label 4 is out of range; this model's classes are 0..3"),
     ("cgan", SampleRequest(n=0), "-n must be at least 1"),
     ("vae", SampleRequest(options={"temperature": -1.0}), "--temperature must be"),
-    ("pixelcnn", SampleRequest(Inpaint(torch.ones(8, 8, dtype=torch.bool))), "not implemented yet"),
+    ("pixelcnn", SampleRequest(Inpaint("bottom")), "--mask is not an option of family 'pixelcnn'"),
+    ("masked_pixel", SampleRequest(Inpaint("middle")), "--mask must be one of"),
+    ("masked_pixel", SampleRequest(Inpaint("random:2")), "random:P needs P in (0, 1]"),
 ])
 def test_plan_refuses_what_cannot_be_honoured(models, family, request_, needle):
     with pytest.raises(GenaiError) as e:

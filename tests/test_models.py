@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import SPEC, tiny_model
+from helpers import SPEC, tiny_cfg, tiny_model
 
 from genai_cli.api import build_model, load_checkpoint
 from genai_cli.lineage import tiny_parents
@@ -70,7 +70,7 @@ def test_checkpoint_round_trip_gives_same_samples(family, tmp_path):
     and for the same seed the same samples."""
     cls = MODELS.get(family)
     torch.manual_seed(0)
-    cfg = cls.Config(**cls.tiny)
+    cfg = tiny_cfg(family)
     model = build_model(family, cfg, SPEC, parents=tiny_parents(cls, SPEC)).eval()
     state = {"family": family, "config": {"model": {"family": family, **asdict(cfg)}}, "spec": asdict(SPEC),
              "model": model.state_dict(), "ema": None, "parents": model.parents.records()}

@@ -6,6 +6,8 @@ from . import (
     classifier,  # noqa: F401
     dcgan,  # noqa: F401
     diffusion,  # noqa: F401
+    masked_pixel,  # noqa: F401
+    maskgit,  # noqa: F401
     pixel_lstm,  # noqa: F401
     pixel_transformer,  # noqa: F401
     pixelcnn,  # noqa: F401

@@ -1,0 +1,345 @@
+"""Masked token prediction, shared by the masked pixel model (BERT-style, over pixels) and MaskGIT (over the tokens
+of a VQ-VAE): fill in blanks anywhere, predicting each masked token from both sides.
+
+Training (``MaskedTokenModel.loss``) replaces a share of a sequence's N tokens by a mask token whose id, K, is
+none of the K token values, and scores the prediction at the masked positions only (the cross-entropy of the
+others never enters, so no token value doubles as an "ignore" index). How many are masked:
+  uniform: a rate r ~ U(0.15, 0.40), round(r N) tokens (the range BERT-style training uses; Devlin et al. 2019
+           mask 15 %, Wettig et al. 2023 find up to 40 % better);
+  cosine:  r ~ U(0, 1), ceil(gamma(r) N) tokens, gamma(r) = cos(pi r / 2) (MaskGIT, Chang et al. 2022, sec. 3.2),
+           so every rate from all to almost none is trained, as iterative decoding needs;
+at least one either way.
+
+Generation (``fill_tokens``) starts from masked positions and, at each of S steps, predicts every masked token, draws
+them through ``genai_cli.sampling`` (temperature, top-k, top-p, greedy and noise mean what they mean for the
+autoregressive families), and keeps the most confident: after step s, floor(M gamma(s / S)) of the M
+initially masked tokens stay masked (MaskGIT Algorithm, sec. 3.2; at least one is fixed per step, none is left at
+the end). Confidence is the log-probability of the drawn token plus Gumbel noise scaled by
+``choice_temperature`` (1 - s / S), as MaskGIT's reference code anneals it, so early choices are less greedy.
+A fixed token never changes again. One step fills everything in one pass: one-shot filling is ``steps=1``.
+
+Likelihood (``absorbing_bound``): masking is the absorbing-state discrete diffusion of Austin et al. (2021); its
+continuous-time bound (Sahoo et al. 2024, MDLM eq. 10 with alpha_t = 1 - t) is
+    -log p(x) <= E_{t ~ U(0, 1)} (1 / t) E_{z_t} sum_{i masked in z_t} -log p_theta(x_i | z_t),
+each token masked with probability t. Drawing the number of masked tokens m ~ U{1..N} instead of t and a uniform
+subset of that size gives the same bound with weight N / m = 1 / t (the any-order autoregressive form, Uria et
+al. 2014; Hoogeboom et al. 2022, ARDM eq. 4) and no t -> 0 spikes; we estimate it with m stratified.
+It is tight only for a model trained across all mask rates (the cosine schedule): a model trained at 15-40 %
+is scored at rates it never saw, and its bound is loose.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import GenaiError
+from ..sampling import check_sampling_options, sample_logits
+from .transformer import Block
+
+MASK_SCHEDULES = ("uniform", "cosine")
+UNIFORM_RATES = (0.15, 0.40)
+FILLS = ("iterative", "one-shot")
+MASKED_SAMPLE_OPTIONS = frozenset({"temperature", "top_k", "top_p", "greedy", "noise_std", "fill", "steps",
+                                   "choice_temperature"})
+
+
+def gamma(r: float | Tensor) -> float | Tensor:
+    """MaskGIT's cosine mask schedule: the share of tokens masked at progress r in [0, 1] (1 at r = 0, 0 at r = 1)."""
+    if isinstance(r, Tensor):
+        return torch.cos(math.pi / 2 * r)
+    return math.cos(math.pi / 2 * r)
+
+
+def mask_counts(b: int, n: int, schedule: str, generator: torch.Generator | None = None,
+                device: torch.device | None = None) -> Tensor:
+    """How many of n tokens to mask in each of b sequences, (b,) long in 1..n (see the module doc)."""
+    u = torch.rand(b, generator=generator, device=device)
+    if schedule == "uniform":
+        lo, hi = UNIFORM_RATES
+        counts = torch.floor((lo + (hi - lo) * u) * n + 0.5)  # round half up
+    elif schedule == "cosine":
+        counts = torch.ceil(gamma(u) * n)
+    else:
+        raise GenaiError(f"unknown model.mask_schedule '{schedule}'; valid: {', '.join(MASK_SCHEDULES)}")
+    return counts.long().clamp(1, n)
+
+
+def random_mask(counts: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Bool (b, n): counts[i] positions of row i, a uniformly random subset."""
+    scores = torch.rand(counts.shape[0], n, generator=generator, device=counts.device)
+    rank = scores.argsort(1).argsort(1)  # a random permutation of 0..n-1 per row
+    return rank < counts[:, None]
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy (nats) over the masked positions only: logits (B, N, K), targets and mask (B, N)."""
+    return F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=label_smoothing)
+
+
+class MaskedTransformer(nn.Module):
+    """A bidirectional transformer: tokens (B, N) in 0..K (K: the mask token) -> logits (B, N, K) over the K values.
+
+    Learned position embeddings; with ``num_classes`` > 0 a class embedding (row num_classes: "no label", for
+    classifier-free guidance) is added to every position.
+    """
+
+    def __init__(self, vocab: int, seq_len: int, d_model: int, heads: int, layers: int, mlp_ratio: int,
+                 dropout: float, num_classes: int = 0):
+        super().__init__()
+        if d_model < 1 or heads < 1 or d_model % heads:
+            raise GenaiError(f"model.d_model = {d_model} must be a positive multiple of model.heads = {heads}: "
+                             "e.g. d_model 64 with heads 4")
+        if layers < 1 or mlp_ratio < 1 or not 0 <= dropout < 1:
+            raise GenaiError("model.layers and model.mlp_ratio must be >= 1 and model.dropout in [0, 1): "
+                             "fix them in the model section")
+        self.vocab = vocab
+        self.mask_id = vocab  # one id past the values: never a target
+        self.token_embedding = nn.Embedding(vocab + 1, d_model)
+        self.position_embedding = nn.Parameter(torch.zeros(seq_len, d_model))
+        self.class_embedding = nn.Embedding(num_classes + 1, d_model) if num_classes else None
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_ratio, dropout, causal=False) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, vocab)
+        for emb in (self.token_embedding.weight, self.position_embedding):
+            nn.init.normal_(emb, std=0.02)
+
+    def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
+        x = self.token_embedding(tokens) + self.position_embedding  # (B, N, d)
+        if self.class_embedding is not None:
+            if labels is None:
+                labels = torch.full((tokens.shape[0],), self.class_embedding.num_embeddings - 1, device=tokens.device)
+            x = x + self.class_embedding(labels)[:, None]
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.ln_f(x))  # (B, N, K)
+
+
+def fill_tokens(predict: Callable[[Tensor], Tensor], tokens: Tensor, mask_id: int, steps: int, *,
+         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+         noise_std: float = 0.0, choice_temperature: float = 0.0, generator: torch.Generator | None = None,
+         trace: list[Tensor] | None = None) -> Tensor:
+    """Fill the positions of ``tokens`` (B, N) equal to ``mask_id`` in ``steps`` steps (see the module doc).
+
+    predict: tokens (B, N) -> logits (B, N, K). ``trace``, when given, receives the (B,) count of masked tokens
+    after each step. Returns new tokens; the positions not masked on entry are returned unchanged.
+    """
+    if steps < 1:
+        raise GenaiError(f"--steps must be at least 1, got {steps}")
+    tokens = tokens.clone()
+    masked = tokens == mask_id
+    initial = masked.sum(1)  # (B,) M
+    for s in range(1, steps + 1):
+        if not masked.any():
+            break
+        logits = predict(tokens)  # (B, N, K)
+        drawn = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                              noise_std=noise_std, generator=generator)  # (B, N)
+        now = masked.sum(1)
+        # Masked after step s: floor(M gamma(s / S)), at least one fewer than before, none at the end.
+        stay = torch.floor(initial.double() * gamma(s / steps) + 1e-9).long() if s < steps else torch.zeros_like(now)
+        stay = torch.minimum(stay, (now - 1).clamp(min=0))
+        confidence = torch.log_softmax(logits.float(), -1).gather(-1, drawn[..., None])[..., 0]  # (B, N)
+        anneal = choice_temperature * (1 - s / steps)
+        if anneal > 0:
+            u = torch.rand(confidence.shape, generator=generator, device=confidence.device)
+            confidence = confidence + anneal * -torch.log(-torch.log(u.clamp(1e-20, 1.0)))  # Gumbel noise
+        confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens are never masked again
+        rank = confidence.argsort(dim=1, stable=True).argsort(1)  # 0: the least confident
+        still = rank < stay[:, None]
+        tokens = torch.where(masked & ~still, drawn, tokens)
+        masked = still
+        if trace is not None:
+            trace.append(masked.sum(1))
+    return tokens
+
+
+@torch.no_grad()
+def absorbing_bound(predict: Callable[[Tensor], Tensor], tokens: Tensor, mask_id: int, strata: int = 8,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """An unbiased estimate of the upper bound on -log p(tokens) in nats, (B,) (see the module doc).
+
+    The mask sizes m = 1..N are cut into ``strata`` equal strata; one m is drawn in each, one uniformly random
+    subset of that size is masked, and (N / m) times the masked tokens' NLL counts for its stratum.
+    """
+    b, n = tokens.shape
+    k = max(1, min(strata, n))
+    total = torch.zeros(b, dtype=torch.float64, device=tokens.device)
+    for j in range(k):
+        lo, hi = 1 + n * j // k, 1 + n * (j + 1) // k  # stratum [lo, hi) of 1..N
+        m = torch.randint(lo, hi, (b,), generator=generator, device=tokens.device)
+        mask = random_mask(m, n, generator)
+        logits = predict(torch.where(mask, mask_id, tokens))
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none").view(b, n)
+        total += (nll * mask).sum(1).double() * (n / m.double()) * ((hi - lo) / n)
+    return total.float()
+
+
+class MaskedTokenModel:
+    """Loss, generation, inpainting and the likelihood bound of a masked model over a sequence of N tokens.
+
+    A mixin listed before ``GenerativeModel`` (like ``AutoregressiveImageModel``). A family sets ``self.network``
+    (a ``MaskedTransformer``), ``self.vocab`` (K) and ``self.seq_len`` (N), and implements ``tokens_of`` (images ->
+    tokens) and ``images_of`` (tokens -> images); its config has ``mask_schedule``, ``steps``, ``fill``,
+    ``choice_temperature`` and ``label_smoothing`` (and ``class_conditional``/``cond_drop_prob``/``guidance`` for
+    class-conditional models).
+    """
+
+    discrete = True
+    sample_options: ClassVar[frozenset[str]] = MASKED_SAMPLE_OPTIONS
+    network: MaskedTransformer
+
+    def tokens_of(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> tokens (B, N) in 0..K-1."""
+        raise NotImplementedError
+
+    def images_of(self, tokens: Tensor) -> Tensor:
+        """Tokens (B, N) -> images (B, C, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    def check_config(self) -> None:
+        """A bad model section fails when the model is built, with the key to fix, not after training."""
+        cfg = self.config
+        if cfg.mask_schedule not in MASK_SCHEDULES:
+            raise GenaiError(f"unknown model.mask_schedule '{cfg.mask_schedule}'; valid: {', '.join(MASK_SCHEDULES)}")
+        if not 0 <= getattr(cfg, "label_smoothing", 0.0) < 1:
+            raise GenaiError(f"model.label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if self.class_conditional:
+            if self.spec.num_classes <= 0:
+                raise GenaiError("model.class_conditional: true needs a labelled dataset (this one has no classes); "
+                                 "set it to false or use a dataset with labels")
+            if not 0 <= cfg.cond_drop_prob < 1:
+                raise GenaiError(f"model.cond_drop_prob must be in [0, 1), got {cfg.cond_drop_prob}")
+        elif getattr(cfg, "guidance", 1.0) != 1.0:
+            raise GenaiError("model.guidance needs model.class_conditional: true; drop it or train with labels")
+        self.check_fill_options(None, None, None, None)
+
+    @property
+    def mask_id(self) -> int:
+        return self.network.mask_id
+
+    @property
+    def class_conditional(self) -> bool:
+        return bool(getattr(self.config, "class_conditional", False))
+
+    # -- training --------------------------------------------------------------------------------
+    def loss(self, batch) -> dict[str, Tensor]:
+        x, y = batch
+        tokens = self.tokens_of(x)  # (B, N)
+        b, n = tokens.shape
+        mask = random_mask(mask_counts(b, n, self.config.mask_schedule, device=tokens.device), n)
+        labels = None
+        if self.class_conditional:  # label dropout trains the unconditional model for guidance (Ho & Salimans 2022)
+            drop = torch.rand(b, device=y.device) < self.config.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(y, self.spec.num_classes), y)
+        logits = self.network(torch.where(mask, self.mask_id, tokens), labels)
+        ce = masked_cross_entropy(logits, tokens, mask, getattr(self.config, "label_smoothing", 0.0))
+        return {"loss": ce, "masked_share": mask.float().mean()}
+
+    # -- generation ------------------------------------------------------------------------------
+    def predictor(self, labels: Tensor | None, guidance: float) -> Callable[[Tensor], Tensor]:
+        """tokens -> logits, with classifier-free guidance (Ho & Salimans 2022 eq. 6, on logits) when asked."""
+        if labels is None or guidance == 1.0:
+            return lambda t: self.network(t, labels).float()
+        null = torch.full_like(labels, self.spec.num_classes)
+
+        def guided(t: Tensor) -> Tensor:
+            cond, uncond = self.network(torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+            return uncond + guidance * (cond - uncond)
+
+        return guided
+
+    def _labels(self, labels, n: int, device: torch.device) -> Tensor | None:
+        if not self.class_conditional:
+            if labels is not None:
+                raise GenaiError("labels need a class-conditional model; train with model.class_conditional=true")
+            return None
+        if labels is None:
+            return torch.arange(n, device=device) % self.spec.num_classes
+        labels = torch.as_tensor(labels, device=device).long()
+        return labels.expand(n) if labels.dim() == 0 else labels
+
+    def check_fill_options(self, fill_mode: str | None, steps: int | None, choice_temperature: float | None,
+                           guidance: float | None) -> tuple[int, float, float]:
+        cfg = self.config
+        fill_mode = fill_mode or cfg.fill
+        if fill_mode not in FILLS:
+            raise GenaiError(f"--fill must be one of {', '.join(FILLS)}, got '{fill_mode}'")
+        if fill_mode == "one-shot":
+            if steps is not None and steps != 1:
+                raise GenaiError(f"--fill one-shot fills every masked token in one pass; drop --steps {steps} or "
+                                 f"use --fill iterative")
+            steps = 1
+        steps = cfg.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise GenaiError(f"--steps must be an integer >= 1, got {steps!r}")
+        ct = cfg.choice_temperature if choice_temperature is None else choice_temperature
+        if not isinstance(ct, (int, float)) or not math.isfinite(ct) or ct < 0:
+            raise GenaiError(f"--choice-temperature must be a finite number >= 0, got {ct!r}; 0 keeps the most "
+                             f"likely tokens, MaskGIT uses 4.5")
+        g = getattr(cfg, "guidance", 1.0) if guidance is None else guidance
+        if guidance is not None and not self.class_conditional:
+            raise GenaiError("--guidance needs a class-conditional model; train with model.class_conditional=true")
+        if g < 0:
+            raise GenaiError(f"--guidance must be >= 0, got {g}; 1 is plain conditional sampling")
+        return steps, float(ct), float(g)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, fill: str | None = None,
+               steps: int | None = None, choice_temperature: float | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
+               noise_std: float | None = None, labels=None, guidance: float | None = None,
+               known: Tensor | None = None, mask: Tensor | None = None, trace: list[Tensor] | None = None) -> Tensor:
+        """n images (n, C, H, W) in [0, 1], every token masked at the start; or, with ``known`` (m, C, H, W) images
+        in [0, 1] and ``mask`` (m, 1, H, W) bool (True: redraw), n // m completions of each, consecutive, whose
+        pixels outside the mask are exactly the known ones (families that offer "inpaint")."""
+        check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, noise_std=noise_std)
+        steps, ct, g = self.check_fill_options(fill, steps, choice_temperature, guidance)
+        device = self.device
+        labels = self._labels(labels, n, device)
+        if known is None:
+            tokens = torch.full((n, self.seq_len), self.mask_id, dtype=torch.long, device=device)
+        else:
+            known, mask = self._check_known(known, mask, n)
+            tokens = torch.where(self.token_mask(mask), self.mask_id, self.tokens_of(known))
+        was_training = self.training
+        self.eval()
+        try:
+            tokens = fill_tokens(self.predictor(labels, g), tokens, self.mask_id, steps,
+                                 temperature=1.0 if temperature is None else float(temperature), top_k=top_k,
+                                 top_p=top_p, greedy=bool(greedy), noise_std=float(noise_std or 0.0),
+                                 choice_temperature=ct, generator=generator, trace=trace)
+        finally:
+            self.train(was_training)
+        images = self.images_of(tokens)
+        return images if known is None else torch.where(mask, images, known)
+
+    def token_mask(self, pixel_mask: Tensor) -> Tensor:
+        """(B, 1, H, W) bool pixels to redraw -> (B, N) bool tokens to mask (families that offer "inpaint")."""
+        raise NotImplementedError
+
+    def _check_known(self, known: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+        shape = tuple(self.spec.shape)
+        if known.dim() != 4 or tuple(known.shape[1:]) != shape or n % known.shape[0]:
+            raise GenaiError(f"images to inpaint have shape {tuple(known.shape)}, expected (m, "
+                             f"{', '.join(map(str, shape))}) with {n} samples a multiple of m")
+        if mask is None or mask.dtype != torch.bool or mask.shape != (known.shape[0], 1, *shape[1:]):
+            raise GenaiError(f"the inpainting mask must be bool of shape ({known.shape[0]}, 1, {shape[1]}, {shape[2]})"
+                             f" (True: redraw), got {None if mask is None else (mask.dtype, tuple(mask.shape))}")
+        r = n // known.shape[0]
+        device = self.device
+        return (known.to(device).float().repeat_interleave(r, 0), mask.to(device).repeat_interleave(r, 0))
+
+    # -- likelihood ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def token_nll_bound(self, batch, strata: int = 8, generator: torch.Generator | None = None) -> Tensor:
+        """The absorbing-state upper bound on -log p(tokens) in nats, (B,) (class-conditional: -log p(tokens | y))."""
+        x, y = batch
+        labels = y if self.class_conditional else None
+        return absorbing_bound(lambda t: self.network(t, labels).float(), self.tokens_of(x), self.mask_id, strata,
+                               generator)
