@@ -335,6 +335,19 @@ class MaskedTokenModel:
         device = self.device
         return (known.to(device).float().repeat_interleave(r, 0), mask.to(device).repeat_interleave(r, 0))
 
+    @torch.no_grad()
+    def calibration_logits(self, batch) -> tuple[Tensor, Tensor]:
+        """(logits (M, K), targets (M,)) at the masked positions of a fixed draw from the training schedule: what
+        ``genai evaluate --calibrate`` fits a temperature to (the predictions --temperature then rescales)."""
+        x, y = batch
+        tokens = self.tokens_of(x)
+        g = torch.Generator(tokens.device).manual_seed(0)
+        mask = random_mask(mask_counts(tokens.shape[0], tokens.shape[1], self.config.mask_schedule, g,
+                                       tokens.device), tokens.shape[1], g)
+        labels = y if self.class_conditional else None
+        logits = self.network(torch.where(mask, self.mask_id, tokens), labels)
+        return logits[mask].float(), tokens[mask]
+
     # -- likelihood ------------------------------------------------------------------------------
     @torch.no_grad()
     def token_nll_bound(self, batch, strata: int = 8, generator: torch.Generator | None = None) -> Tensor:
