@@ -27,10 +27,10 @@ from .generate import (  # noqa: F401  (the drawing API, re-exported)
 from .lineage import Parent, Parents, check_not_submodules, check_parent, embedded_parents, resolve_parents
 from .models.base import GenerativeModel
 from .registry import MODELS
-from .spec import ImageSpec, spec_from_dict
+from .spec import ImageSpec, Spec, spec_from_dict
 
 
-def build_model(family: str, model_cfg: Any, spec: ImageSpec, parents: Mapping[str, Parent] | None = None, *,
+def build_model(family: str, model_cfg: Any, spec: Spec, parents: Mapping[str, Parent] | None = None, *,
                 root: str | Path | None = None) -> GenerativeModel:
     """The one way a family is built (training, sampling, inspect, the API).
 
@@ -39,6 +39,10 @@ def build_model(family: str, model_cfg: Any, spec: ImageSpec, parents: Mapping[s
     ``lineage.resolve_parent``); None resolves the config's references from disk, under ``root`` (the runs dir).
     """
     cls = MODELS.get(family)
+    if spec.kind not in cls.modalities:
+        takers = [n for n in MODELS.names() if spec.kind in MODELS.get(n).modalities]
+        raise GenaiError(f"family '{family}' models {' and '.join(cls.modalities)}, but the data is "
+                         f"{spec.describe()}; families for it: {', '.join(takers)}")
     refs = parent_refs(cls.Config)
     if not refs:
         if parents:

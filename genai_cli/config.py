@@ -74,6 +74,7 @@ class DataConfig:
     root: str = "data"  # where torchvision datasets are downloaded / found
     path: str | None = None  # image_folder: the folder of images (sub-folders = classes)
     download: bool = True  # torchvision datasets: try to download when missing
+    block_size: int = 64  # text datasets: characters per training sequence (the context of the models)
 
 
 @dataclass

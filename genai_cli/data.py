@@ -1,4 +1,5 @@
-"""Datasets: torchvision downloads, embedded offline sets, synthetic shapes, a user's image folder.
+"""Datasets: torchvision downloads, embedded offline sets, synthetic shapes, a user's image folder; and text
+(a user's file, Tiny Shakespeare downloaded on first use, the Python documentation shipped with every CPython).
 
 Every dataset is loaded whole into memory as uint8 (N, C, H, W) with long labels (N,): the image
 sets this toolkit targets are small, and indexing a tensor is far faster on a laptop CPU than a
@@ -23,9 +24,12 @@ from torchvision.transforms.v2 import functional as TF
 from .config import DataConfig
 from .errors import GenaiError
 from .registry import DATASETS, register_dataset
-from .spec import ImageSpec
+from .spec import ImageSpec, Spec, TokenSpec
 
 OFFLINE = ("mnist5k", "digits", "shapes", "image_folder")
+OFFLINE_TEXT = ("python_docs", "text_file")
+TEXT_BLOCKS = 100  # a text is cut into this many contiguous blocks, a seeded share of which is the validation split
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 @dataclass
@@ -38,12 +42,22 @@ class RawData:
 
 
 @dataclass
+class RawText:
+    """What a text dataset gives: the whole corpus as one string."""
+
+    text: str
+    source: str  # where it came from, for messages
+
+
+@dataclass
 class DataBundle:
-    train_x: Tensor  # uint8 (N, C, H, W); with stochastic binarisation one fixed draw (for readers outside the loop)
+    # Images: uint8 (N, C, H, W); with stochastic binarisation one fixed draw (for readers outside the loop).
+    # Text: long (N, block_size) token ids.
+    train_x: Tensor
     train_y: Tensor
     val_x: Tensor
     val_y: Tensor
-    spec: ImageSpec
+    spec: Spec
     # data.binarize: stochastic: the grey levels (N, C, H, W) uint8 each training draw binarises afresh; else None.
     train_levels: Tensor | None = None
 
@@ -62,6 +76,11 @@ class DataBundle:
 def to_float(x: Tensor) -> Tensor:
     """uint8 (B, C, H, W) -> float in [0, 1]."""
     return x.float().div_(255.0)
+
+
+def model_input(x: Tensor, spec: Spec) -> Tensor:
+    """A stored batch as families take it: images float in [0, 1], token ids long."""
+    return x.long() if isinstance(spec, TokenSpec) else to_float(x)
 
 
 def binarize_mode(value: bool | str) -> str | None:
@@ -237,7 +256,9 @@ def fixed_draw(x: Tensor, split_seed: int, which: int) -> Tensor:
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
-    raw: RawData = DATASETS.get(cfg.name)(cfg)
+    raw: RawData | RawText = DATASETS.get(cfg.name)(cfg)
+    if isinstance(raw, RawText):
+        return text_bundle(raw, cfg)
     if raw.val_x is None:
         # Shuffle with the split seed before splitting: mnist5k's file is sorted by label.
         n = raw.train_x.shape[0]
@@ -264,13 +285,102 @@ def load_data(cfg: DataConfig) -> DataBundle:
     return DataBundle(train_x, train_y, val_x, val_y, spec, train_levels=levels)
 
 
+# -- text -----------------------------------------------------------------------------------------
+@register_dataset("text_file", "your own UTF-8 text: data.path; characters are the tokens (offline)")
+def text_file(cfg: DataConfig) -> RawText:
+    if not cfg.path:
+        raise GenaiError("dataset 'text_file' needs data.path: the UTF-8 file to learn, e.g. --set data.path=book.txt")
+    return RawText(_read_text(Path(cfg.path), "text_file"), cfg.path)
+
+
+@register_dataset("python_docs", "the Python documentation's topics shipped with CPython (pydoc_data, ~0.5 M "
+                                 "characters, offline)")
+def python_docs(cfg: DataConfig) -> RawText:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise GenaiError("dataset 'python_docs' needs pydoc_data, part of the standard library that this Python "
+                         "install left out; use --set data.name=text_file --set data.path=FILE") from None
+    return RawText("\n\n".join(topics[k].strip() for k in sorted(topics)), "pydoc_data.topics")
+
+
+@register_dataset("tiny_shakespeare", "Tiny Shakespeare, 1.1 M characters (downloaded on first use)")
+def tiny_shakespeare(cfg: DataConfig) -> RawText:
+    path = Path(cfg.root) / "tiny_shakespeare" / "input.txt"
+    if not path.is_file():
+        if not cfg.download:
+            raise GenaiError(f"dataset 'tiny_shakespeare' is not in {path} (data.download is false); use an offline "
+                             f"text dataset ({', '.join(OFFLINE_TEXT)}), e.g. --set data.name=python_docs")
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as response:
+                body = response.read()
+        except (urllib.error.URLError, OSError) as e:
+            reason = str(getattr(e, "reason", "") or e).splitlines()[0]
+            raise GenaiError(f"dataset 'tiny_shakespeare' is not in {path} and could not be downloaded: {reason}; "
+                             f"use an offline text dataset ({', '.join(OFFLINE_TEXT)}), e.g. "
+                             f"--set data.name=python_docs, or put the file at {path}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(body)
+        tmp.replace(path)  # a cut download never leaves a half file behind
+    return RawText(_read_text(path, "tiny_shakespeare"), str(path))
+
+
+def _read_text(path: Path, name: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GenaiError(f"dataset '{name}': no file {path}; check data.path") from None
+    except UnicodeDecodeError as e:
+        raise GenaiError(f"dataset '{name}': {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it "
+                         f"to UTF-8") from None
+    except OSError as e:
+        raise GenaiError(f"dataset '{name}': cannot read {path}: {e.strerror or e}") from None
+
+
+def text_bundle(raw: RawText, cfg: DataConfig) -> DataBundle:
+    """A corpus -> sequences of data.block_size token ids. The vocabulary is every character of the corpus (sorted,
+    stored in the spec and so in every checkpoint). The split cuts the text into TEXT_BLOCKS contiguous blocks and
+    gives a seeded val_fraction of them to validation, so no validation sequence overlaps a training one; within a
+    block, training sequences start every block_size / 2 characters, validation ones every block_size."""
+    text, t = raw.text, cfg.block_size
+    if t < 2:
+        raise GenaiError(f"data.block_size must be at least 2 characters, got {t}")
+    blocks = min(TEXT_BLOCKS, len(text) // (2 * t))
+    if blocks < 2:
+        raise GenaiError(f"the text from {raw.source} has {len(text)} characters, too few for two blocks of "
+                         f"2 x data.block_size = {2 * t}; use a longer text or a smaller data.block_size")
+    vocab = "".join(sorted(set(text)))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([lookup[c] for c in text], dtype=torch.int32)
+    size = len(text) // blocks
+    perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(cfg.split_seed))
+    n_val = min(blocks - 1, max(1, int(round(blocks * cfg.val_fraction))))
+    val_blocks, train_blocks = sorted(perm[:n_val].tolist()), sorted(perm[n_val:].tolist())
+
+    def windows(block_ids: list[int], stride: int) -> Tensor:
+        seqs = [ids[b * size:(b + 1) * size].unfold(0, t, stride) for b in block_ids]
+        return torch.cat(seqs).long()
+
+    train_x, val_x = windows(train_blocks, max(1, t // 2)), windows(val_blocks, t)
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise GenaiError(f"data.limit must be at least 1, got {cfg.limit}")
+        train_x = train_x[: cfg.limit]
+    zeros = lambda x: torch.zeros(x.shape[0], dtype=torch.long)  # noqa: E731  (no labels)
+    return DataBundle(train_x, zeros(train_x), val_x, zeros(val_x), TokenSpec(vocab=vocab, block_size=t))
+
+
 # Native (channels, size, num_classes) of each dataset, so `genai inspect CONFIG` can build a model without the data.
 NATIVE = {"mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "mnist5k": (1, 28, 10),
           "digits": (1, 8, 10), "shapes": (1, 16, 4)}
 
 
-def peek_spec(cfg: DataConfig) -> ImageSpec:
-    """The ImageSpec that load_data(cfg) would give, without loading (or downloading) the images."""
+def peek_spec(cfg: DataConfig) -> Spec:
+    """The spec that load_data(cfg) would give, without loading (or downloading) images (text: loads the corpus,
+    the vocabulary comes from it)."""
     if cfg.name not in NATIVE:
         DATASETS.get(cfg.name)  # unknown names raise with the valid list
         return load_data(cfg).spec

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .config import ParentRef, parent_refs
 from .errors import GenaiError
-from .spec import ImageSpec, spec_from_dict
+from .spec import ImageSpec, spec_from_dict, spec_to_dict
 
 
 def state_hash(weights: Mapping[str, Tensor], parents: Mapping[str, Parent] | None = None) -> str:
@@ -133,7 +133,7 @@ class Parent:
         """What a child's checkpoint stores under state["parents"][field]."""
         weights = self._model.state_dict() if self._model is not None else self.weights
         return {"name": self.name, "step": self.step, "hash": self.hash, "source": self.source,
-                "summary": self.summary, "family": self.family, "config": self.config, "spec": asdict(self.spec),
+                "summary": self.summary, "family": self.family, "config": self.config, "spec": spec_to_dict(self.spec),
                 "model": weights, "parents": {k: p.record() for k, p in self.parents.items()}}
 
 

@@ -37,6 +37,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, populate: str | None = None):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._aliases: dict[str, str] = {}  # old name -> name: configs and runs written under a renamed entry still load
         self._populate = populate
 
     def _ensure(self) -> None:
@@ -44,12 +45,15 @@ class Registry(Generic[T]):
             module, self._populate = self._populate, None
             importlib.import_module(module)
 
-    def register(self, name: str, summary: str = "") -> Callable[[T], T]:
+    def register(self, name: str, summary: str = "", aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
+        """Register under ``name``; ``aliases`` (earlier names) resolve to it in ``get`` and ``in``, but are not listed."""
         def decorator(obj: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} '{name}' is already registered")
+            for key in (name, *aliases):
+                if key in self._entries or key in self._aliases:
+                    raise ValueError(f"{self.kind} '{key}' is already registered")
             doc = summary or (getattr(obj, "__doc__", None) or "").strip().splitlines()[0:1]
             self._entries[name] = Entry(name, obj, doc if isinstance(doc, str) else (doc[0] if doc else ""))
+            self._aliases.update({alias: name for alias in aliases})
             return obj
 
         return decorator
@@ -58,6 +62,16 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise KeyError(f"{self.kind} '{name}' is not registered")
         del self._entries[name]
+        self._aliases = {a: n for a, n in self._aliases.items() if n != name}
+
+    def canonical(self, name: str) -> str:
+        """The registered name of ``name`` (itself, or what an alias stands for)."""
+        self._ensure()
+        return self._aliases.get(name, name)
+
+    def aliases_of(self, name: str) -> list[str]:
+        self._ensure()
+        return sorted(a for a, n in self._aliases.items() if n == name)
 
     @contextmanager
     def scoped(self, name: str, obj: T, summary: str = "") -> Iterator[T]:
@@ -70,6 +84,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._ensure()
+        name = self._aliases.get(name, name)
         if name not in self._entries:
             valid = ", ".join(sorted(self._entries))
             raise GenaiError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; valid: {valid}")
@@ -84,7 +99,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: Any) -> bool:
         self._ensure()
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
 
 MODELS: Registry = Registry("model family", populate="genai_cli.models")

@@ -5,14 +5,15 @@ Datasets produce a spec (``data.py``), a family is built for one (``models/``), 
 their specs agree (``lineage.py``). This module imports no family, so ``data.py`` and ``nn/`` depend on
 it rather than on ``models/``.
 
-Images today. A token-sequence spec (vocabulary, block size) joins ``ImageSpec`` here when text
-arrives: it sets its own ``kind``, and ``spec_from_dict`` tells the two apart (checkpoints written
-before then carry no ``kind`` and are images).
+Two kinds: ``ImageSpec`` (channels, size, classes, binary) and ``TokenSpec`` (a character vocabulary and a
+block size: text). ``spec_to_dict`` stores the kind beside the fields and ``spec_from_dict`` tells the two
+apart (checkpoints written before text arrived carry no ``kind`` and are images). Families say which kinds
+they model (``GenerativeModel.modalities``); the loop and the CLI ask the spec, never the word "text".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from .errors import GenaiError
@@ -42,10 +43,60 @@ class ImageSpec:
         return "x".join(str(d) for d in self.shape)
 
 
-SPECS: dict[str, type] = {"image": ImageSpec}
+@dataclass(frozen=True)
+class TokenSpec:
+    """Sequences of ``block_size`` tokens from a vocabulary of characters (``vocab[i]`` is token i): text."""
+
+    kind: ClassVar[str] = "tokens"
+
+    vocab: str = ""
+    block_size: int = 64
+    num_classes: int = 0  # no labels
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.block_size,)
+
+    @property
+    def dims(self) -> int:
+        return self.block_size
+
+    def describe(self) -> str:
+        return f"text ({self.block_size} characters of a {self.vocab_size}-character vocabulary)"
+
+    def encode(self, text: str, blank: str | None = None) -> list[int]:
+        """Characters -> token ids; ``blank`` (a masked model's placeholder) -> -1. An unknown character is a one-line
+        error naming it."""
+        index = {c: i for i, c in enumerate(self.vocab)}
+        ids = []
+        for pos, c in enumerate(text):
+            if blank is not None and c == blank:
+                ids.append(-1)
+            elif c in index:
+                ids.append(index[c])
+            else:
+                raise GenaiError(f"character {c!r} (position {pos} of the prompt) is not in this model's vocabulary of "
+                                 f"{self.vocab_size} characters; leave it out or replace it")
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[int(i)] for i in ids)
 
 
-def spec_from_dict(raw: dict[str, Any]) -> ImageSpec:
+SPECS: dict[str, type] = {"image": ImageSpec, "tokens": TokenSpec}
+Spec = ImageSpec | TokenSpec
+
+
+def spec_to_dict(spec: Spec) -> dict[str, Any]:
+    """What a checkpoint stores: the fields and the kind."""
+    return {"kind": spec.kind, **asdict(spec)}
+
+
+def spec_from_dict(raw: dict[str, Any]) -> Spec:
     """The spec a checkpoint stored with ``asdict(spec)`` (plus ``kind`` once there is more than one)."""
     fields = dict(raw)
     kind = fields.pop("kind", "image")

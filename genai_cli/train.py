@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,13 @@ from torch import nn
 from . import __version__, distributed
 from .api import build_model
 from .config import Config
-from .data import DataBundle, load_data, to_float
+from .data import DataBundle, load_data, model_input, to_float
 from .errors import GenaiError
 from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
 from .lineage import Parent, check_frozen, check_same_parents, run_parents
 from .models.base import GenerativeModel, Stepper
 from .runs import CHECKPOINT_FORMAT, MetricsLog, save_checkpoint, save_grid
+from .spec import spec_to_dict
 
 
 class LoopStepper(Stepper):
@@ -241,7 +241,7 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         # What the family measures on its data before the first step (a resumed run's checkpoint then overwrites it).
         idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(t.seed))[:PREPARE_IMAGES]
-        self.prepared = self.model.prepare(to_float(self.data.train_images(idx)).to(self.device))
+        self.prepared = self.model.prepare(model_input(self.data.train_images(idx), self.data.spec).to(self.device))
         distributed.broadcast_module(self.model)
         self.optimizers = self.model.configure_optimizers(t)
         check_frozen(self.model, self.optimizers)
@@ -297,7 +297,7 @@ class Trainer:
             "genai_version": __version__,
             "family": self.cfg.family,
             "config": self.cfg.to_dict(),
-            "spec": asdict(self.data.spec),
+            "spec": spec_to_dict(self.data.spec),
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "parents": self.model.parents.records(),  # frozen, embedded: the checkpoint samples without them on disk
@@ -358,7 +358,7 @@ class Trainer:
 
     # -- pieces -------------------------------------------------------------------------------
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_float(x.to(self.device, non_blocking=True))
+        x = model_input(x.to(self.device, non_blocking=True), self.data.spec)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)

@@ -9,6 +9,7 @@ import genai_cli.models  # noqa: F401  (registers the families)
 from genai_cli.errors import GenaiError
 from genai_cli.models.base import ImageSpec
 from genai_cli.nn.autoregressive import (
+    AutoregressiveImageModel,
     conv_logits_to_seq,
     dequantize,
     image_to_tokens,
@@ -18,9 +19,9 @@ from genai_cli.nn.autoregressive import (
 )
 from genai_cli.registry import MODELS
 
-# Every raster-order family in the registry (the discrete ones), plus config variants that change the network
+# Every raster-order family in the registry (the autoregressive ones), plus config variants that change the network
 # enough to deserve their own run (a variant is not a family: it has no registry entry).
-AR = [name for name in MODELS.names() if MODELS.get(name).discrete]
+AR = [name for name in MODELS.names() if issubclass(MODELS.get(name), AutoregressiveImageModel)]
 VARIANTS = {"pixelcnn": [("gated_pixelcnn", {"gated": True})]}
 FAMILIES = [(name, {}) for name in AR] + [(name, extra) for name in AR for _, extra in VARIANTS.get(name, [])]
 FAMILY_IDS = AR + [vid for name in AR for vid, _ in VARIANTS.get(name, [])]
@@ -184,7 +185,9 @@ def test_prefix_completion(name, extra):
 @pytest.mark.parametrize("name, extra", FAMILIES, ids=FAMILY_IDS)
 def test_bad_and_unknown_options(name, extra):
     model = make(name, extra, dtype=torch.float32)
-    assert model.sample_options == {"temperature", "top_k", "top_p", "greedy", "noise_std", "noise_on", "prefix_rows"}
+    image_options = {"temperature", "top_k", "top_p", "greedy", "noise_std", "noise_on", "prefix_rows"}
+    text_options = {"prompt", "max_new_tokens"} if "tokens" in model.modalities else set()
+    assert model.sample_options == image_options | text_options
     assert model.discrete
     with pytest.raises(TypeError):
         model.sample(2, guidance=3.0)

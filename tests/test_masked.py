@@ -174,7 +174,7 @@ def test_cli_fills_and_inpaints(tmp_path):
 def test_masked_models_can_be_calibrated():
     from genai_cli.evaluation.calibrate import calibration_families, prediction_logits
 
-    assert {"masked_pixel", "maskgit"} <= set(calibration_families())
+    assert {"masked", "maskgit"} <= set(calibration_families())
     model = tiny_model("masked_pixel")
     x = torch.rand(4, *SPEC.shape)
     logits, targets = prediction_logits(model, (x, torch.zeros(4, dtype=torch.long)))

@@ -74,12 +74,12 @@ def collect_predictions(model, data, indices: Tensor, batch_size: int, device: t
                         max_logits: int) -> tuple[Tensor, Tensor, int]:
     """(logits (N, K) float32, targets (N,), images used) of the validation images ``indices``, in that order,
     stopping before the logits would pass ``max_logits`` (a 28x28 image at 256 levels gives 200k of them)."""
-    from ..data import to_float
+    from ..data import model_input
 
     logits, targets, kept, images = [], [], 0, 0
     for i in range(0, indices.numel(), batch_size):
         idx = indices[i:i + batch_size]
-        batch = (to_float(data.val_x[idx]).to(device), data.val_y[idx].to(device))
+        batch = (model_input(data.val_x[idx], data.spec).to(device), data.val_y[idx].to(device))
         z, y = prediction_logits(model, batch)  # (N, K), (N,)
         if kept and kept + z.numel() > max_logits:
             break

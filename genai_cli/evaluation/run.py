@@ -54,11 +54,12 @@ def draw_samples(model, n: int, seed: int, options: dict[str, Any], device: torc
 @torch.no_grad()
 def validation_metrics(model, data, cfg, device: torch.device, max_images: int) -> dict[str, float]:
     """The family's own validation_metrics over the validation split (bits/dim, diagnostics), in fp32."""
-    from ..data import to_float
+    from ..data import model_input
 
     n = min(data.val_x.shape[0], max_images)
     bs = cfg.train.batch_size
-    batches = ((to_float(data.val_x[i:i + bs]).to(device), data.val_y[i:i + bs].to(device)) for i in range(0, n, bs))
+    batches = ((model_input(data.val_x[i:i + bs], data.spec).to(device), data.val_y[i:i + bs].to(device))
+               for i in range(0, n, bs))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(1234)  # the trainer's validation seed: the same numbers as its val records
         return model.validation_metrics(batches)

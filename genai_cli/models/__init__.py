@@ -13,4 +13,5 @@ from . import (
     pixelcnn,  # noqa: F401
     row_lstm,  # noqa: F401
     vae,  # noqa: F401
+    vqvae,  # noqa: F401
 )

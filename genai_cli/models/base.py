@@ -80,6 +80,8 @@ class GenerativeModel(nn.Module):
     sample_options: ClassVar[frozenset[str]] = frozenset()
     # True for families drawing discrete pixels/tokens through genai_cli.sampling.
     discrete: ClassVar[bool] = False
+    # The kinds of data (genai_cli.spec: "image", "tokens") the family models; build_model refuses the others.
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
 
     # Overrides that make the family tiny, used by the registry-wide tests (and handy in notebooks).
     tiny: ClassVar[dict[str, Any]] = {}

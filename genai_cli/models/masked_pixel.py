@@ -1,4 +1,5 @@
-"""A BERT-style masked pixel model: a bidirectional transformer that predicts masked pixels from both sides.
+"""A BERT-style masked model (``masked``; ``masked_pixel`` is its first name): a bidirectional transformer that
+predicts masked pixels, or characters of a text, from both sides.
 
 The image is the raster sequence of sub-pixel tokens of the autoregressive families (K intensity levels, 2 on
 binarised data), but instead of painting left to right the model fills blanks anywhere: trained by masking a
@@ -20,7 +21,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..nn.autoregressive import dequantize, image_to_tokens, quantize, resolve_levels, tokens_to_image
+from ..errors import GenaiError
+from ..nn.autoregressive import (
+    TEXT_OPTIONS,
+    dequantize,
+    image_to_tokens,
+    quantize,
+    resolve_levels,
+    tokens_to_image,
+)
 from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel, MaskedTransformer
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
@@ -46,17 +55,24 @@ class Config:
     guidance: float = 1.0
 
 
-@register_model("masked_pixel", "BERT-style bidirectional transformer over pixels: one-shot/iterative fill, "
-                                "inpainting, a likelihood bound")
+@register_model("masked", "BERT-style bidirectional transformer over pixels or characters: one-shot/iterative "
+                          "fill, inpainting, a likelihood bound", aliases=("masked_pixel",))
 class MaskedPixel(MaskedTokenModel, GenerativeModel):
     Config = Config
     tiny = {"d_model": 16, "heads": 2, "layers": 1, "levels": 4, "steps": 4}
-    sample_options = MASKED_SAMPLE_OPTIONS | {"inpaint", "labels", "guidance"}
+    sample_options = MASKED_SAMPLE_OPTIONS | TEXT_OPTIONS | {"inpaint", "labels", "guidance", "blank"}
+    modalities = ("image", "tokens")
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)
-        self.levels = resolve_levels(config.levels, spec)
-        self.vocab, self.seq_len = self.levels, spec.dims
+        if spec.kind == "tokens":
+            if config.levels:
+                raise GenaiError("model.levels sets the intensity levels of images; a text model's tokens are its "
+                                 "characters: drop model.levels")
+            self.levels, self.seq_len = spec.vocab_size, spec.block_size
+        else:
+            self.levels, self.seq_len = resolve_levels(config.levels, spec), spec.dims
+        self.vocab = self.levels
         self.network = MaskedTransformer(self.levels, self.seq_len, config.d_model, config.heads, config.layers,
                                          config.mlp_ratio, config.dropout,
                                          spec.num_classes if config.class_conditional else 0)
@@ -67,9 +83,13 @@ class MaskedPixel(MaskedTokenModel, GenerativeModel):
         return self.config.class_conditional
 
     def tokens_of(self, x: Tensor) -> Tensor:
+        if self.spec.kind == "tokens":
+            return x.long()
         return image_to_tokens(quantize(x, self.levels))  # (B, H * W * C)
 
     def images_of(self, tokens: Tensor) -> Tensor:
+        if self.spec.kind == "tokens":
+            return tokens  # a text model's samples are its token ids
         return dequantize(tokens_to_image(tokens, self.spec), self.levels)
 
     def token_mask(self, pixel_mask: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Pixel LSTM: the next-pixel model. An image is a sequence of sub-pixels in raster order; an LSTM reads
+"""LSTM (``pixel_lstm`` before text arrived): the next-pixel model, or the next-character model on text. An image is a sequence of sub-pixels in raster order; an LSTM reads
 tokens 0..t-1 and predicts a categorical distribution over the K levels of token t.
 
 Trained with teacher forcing: the input at position t is the true token t-1 (a learned start vector at
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..hardware import recurrent_in_fp32
-from ..nn.autoregressive import AutoregressiveImageModel, Stepper
+from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, AutoregressiveImageModel, Stepper
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
@@ -37,11 +37,15 @@ class Config:
     tbptt: int = 0  # truncate backpropagation through time to this many tokens; 0: through the whole image
 
 
-@register_model("pixel_lstm", "next-pixel LSTM over the raster sequence of (sub-)pixels, categorical over K levels")
+@register_model("lstm", "next-token LSTM over the raster sequence of (sub-)pixels or over characters",
+                aliases=("pixel_lstm",))
 class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
     Config = Config
     tiny = {"hidden": 16, "embed": 8, "levels": 4}
     has_hidden_state = True
+    bounded_context = False  # the state carries through a text of any length
+    modalities = ("image", "tokens")
+    sample_options = AR_SAMPLE_OPTIONS | TEXT_OPTIONS
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)
@@ -58,7 +62,10 @@ class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
 
     @staticmethod
     def _position_features(spec: ImageSpec) -> Tensor:
-        """What each position t predicts: (row, column) in [0, 1], plus a channel one-hot for RGB. (T, P)."""
+        """What each position t predicts: (row, column) in [0, 1], plus a channel one-hot for RGB. (T, P).
+        Text has no rows: no features (P = 0)."""
+        if spec.kind == "tokens":
+            return torch.zeros(spec.block_size, 0)
         c, h, w = spec.shape
         rows = torch.arange(h).repeat_interleave(w * c) / max(h - 1, 1)
         cols = torch.arange(w).repeat_interleave(c).repeat(h) / max(w - 1, 1)
@@ -70,6 +77,8 @@ class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
     def _lstm_inputs(self, previous: Tensor, start: int) -> Tensor:
         """Inputs of positions start .. start+L-1 from the embeddings of their previous tokens (B, L, E)."""
         b, length, _ = previous.shape
+        if self.position_features.shape[1] == 0:
+            return previous  # text: any position, no features
         feats = self.position_features[start:start + length].to(previous.dtype)
         return torch.cat([previous, feats.expand(b, -1, -1)], dim=-1)  # (B, L, E + P)
 

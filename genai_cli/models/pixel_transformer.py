@@ -1,4 +1,5 @@
-"""Pixel transformer: a GPT-style decoder over the raster sequence of sub-pixel tokens.
+"""Transformer (``pixel_transformer`` before text arrived): a GPT-style decoder over the raster sequence of
+sub-pixel tokens, or over characters.
 
 Position t reads the embedding of token t-1 (a learned start vector at t = 0) plus a learned
 positional embedding of t; pre-LayerNorm blocks of causal multi-head self-attention and an MLP
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import GenaiError
-from ..nn.autoregressive import AutoregressiveImageModel, Stepper
+from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, AutoregressiveImageModel, Stepper
 from ..nn.transformer import Block, KVCache
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
@@ -34,10 +35,13 @@ class Config:
     dropout: float = 0.0
 
 
-@register_model("pixel_transformer", "GPT-style causal transformer over sub-pixel tokens, with a key/value cache")
+@register_model("transformer", "GPT-style causal transformer over pixel or character tokens, with a key/value cache",
+                aliases=("pixel_transformer",))
 class PixelTransformer(AutoregressiveImageModel, GenerativeModel):
     Config = Config
     tiny = {"d_model": 16, "heads": 2, "layers": 1, "levels": 4}
+    modalities = ("image", "tokens")
+    sample_options = AR_SAMPLE_OPTIONS | TEXT_OPTIONS
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)

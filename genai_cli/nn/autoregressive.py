@@ -1,4 +1,4 @@
-"""What the raster-order autoregressive families share (pixel LSTM, Row LSTM, PixelCNN, pixel transformer).
+"""What the autoregressive families share (LSTM, Row LSTM, PixelCNN, transformer), over images or text.
 
 An image (B, C, H, W) in [0, 1] becomes a sequence of T = H * W * C tokens: each sub-pixel is quantised
 to one of K levels (round(x * (K - 1))), pixels in raster order (row by row, left to right) and, within
@@ -13,6 +13,12 @@ prefix of real rows. A family implements ``embed`` / ``logits_from_embedding`` (
 split so that tests can take gradients with respect to each position's input) and ``incremental`` (a
 stepper that computes only what the next token needs: a carried LSTM state, a key/value cache, the one
 pixel being sampled).
+
+Text (a ``TokenSpec``): the data already is token ids, K is the vocabulary and T the block size; ``sample``
+continues a ``prompt`` by ``max_new_tokens`` characters and returns the token ids. A family with a bounded
+context (learned positions: the transformer) slides its window when the text outgrows it: the last T / 2 tokens
+are run again as a fresh prefix, so generation costs one prefix pass per T / 2 new tokens beside the single
+steps; a recurrent family carries its state through any length.
 """
 
 from __future__ import annotations
@@ -27,12 +33,38 @@ from torch import Tensor
 
 from ..errors import GenaiError
 from ..sampling import check_sampling_options, sample_logits
-from ..spec import ImageSpec
+from ..spec import ImageSpec, Spec, TokenSpec
 
 # (tokens (n, T) with tokens[:, :pos] final, pos) -> logits (n, K) of token pos.
 Stepper = Callable[[Tensor, int], Tensor]
 
 AR_SAMPLE_OPTIONS = frozenset({"temperature", "top_k", "top_p", "greedy", "noise_std", "noise_on", "prefix_rows"})
+TEXT_OPTIONS = frozenset({"prompt", "max_new_tokens"})  # options of families that also model text
+DEFAULT_NEW_TOKENS = 256  # characters a text model writes when --max-new-tokens is not given
+
+
+def prompt_ids(spec: TokenSpec, prompt: str | Tensor | None, blank: str | None = None) -> Tensor:
+    """A prompt (text, or token ids) -> (P,) long ids; an unknown character is a one-line error naming it."""
+    if prompt is None:
+        return torch.zeros(0, dtype=torch.long)
+    if isinstance(prompt, Tensor):
+        return prompt.long().reshape(-1)
+    if not isinstance(prompt, str):
+        raise GenaiError(f"--prompt must be text, got {type(prompt).__name__}")
+    return torch.tensor(spec.encode(prompt, blank), dtype=torch.long)
+
+
+def check_modality_options(spec: Spec, prompt=None, max_new_tokens=None, prefix_rows=None) -> None:
+    """--prompt and --max-new-tokens are for text runs, --prefix-rows for image runs: one line when crossed."""
+    if spec.kind == "tokens" and prefix_rows:
+        raise GenaiError("--prefix-rows completes images; this run models text: continue a text with --prompt")
+    if spec.kind != "tokens" and (prompt is not None or max_new_tokens is not None):
+        flag = "--prompt" if prompt is not None else "--max-new-tokens"
+        raise GenaiError(f"{flag} continues a text; this run models {spec.describe()} images: complete images with "
+                         f"--prefix-rows")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise GenaiError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
 def resolve_levels(levels: int, spec: ImageSpec) -> int:
@@ -104,11 +136,19 @@ class AutoregressiveImageModel:
     sample_options = AR_SAMPLE_OPTIONS
     # True where a recurrent hidden state exists, so --noise-on hidden has something to perturb.
     has_hidden_state: ClassVar[bool] = False
+    # True where positions are learned for T tokens (the transformer): text longer than T slides the window.
+    bounded_context: ClassVar[bool] = True
 
-    def __init__(self, config, spec: ImageSpec):
+    def __init__(self, config, spec: Spec):
         super().__init__(config, spec)
-        self.levels = resolve_levels(config.levels, spec)
-        self.seq_len = spec.dims  # T = H * W * C tokens
+        if spec.kind == "tokens":
+            if config.levels:
+                raise GenaiError("model.levels sets the intensity levels of images; a text model's tokens are its "
+                                 "characters: drop model.levels")
+            self.levels, self.seq_len = spec.vocab_size, spec.block_size
+        else:
+            self.levels = resolve_levels(config.levels, spec)
+            self.seq_len = spec.dims  # T = H * W * C tokens
 
     # -- what a family implements -----------------------------------------------------------------
     def embed(self, tokens: Tensor) -> Tensor:
@@ -129,6 +169,8 @@ class AutoregressiveImageModel:
 
     # -- training and likelihood ------------------------------------------------------------------
     def tokenize(self, x: Tensor) -> Tensor:
+        if self.spec.kind == "tokens":
+            return x.long()  # (B, T) token ids already
         return image_to_tokens(quantize(x, self.levels))
 
     def seq_logits(self, tokens: Tensor) -> Tensor:
@@ -151,15 +193,17 @@ class AutoregressiveImageModel:
     def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
                noise_std: float | None = None, noise_on: str | None = None, prefix_rows: int | None = None,
-               prefix: Tensor | None = None) -> Tensor:
-        """Draw n images (n, C, H, W) in [0, 1] token by token, reusing computation between tokens.
+               prefix: Tensor | None = None, prompt: str | Tensor | None = None,
+               max_new_tokens: int | None = None) -> Tensor:
+        """Draw n images (n, C, H, W) in [0, 1] token by token, reusing computation between tokens; for a text
+        model, n texts (n, P + max_new_tokens) of token ids continuing ``prompt`` (P characters, may be empty).
 
         ``prefix`` (m, C, H, W) in [0, 1] with n a multiple of m: its first ``prefix_rows`` rows are kept
         and the rest is generated, n // m completions per image, consecutive.
         """
         return self._sample(n, generator, naive=False, temperature=temperature, top_k=top_k, top_p=top_p,
                             greedy=greedy, noise_std=noise_std, noise_on=noise_on, prefix_rows=prefix_rows,
-                            prefix=prefix)
+                            prefix=prefix, prompt=prompt, max_new_tokens=max_new_tokens)
 
     @torch.no_grad()
     def sample_naive(self, n: int, *, generator: torch.Generator | None = None, **options) -> Tensor:
@@ -169,10 +213,13 @@ class AutoregressiveImageModel:
     def _sample(self, n: int, generator: torch.Generator | None, naive: bool, temperature: float | None = None,
                 top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
                 noise_std: float | None = None, noise_on: str | None = None, prefix_rows: int | None = None,
-                prefix: Tensor | None = None) -> Tensor:
-        c, h, w = self.spec.shape
+                prefix: Tensor | None = None, prompt: str | Tensor | None = None,
+                max_new_tokens: int | None = None) -> Tensor:
+        text = self.spec.kind == "tokens"
+        check_modality_options(self.spec, prompt, max_new_tokens, prefix_rows)
         check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, noise_std=noise_std,
-                               prefix_rows=prefix_rows, height=h, noise_on=noise_on)
+                               prefix_rows=None if text else prefix_rows, height=None if text else self.spec.size,
+                               noise_on=noise_on)
         temperature = 1.0 if temperature is None else float(temperature)
         noise_std = float(noise_std or 0.0)
         noise_on = noise_on or "logits"
@@ -182,22 +229,39 @@ class AutoregressiveImageModel:
         if noise_on == "hidden" and naive and noise_std:
             raise GenaiError("the naive sampler re-runs the forward and cannot replay noise on the hidden state: "
                              "use --noise-on logits")
-        tokens = torch.zeros(n, self.seq_len, dtype=torch.long, device=self.device)
-        start = self._fill_prefix(tokens, prefix, prefix_rows or 0)
-        if naive:
-            step: Stepper = self.naive_logits
+        if text:
+            given = prompt_ids(self.spec, prompt).to(self.device)
+            length = given.shape[0] + (DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
+            tokens = torch.zeros(n, length, dtype=torch.long, device=self.device)
+            tokens[:, :given.shape[0]] = given
+            start = given.shape[0]
         else:
-            step = self.incremental(n, noise_std if noise_on == "hidden" else 0.0, generator)
+            length = self.seq_len
+            tokens = torch.zeros(n, length, dtype=torch.long, device=self.device)
+            start = self._fill_prefix(tokens, prefix, prefix_rows or 0)
+
+        def new_stepper() -> Stepper:
+            if naive:
+                return self.naive_logits
+            return self.incremental(n, noise_std if noise_on == "hidden" else 0.0, generator)
+
+        step, window = new_stepper(), 0  # the stepper sees tokens[:, window:]
+        if self.bounded_context and start > self.seq_len:
+            window = start - self.seq_len // 2  # a long prompt: its last T / 2 tokens as the first prefix
         logit_noise = noise_std if noise_on == "logits" else 0.0
         was_training = self.training
         self.eval()
         try:
-            for pos in range(start, self.seq_len):
-                logits = step(tokens, pos)  # (n, K), from tokens[:, :pos] only
+            for pos in range(start, length):
+                if self.bounded_context and pos - window >= self.seq_len:  # the window is full: slide by T / 2
+                    window, step = pos - self.seq_len // 2, new_stepper()
+                logits = step(tokens[:, window:], pos - window)  # (n, K), from tokens[:, :pos] only
                 tokens[:, pos] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                                greedy=bool(greedy), noise_std=logit_noise, generator=generator)
         finally:
             self.train(was_training)
+        if text:
+            return tokens
         return dequantize(tokens_to_image(tokens, self.spec), self.levels)
 
     def _fill_prefix(self, tokens: Tensor, prefix: Tensor | None, prefix_rows: int) -> int:

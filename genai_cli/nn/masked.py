@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..sampling import check_sampling_options, sample_logits
+from .autoregressive import check_modality_options, prompt_ids
 from .transformer import Block
 
 MASK_SCHEDULES = ("uniform", "cosine")
@@ -47,6 +48,7 @@ UNIFORM_RATES = (0.15, 0.40)
 FILLS = ("iterative", "one-shot")
 MASKED_SAMPLE_OPTIONS = frozenset({"temperature", "top_k", "top_p", "greedy", "noise_std", "fill", "steps",
                                    "choice_temperature"})
+BLANK = "_"  # the placeholder of a character to fill in a masked model's text prompt (--blank changes it)
 
 
 def gamma(r: float | Tensor) -> float | Tensor:
@@ -110,7 +112,7 @@ class MaskedTransformer(nn.Module):
             nn.init.normal_(emb, std=0.02)
 
     def forward(self, tokens: Tensor, labels: Tensor | None = None) -> Tensor:
-        x = self.token_embedding(tokens) + self.position_embedding  # (B, N, d)
+        x = self.token_embedding(tokens) + self.position_embedding[:tokens.shape[1]]  # (B, N, d); text may be shorter
         if self.class_embedding is not None:
             if labels is None:
                 labels = torch.full((tokens.shape[0],), self.class_embedding.num_embeddings - 1, device=tokens.device)
@@ -294,15 +296,22 @@ class MaskedTokenModel:
                steps: int | None = None, choice_temperature: float | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, greedy: bool | None = None,
                noise_std: float | None = None, labels=None, guidance: float | None = None,
-               known: Tensor | None = None, mask: Tensor | None = None, trace: list[Tensor] | None = None) -> Tensor:
+               known: Tensor | None = None, mask: Tensor | None = None, prompt: str | Tensor | None = None,
+               max_new_tokens: int | None = None, blank: str | None = None,
+               trace: list[Tensor] | None = None) -> Tensor:
         """n images (n, C, H, W) in [0, 1], every token masked at the start; or, with ``known`` (m, C, H, W) images
         in [0, 1] and ``mask`` (m, 1, H, W) bool (True: redraw), n // m completions of each, consecutive, whose
-        pixels outside the mask are exactly the known ones (families that offer "inpaint")."""
+        pixels outside the mask are exactly the known ones (families that offer "inpaint").
+        Text: n texts (n, L) of token ids: a whole block from scratch, or ``prompt`` with its ``blank`` characters
+        (default "_") filled and ``max_new_tokens`` more blanks after it; the other characters stay as given."""
         check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, noise_std=noise_std)
+        check_modality_options(self.spec, prompt, max_new_tokens)
         steps, ct, g = self.check_fill_options(fill, steps, choice_temperature, guidance)
         device = self.device
         labels = self._labels(labels, n, device)
-        if known is None:
+        if self.spec.kind == "tokens":
+            tokens = self._text_tokens(prompt, max_new_tokens, blank, n)
+        elif known is None:
             tokens = torch.full((n, self.seq_len), self.mask_id, dtype=torch.long, device=device)
         else:
             known, mask = self._check_known(known, mask, n)
@@ -318,6 +327,24 @@ class MaskedTokenModel:
             self.train(was_training)
         images = self.images_of(tokens)
         return images if known is None else torch.where(mask, images, known)
+
+    def _text_tokens(self, prompt, max_new_tokens: int | None, blank: str | None, n: int) -> Tensor:
+        """(n, L) ids with mask_id at the characters to fill (see ``sample``)."""
+        blank = BLANK if blank is None else blank
+        if not isinstance(blank, str) or len(blank) != 1:
+            raise GenaiError(f"--blank must be one character, got {blank!r}")
+        if prompt is None and max_new_tokens is None:
+            ids = torch.full((self.seq_len,), -1, dtype=torch.long)  # a whole block from scratch
+        else:
+            ids = torch.cat([prompt_ids(self.spec, prompt, blank),
+                             torch.full((max_new_tokens or 0,), -1, dtype=torch.long)])
+        if ids.shape[0] > self.seq_len:
+            raise GenaiError(f"this masked model reads {self.seq_len} characters at once; the prompt and "
+                             f"--max-new-tokens make {ids.shape[0]}: shorten them")
+        if not (ids == -1).any():
+            raise GenaiError(f"nothing to fill: mark the characters to fill with '{blank}' in --prompt (or choose "
+                             f"another placeholder with --blank), or add --max-new-tokens")
+        return torch.where(ids >= 0, ids, self.mask_id).to(self.device).expand(n, -1).clone()
 
     def token_mask(self, pixel_mask: Tensor) -> Tensor:
         """(B, 1, H, W) bool pixels to redraw -> (B, N) bool tokens to mask (families that offer "inpaint")."""
