@@ -104,7 +104,8 @@ def train(
         talk = out if ctx.is_main else Console(quiet=True)
         processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
         talk.print(f"run [bold]{trainer.run_dir}[/] | family {cfg.family} | data {cfg.data.name} "
-                   f"{trainer.data.spec.shape} | {sum(p.numel() for p in trainer.model.parameters()):,} parameters "
+                   f"{data_shape(trainer.data.spec)} | "
+                   f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters "
                    f"| device {trainer.device} | precision {trainer.precision.describe()}"
                    f"{processes} | steps {trainer.step}->{trainer.total_steps}")
         try:
@@ -170,6 +171,12 @@ def sample(
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM: 0 deterministic, 1 DDPM-like."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
     label: Optional[int] = typer.Option(None, "--label", help="Class to draw (conditional families)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text runs: the text to continue (masked model: "
+                                         "the text whose --blank characters to fill)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Text runs: characters to write "
+                                                 "after the prompt (default 256)."),
+    blank: Optional[str] = typer.Option(None, "--blank", help="Masked text runs: the placeholder of a character to "
+                                        "fill in --prompt (default _)."),
     sweep: list[str] = typer.Option([], "--sweep", help="Mode: one labelled row per value, e.g. "
                                     "--sweep temperature=0.5,1,1.5 (several --sweep: every combination)."),
     prefix_rows: Optional[int] = typer.Option(None, "--prefix-rows", help="Mode: complete real validation images "
@@ -189,7 +196,8 @@ def sample(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ):
-    """Draw images from a trained model into a PNG grid (or an .npz of raw images).
+    """Draw images from a trained model into a PNG grid (or an .npz of raw images); texts from a text run (printed,
+    and written to a .txt).
 
     One mode at a time: plain samples (default), --sweep, --prefix-rows, --mask, or a latent walk (--interpolate,
     --traverse, --traverse-dim). Options a family or a mode cannot honour are refused."""
@@ -210,7 +218,8 @@ def sample(
 
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy or None,
              "noise_std": noise_std, "noise_on": noise_on, "steps": steps, "sampler": sampler, "eta": eta,
-             "guidance": guidance, "labels": label, "fill": fill, "choice_temperature": choice_temperature}
+             "guidance": guidance, "labels": label, "fill": fill, "choice_temperature": choice_temperature,
+             "prompt": prompt, "max_new_tokens": max_new_tokens, "blank": blank}
     options = {k: temp(v) if k == "temperature" else v for k, v in given.items() if v is not None}
     sweeps = [(k, tuple(temp(v) if k == "temperature" else v for v in values))
               for k, values in gen.parse_sweeps(sweep)]
@@ -220,13 +229,17 @@ def sample(
                                 defaults={"n": cfg.sample.n, "seed": cfg.sample.seed, **cfg.sample.options()})
     plan = gen.plan(model, request)  # every refusal happens here, before any work
     run = run_of_checkpoint(ckpt)
-    out_file = gen.check_out_path(out_path or (run / "samples" if run else Path(".")) / f"sample_{plan.seed}.png",
-                                  plan.mode)
+    kind = model.spec.kind
+    suffix = ".txt" if kind == "tokens" else ".png"
+    out_file = gen.check_out_path(out_path or (run / "samples" if run else Path(".")) / f"sample_{plan.seed}{suffix}",
+                                  plan.mode, kind)
     dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
     samples = gen.draw(model, request, images=images, device=dev)
     samples.save(out_file)
     if not quiet:
+        if samples.texts is not None:
+            out.print(samples.text(), markup=False, highlight=False, soft_wrap=True)
         out.print(f"wrote {out_file} ({samples.describe()}, seed {plan.seed})", markup=False)
 
 
@@ -307,7 +320,7 @@ def inspect(
         cfg = load_config(target)
         spec = peek_spec(cfg.data)
         model = build_model(cfg.family, cfg.model, spec, root=resolve_runs_dir(runs_dir))  # resolves its parents
-        out.print(f"[bold]{target}[/]: family [bold]{cfg.family}[/], data {cfg.data.name} {spec.shape}, "
+        out.print(f"[bold]{target}[/]: family [bold]{cfg.family}[/], data {cfg.data.name} {data_shape(spec)}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters (not trained)")
         for line in describe_lineage(Path(target).stem, model.parents.resolved):
             out.print(f"builds on: {line}", markup=False)
@@ -323,7 +336,12 @@ def inspect(
     table.add_column("what")
     table.add_column("value")
     table.add_row("family", state["family"])
-    table.add_row("dataset", f"{cfg['data']['name']} {tuple(model.spec.shape)}, {model.spec.num_classes} classes")
+    table.add_row("dataset", f"{cfg['data']['name']} {data_shape(model.spec)}"
+                  + (f", {model.spec.num_classes} classes" if model.spec.kind == "image" else ""))
+    if model.spec.kind == "tokens":
+        vocab = model.spec.vocab
+        more = " ..." if len(vocab) > 60 else ""
+        table.add_row("vocabulary", escape(f"{len(vocab)} characters: {vocab[:60]!r}{more}"))
     frozen = frozen_parameters(model)
     table.add_row("parameters", f"{sum(p.numel() for p in model.parameters()):,}"
                   + (f" (+ {frozen:,} frozen in the runs it builds on)" if frozen else ""))
@@ -369,9 +387,34 @@ def inspect(
             k = min(2000, data.val_x.shape[0])
             path = plot_latents(model, to_float(data.val_x[:k]), data.val_y[:k], run / "latents_pca.png")
             table.add_row("latent space", f"{path} (PCA of {k} validation latents, coloured by class)")
+    if model.spec.kind == "tokens" and model.generative:
+        table.add_row("a sample", escape(text_sample(model, cfg, dev)))
     out.print(table)
     out.print(parameter_table(model))
     out.print(config_table(cfg))
+
+
+def data_shape(spec) -> str:
+    """'(1, 28, 28)' for images, 'text, 64-character blocks, 65-character vocabulary' for text."""
+    if spec.kind == "tokens":
+        return f"text, {spec.block_size}-character blocks, {spec.vocab_size}-character vocabulary"
+    return str(tuple(spec.shape))
+
+
+INSPECT_SAMPLE_CHARS = 160
+
+
+def text_sample(model, cfg: dict, dev) -> str:
+    """One short text drawn with the run's sampling defaults (seed 0), as inspect shows a text run."""
+    import torch
+
+    from .config import from_dict
+
+    options = {**from_dict(cfg).sample.options(), "max_new_tokens": INSPECT_SAMPLE_CHARS}
+    model.to(dev).eval()
+    with torch.no_grad():
+        tokens = model.sample(1, generator=torch.Generator(dev).manual_seed(0), **options)
+    return model.spec.decode(tokens[0].tolist())
 
 
 # -- evaluate -----------------------------------------------------------------------------------

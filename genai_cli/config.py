@@ -125,6 +125,8 @@ class SampleConfig:
     guidance: float | None = None
     fill: str | None = None  # masked models: iterative or one-shot
     choice_temperature: float | None = None
+    prompt: str | None = None  # text runs: the text the samples continue
+    max_new_tokens: int | None = None  # text runs: characters written after the prompt
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("n", "seed") and v is not None}

@@ -13,6 +13,10 @@ sampling options (temperature, top-k, steps, guidance, labels, ...).
                            random[:p]) keeping the rest exactly; the AR families' Prefix(rows) is Inpaint("bottom")
                            with the boundary at a given row
 
+Text runs (a ``TokenSpec``) draw in Plain and Sweep modes; ``prompt``, ``max_new_tokens`` (and a masked model's
+``blank``) are options, so a sweep continues the same prompt once per setting. ``Samples.texts`` then holds the
+decoded texts, and ``Samples.save`` writes a .txt (one labelled block per sweep setting).
+
 ``plan(model, request)`` checks a request once, in one place, before any work: the mode and every option
 against the family (``sample_options``) and against the mode (an option that cannot be honoured is a one-line
 ``GenaiError``, never dropped), every value, and how many real images the mode needs (``Plan.real_images``).
@@ -52,7 +56,9 @@ OPTION_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--
                 "steps": "--steps", "sampler": "--sampler", "eta": "--eta", "guidance": "--guidance",
                 "labels": "--label", "interpolate": "--interpolate", "traverse": "--traverse",
                 "traverse_dim": "--traverse-dim", "inpaint": "--mask", "fill": "--fill",
-                "choice_temperature": "--choice-temperature"}
+                "choice_temperature": "--choice-temperature", "prompt": "--prompt",
+                "max_new_tokens": "--max-new-tokens", "blank": "--blank"}
+TEXT_KEYS = frozenset({"prompt", "max_new_tokens", "blank"})  # options that only a text run takes
 # sample_options entries that name a mode a family offers, not an option of its sample(): a request selects
 # them through ``SampleRequest.mode``.
 MODE_KEYS = frozenset({"prefix_rows", "interpolate", "traverse", "traverse_dim", "inpaint"})
@@ -335,6 +341,7 @@ def plan(model, request: SampleRequest) -> Plan:
         mode.probability()  # a malformed region fails here
     cls, family = type(model), family_of(model)
     options = dict(request.options)
+    _check_modality(model, mode, options)
     for key in options:
         if key in MODE_KEYS:
             raise GenaiError(f"{flag_of(key)} chooses a way of drawing, not an option of it: "
@@ -389,6 +396,21 @@ def _plan_completion(mode: Prefix | Inpaint, n: int, common: dict[str, Any]) -> 
     return Plan(mode=mode, n=n, real_images=originals, rows=originals, per_row=n // originals, **common)
 
 
+def _check_modality(model, mode: Mode, options: Mapping[str, Any]) -> None:
+    """Text runs take prompts and draw plain or swept; image runs take no prompt. One line each way."""
+    if model.spec.kind == "tokens":
+        if not isinstance(mode, (Plain, Sweep)):
+            raise GenaiError(f"{mode.flag} works on images; this run models {model.spec.describe()}: continue a "
+                             f"text with --prompt (and --max-new-tokens)")
+        if "labels" in options:
+            raise GenaiError("--label needs a class-conditional image model; this run models text")
+    else:
+        for key in options:
+            if key in TEXT_KEYS:
+                raise GenaiError(f"{flag_of(key)} is for text runs; this run models {model.spec.describe()} images: "
+                                 f"complete images with --prefix-rows or --mask")
+
+
 def _check_axes(mode: Sweep) -> None:
     seen = set()
     for key, values in mode.axes:
@@ -441,26 +463,45 @@ class Samples:
     (N,) the class each image was drawn with (conditional families; None otherwise); ``nrow`` images per grid
     row; ``row_names`` one name per row (sweeps), written beside the rows of the PNG."""
 
-    images: Tensor
+    images: Tensor  # text runs: the token ids (N, L)
     labels: Tensor | None
     nrow: int
     row_names: list[str] | None = None
     seed: int = 0
+    texts: list[str] | None = None  # text runs: the decoded texts, in grid order
 
     def describe(self) -> str:
+        what = "texts" if self.texts is not None else "images"
         if self.row_names:
-            return f"{len(self.row_names)} settings x {self.nrow} images"
+            return f"{len(self.row_names)} settings x {self.nrow} {what}"
+        if self.texts is not None:
+            return f"{len(self.texts)} texts of {self.images.shape[1]} characters"
         return f"{self.images.shape[0]} images {tuple(self.images.shape[1:])}"
 
+    def text(self) -> str:
+        """The texts as written to a .txt: separated by a rule; a sweep's under one header per setting."""
+        texts = self.texts or []
+        blocks = [texts[i:i + self.nrow] for i in range(0, len(texts), self.nrow)] if self.row_names else [texts]
+        out = []
+        for i, block in enumerate(blocks):
+            if self.row_names:
+                out.append(f"=== {self.row_names[i]} ===")
+            out.append("\n----\n".join(block))
+        return "\n\n".join(out) + "\n"
+
     def save(self, path: str | Path) -> Path:
-        """A PNG grid (labelled rows for a sweep) or an .npz with ``images`` (and ``labels``)."""
+        """A PNG grid (labelled rows for a sweep) or an .npz with ``images`` (and ``labels``); text runs: a .txt."""
         import numpy as np
 
         from .runs import labelled_grid, save_grid
 
-        path = check_out_path(path, Sweep(()) if self.row_names else None)
+        path = check_out_path(path, Sweep(()) if self.row_names else None,
+                              kind="tokens" if self.texts is not None else "image")
         try:
-            if path.suffix == ".npz":
+            if path.suffix == ".txt":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(self.text(), encoding="utf-8")
+            elif path.suffix == ".npz":
                 arrays = {"images": self.images.numpy().astype(np.float32)}
                 if self.labels is not None:
                     arrays["labels"] = self.labels.numpy()
@@ -475,13 +516,17 @@ class Samples:
         return path
 
 
-def check_out_path(path: str | Path, mode: Mode | None = None) -> Path:
-    """Refuse, before drawing, an output file that cannot be written: wrong suffix, a folder, a parent that is
-    a file, or a folder we may not write to (tried with a temporary file, so it holds for root too)."""
+def check_out_path(path: str | Path, mode: Mode | None = None, kind: str = "image") -> Path:
+    """Refuse, before drawing, an output file that cannot be written: wrong suffix (images: .png or .npz; text
+    runs, ``kind`` "tokens": .txt), a folder, a parent that is a file, or a folder we may not write to (tried
+    with a temporary file, so it holds for root too)."""
     path = Path(path)
-    if path.suffix not in (".png", ".npz"):
+    if kind == "tokens":
+        if path.suffix != ".txt":
+            raise GenaiError(f"this run writes text: --out must end in .txt, got '{path}'")
+    elif path.suffix not in (".png", ".npz"):
         raise GenaiError(f"--out must end in .png (a grid) or .npz (raw images), got '{path}'")
-    if isinstance(mode, Sweep) and path.suffix != ".png":
+    if isinstance(mode, Sweep) and path.suffix not in (".png", ".txt"):
         raise GenaiError("--sweep draws a labelled PNG; use --out NAME.png")
     if path.is_dir():
         raise GenaiError(f"--out '{path}' is a folder; give a file name ending in .png or .npz")
@@ -569,6 +614,13 @@ def _cpu(images: Tensor) -> Tensor:
     return images.float().cpu()
 
 
+def _texts(model, tokens: Tensor) -> list[str] | None:
+    """Token ids (N, L) -> the decoded texts, for a text run; None for an image run."""
+    if model.spec.kind != "tokens":
+        return None
+    return [model.spec.decode(row) for row in tokens.tolist()]
+
+
 def _draw_plain(model, p: Plan, images, dev) -> Samples:
     from .runs import grid_rows
 
@@ -576,16 +628,20 @@ def _draw_plain(model, p: Plan, images, dev) -> Samples:
     extra = {} if labels is None else {"labels": labels}
     out = model.sample(p.n, generator=_generator(p, dev), **p.options, **extra)
     nrow = model.spec.num_classes if labels is not None and p.labels is None else grid_rows(p.n)
-    return Samples(_cpu(out), None if labels is None else labels.cpu(), nrow)
+    return Samples(_cpu(out), None if labels is None else labels.cpu(), nrow, texts=_texts(model, out))
 
 
 def _draw_sweep(model, p: Plan, images, dev) -> Samples:
     labels = _labels(model, p, p.n, dev)
     extra = {} if labels is None else {"labels": labels}
-    rows = [_cpu(model.sample(p.n, generator=_generator(p, dev), **s, **extra)) for s in p.settings]
+    rows = [model.sample(p.n, generator=_generator(p, dev), **s, **extra).cpu() for s in p.settings]
     axes = [key for key, _ in p.mode.axes]
     names = [" ".join(f"{k}={s[k]}" for k in axes) for s in p.settings]
-    return Samples(torch.cat(rows), None if labels is None else labels.cpu().repeat(len(rows)), p.n, names)
+    if model.spec.kind == "tokens":  # texts of different lengths are fine in a .txt; the ids keep the first's
+        texts = [t for row in rows for t in _texts(model, row)]
+        return Samples(rows[0], None, p.n, names, texts=texts)
+    return Samples(torch.cat([_cpu(r) for r in rows]), None if labels is None else labels.cpu().repeat(len(rows)),
+                   p.n, names)
 
 
 def _beside_originals(model, p: Plan, images: Tensor, redrawn: Tensor, completions: Tensor) -> Samples:

@@ -37,7 +37,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, populate: str | None = None):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
-        self._aliases: dict[str, str] = {}  # old name -> name: configs and runs written under a renamed entry still load
+        # old name -> name: configs and runs written under a renamed entry still load
+        self._aliases: dict[str, str] = {}
         self._populate = populate
 
     def _ensure(self) -> None:
@@ -46,7 +47,7 @@ class Registry(Generic[T]):
             importlib.import_module(module)
 
     def register(self, name: str, summary: str = "", aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
-        """Register under ``name``; ``aliases`` (earlier names) resolve to it in ``get`` and ``in``, but are not listed."""
+        """Register under ``name``; ``aliases`` (earlier names) resolve to it in ``get`` and ``in``, unlisted."""
         def decorator(obj: T) -> T:
             for key in (name, *aliases):
                 if key in self._entries or key in self._aliases:

@@ -424,6 +424,14 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(self.cfg.train.sample_seed)
         with self.stepper.autocast():
             images = model.sample(self.cfg.train.sample_n, generator=g, **self.cfg.sample.options())
+        if self.data.spec.kind == "tokens":  # a text run writes its samples as text
+            path = self.run_dir / "samples" / f"step_{self.step:06d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            texts = [self.data.spec.decode(row) for row in images.tolist()]
+            path.write_text("\n----\n".join(texts) + "\n", encoding="utf-8")
+            if self.tb is not None:
+                self.tb.add_text("samples", texts[0], self.step)
+            return path
         path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
         save_grid(images, path)
         if model.reconstruct is not None:  # a row of validation images over a row of their reconstructions

@@ -31,9 +31,13 @@ def tiny_model(family: str, spec: ImageSpec = SPEC, **overrides):
 
 
 def tiny_config(family: str = "ddpm", **train) -> dict:
+    """A tiny run config; a family that builds on other runs names them tiny-<family> (``train_tiny_parents``)."""
+    from genai_cli.config import parent_refs
+
     cls = MODELS.get(family)
+    refs = {key: f"tiny-{ref.accepts[0]}" for key, ref in parent_refs(cls.Config).items()}
     return {
-        "model": {"family": family, **cls.tiny},
+        "model": {"family": family, **refs, **cls.tiny},
         "data": {"name": "shapes", "image_size": 8, "limit": 64},
         "train": {"max_steps": 4, "batch_size": 8, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
                   "sample_every": 2, "sample_n": 4, "warmup_steps": 1, "eval_max_images": 16,
@@ -51,3 +55,19 @@ def invoke(*args, ok=True):
     if ok:
         assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     return result
+
+
+def train_tiny_parents(family: str, runs) -> None:
+    """Train, under ``runs``, the tiny runs that ``tiny_config(family)`` builds on (two steps each)."""
+    import yaml
+
+    from genai_cli.config import parent_refs
+
+    for ref in parent_refs(MODELS.get(family).Config).values():
+        parent = ref.accepts[0]
+        if (runs / f"tiny-{parent}").exists():
+            continue
+        train_tiny_parents(parent, runs)
+        path = runs.parent / f"tiny-{parent}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config(parent, max_steps=2)))
+        invoke("train", path, "--runs-dir", runs, "--name", f"tiny-{parent}", "-q")

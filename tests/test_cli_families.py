@@ -131,7 +131,7 @@ def test_cgan_labels(runs, tmp_path):
     ("pixel_lstm", ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     ("pixel_lstm", ["--temperature", "-1"], "--temperature must be"),
     ("pixel_lstm", ["--prefix-rows", "9"], "beyond the image height 8"),
-    ("pixel_lstm", ["--steps", "5"], "--steps is not an option of family 'pixel_lstm'"),
+    ("pixel_lstm", ["--steps", "5"], "--steps is not an option of family 'lstm'"),
     ("pixel_lstm", ["--label", "1"], "--label is not an option"),
     ("vae", ["--top-k", "3"], "--top-k is not an option of family 'vae'"),
     ("vae", ["--traverse-dim", "99"], "out of range"),

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import tiny_config  # noqa: E402
+from helpers import tiny_config, train_tiny_parents  # noqa: E402
 
 import genai_cli.models  # noqa: E402, F401  (registers the families the tests are parametrised over)
 from genai_cli.registry import MODELS  # noqa: E402
@@ -242,6 +242,7 @@ def test_exact_resume_across_families_and_an_epoch_boundary(tmp_path, monkeypatc
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     runs = tmp_path / "runs"
+    train_tiny_parents(family, runs)
     invoke = CliRunner().invoke
     assert invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "straight", "-q"]).exit_code == 0
     original = Trainer.after_step

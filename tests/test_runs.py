@@ -49,8 +49,8 @@ def test_load_checkpoint_api_gives_a_model_ready_to_sample(tmp_path, config_file
     y = load_checkpoint(tmp_path / "old.pt").sample(2, generator=torch.Generator().manual_seed(0), sampler="ddim",
                                                     steps=3)
     assert torch.equal(x, y)
-    save_checkpoint({**state, "spec": {**state["spec"], "kind": "tokens"}}, tmp_path / "text.pt")
-    with pytest.raises(GenaiError, match="data spec of kind 'tokens' is unknown"):
+    save_checkpoint({**state, "spec": {**state["spec"], "kind": "video"}}, tmp_path / "text.pt")
+    with pytest.raises(GenaiError, match="data spec of kind 'video' is unknown"):
         load_checkpoint(tmp_path / "text.pt")
 
 

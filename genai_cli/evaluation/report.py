@@ -24,6 +24,11 @@ ROWS = [
     ("classes_covered", "classes with >= 2 % of samples", "d"),
     ("confident_share", "share classified with p >= 0.9", ".3f"),
     ("bits_per_dim", "bits/dim (validation)", ".4f"),
+    ("bits_per_char", "bits/character (validation)", ".4f"),
+    ("distinct_2grams", "distinct 2-grams in samples", ".3f"),
+    ("distinct_4grams", "distinct 4-grams in samples", ".3f"),
+    ("distinct_4grams_validation", "distinct 4-grams in as much validation text", ".3f"),
+    ("chars_per_second", "characters written per second", ".1f"),
     ("sample_seconds_per_64", "sampling seconds per 64 images", ".2f"),
     ("reference_fid", "classifier-FID train vs validation (floor)", ".3f"),
 ]

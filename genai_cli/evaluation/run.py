@@ -29,6 +29,8 @@ MAX_REAL_IMAGES = 10_000  # real images (validation split) compared with the sam
 VLB_IMAGES = 500  # validation images of the diffusion bound (k + 1 network passes each)
 VLB_TIMESTEPS = 10  # stratified timesteps per image of the diffusion bound
 SAMPLE_CHUNK = 250  # images drawn per sample() call
+TEXT_SAMPLES = 32  # texts a text run's evaluation writes (at most -n)
+TEXT_NEW_TOKENS = 256  # their length, unless the run's sample section says
 
 
 def sampling_autocast(device: torch.device):
@@ -45,10 +47,12 @@ def draw_samples(model, n: int, seed: int, options: dict[str, Any], device: torc
     t0 = time.perf_counter()
     with sampling_autocast(device):
         for i in range(0, n, SAMPLE_CHUNK):
-            chunks.append(model.sample(min(SAMPLE_CHUNK, n - i), generator=g, **options).float().cpu())
+            chunks.append(model.sample(min(SAMPLE_CHUNK, n - i), generator=g, **options).cpu())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return torch.cat(chunks).clamp(0, 1), time.perf_counter() - t0
+    if model.spec.kind == "tokens":
+        return torch.cat(chunks), time.perf_counter() - t0  # token ids
+    return torch.cat(chunks).float().clamp(0, 1), time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -96,6 +100,32 @@ def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int
     return model.bits_per_dim(total / images, model.spec)
 
 
+def distinct_ngrams(texts: list[str], n: int) -> float:
+    """The share of distinct n-grams among all n-grams of the texts: low when a model loops on the same phrases."""
+    grams = [t[i:i + n] for t in texts for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def text_quality(model, data, k: int, seed: int, defaults: dict[str, Any], overrides: dict | None,
+                 device: torch.device, log: Callable[[str], None]) -> dict[str, float]:
+    """A text run's samples: distinct 1..4-gram shares of k texts (beside the same shares in as many characters of
+    validation text, the reference a model that does not loop reaches), and characters written per second."""
+    options = {**defaults, **(overrides or {})}
+    new = options.get("max_new_tokens") or TEXT_NEW_TOKENS
+    options["max_new_tokens"] = new
+    log(f"writing {k} texts of {new} characters (seed {seed})")
+    tokens, seconds = draw_samples(model, k, seed, options, device)
+    given = tokens.shape[1] - new
+    texts = [model.spec.decode(row[given:]) for row in tokens.long().tolist()]
+    real = "".join(model.spec.decode(row) for row in data.val_x.tolist())
+    chunks = [real[i * new:(i + 1) * new] for i in range(min(k, len(real) // new))]
+    metrics = {"chars_per_second": k * new / seconds}
+    for n in range(1, 5):
+        metrics[f"distinct_{n}grams"] = distinct_ngrams(texts, n)
+        metrics[f"distinct_{n}grams_validation"] = distinct_ngrams(chunks, n)
+    return metrics
+
+
 def load_run(target: str | None, root: Path):
     """(checkpoint path, state, model, config, run folder or None) of a run folder, run name or checkpoint."""
     from ..api import model_from_state
@@ -132,7 +162,12 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
                               "step": int(state["step"]), "seed": seed}
     metrics: dict[str, Any] = {}
 
-    if model.generative:
+    if model.generative and spec.kind == "tokens":
+        metrics.update(text_quality(model, data, min(n, TEXT_SAMPLES), seed, cfg.sample.options(), sample_options,
+                                    dev, log))
+        result["n_samples"] = min(n, TEXT_SAMPLES)
+        result["sample_options"] = {**cfg.sample.options(), **(sample_options or {})}
+    elif model.generative:
         ev_run = resolve_evaluator(evaluator, cfg.data, spec, root, train_missing=train_missing,
                                    target=target or str(run or ckpt), log=log, console=console)
         ev_model, ev_accuracy = load_evaluator(ev_run, dev)
@@ -158,6 +193,8 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     if "bits_per_dim" in val:
         metrics["bits_per_dim"] = val.pop("bits_per_dim")
         result["likelihood"] = "exact" if model.discrete else "lower bound (ELBO)"
+        if spec.kind == "tokens":
+            metrics["bits_per_char"] = val.pop("bits_per_char", metrics["bits_per_dim"])
     elif model.variational_bound is not None:
         k = min(data.val_x.shape[0], VLB_IMAGES)
         log(f"variational bound on {k} validation images ({VLB_TIMESTEPS} timesteps each)")

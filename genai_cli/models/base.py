@@ -147,6 +147,8 @@ class GenerativeModel(nn.Module):
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         if "nll_nats" in metrics:
             metrics["bits_per_dim"] = self.bits_per_dim(metrics["nll_nats"], self.spec)
+            if self.spec.kind == "tokens":  # a text's dimensions are its characters
+                metrics["bits_per_char"] = metrics["bits_per_dim"]
         return metrics
 
     @property

@@ -1,5 +1,7 @@
-"""LSTM (``pixel_lstm`` before text arrived): the next-pixel model, or the next-character model on text. An image is a sequence of sub-pixels in raster order; an LSTM reads
-tokens 0..t-1 and predicts a categorical distribution over the K levels of token t.
+"""LSTM (``pixel_lstm`` before text arrived): the next-pixel model, or the next-character model on text.
+
+An image is a sequence of sub-pixels in raster order (a text, of characters); an LSTM reads tokens 0..t-1 and
+predicts a categorical distribution over the K levels (the vocabulary) of token t.
 
 Trained with teacher forcing: the input at position t is the true token t-1 (a learned start vector at
 t = 0), so one LSTM pass over the sequence gives every position's logits. The LSTM alone cannot know

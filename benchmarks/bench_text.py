@@ -1,0 +1,166 @@
+"""Text (issue 13): our character transformer against Hugging Face's GPT2LMHeadModel at matched size, the LSTM
+beside it, and sampling speed with and without the cache.
+
+    python benchmarks/bench_text.py [--seconds 300] [--data tiny_shakespeare|python_docs] [--threads 2]
+    python benchmarks/bench_text.py --quick       # a few seconds each: checks the script runs
+
+1. Peer. nanoGPT's CPU recipe for Tiny Shakespeare (4 layers, 4 heads, width 128, context 64, batch 12, dropout 0):
+   our ``transformer`` trains through the toolkit's loop (``BudgetTrainer``, warm-up + cosine planned to end with
+   the budget) and ``transformers.GPT2LMHeadModel`` of the same shape through a plain loop with the same AdamW,
+   learning rate, schedule and batches, each for ``--seconds`` of process CPU time, on the same characters and
+   the same split. Reported: training tokens/s (wall) and validation nats per character (all of the validation
+   split, teacher forcing, both in fp32). Without a network the download set is out of reach: ``--data`` picks the
+   offline ``python_docs`` instead, and the table says which.
+2. The LSTM (``configs/lstm_shakespeare_char.yaml``'s shape) for the same budget.
+3. Sampling 300 characters after a prompt, 1 text, with the key/value cache against the naive re-run of the
+   window for every character: characters/s each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_common import ROOT, RUNS, BudgetTrainer, log, machine, markdown
+
+from genai_cli.config import load_config
+from genai_cli.data import load_data
+from genai_cli.runs import new_run
+from genai_cli.train import lr_factor
+
+SCHEDULE = ["train.max_steps=1000000", "train.eval_every=1000000", "train.sample_every=1000000",
+            "train.checkpoint_every=1000000", "train.log_every=100"]
+
+
+def ours(config: str, data_name: str, seconds: float, name: str):
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", SCHEDULE + [f"data.name={data_name}",
+                                                                        "train.precision=fp32"])
+    RUNS.mkdir(parents=True, exist_ok=True)
+    run = new_run(RUNS, name, name, force=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    trainer = BudgetTrainer(cfg, run, quiet=True, budget=seconds)
+    trainer.fit()
+    return cfg, trainer, trainer.elapsed  # wall seconds of the training steps (not the final evaluation)
+
+
+@torch.no_grad()
+def val_nats_per_char(logits_of, val_x: torch.Tensor, batch: int = 64) -> float:
+    total, count = 0.0, 0
+    for i in range(0, val_x.shape[0], batch):
+        x = val_x[i:i + batch]
+        logits = logits_of(x)  # (B, T, V), position t predicting token t from tokens < t
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="sum")
+        total, count = total + float(nll), count + x.numel()
+    return total / count
+
+
+def peer(cfg, data, seconds: float, seed: int = 0):
+    """GPT2LMHeadModel at the same shape; position t reads tokens < t, like ours: the first token of a sequence is
+    predicted from a BOS token (an extra vocabulary entry), as our start vector does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m, t = cfg.model, cfg.data.block_size
+    v = data.spec.vocab_size
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=v + 1, n_positions=t, n_embd=m.d_model, n_layer=m.layers,
+                                       n_head=m.heads, n_inner=m.mlp_ratio * m.d_model, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=v, eos_token_id=v))
+    tc = cfg.train
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    bos = torch.full((tc.batch_size, 1), v, dtype=torch.long)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        inp = torch.cat([bos[:1].expand(x.shape[0], 1), x[:, :-1]], 1)
+        return model(inp).logits[..., :v]
+
+    g = torch.Generator().manual_seed(seed)
+    steps, planned, cpu0, wall0 = 0, 10**9, time.process_time(), time.perf_counter()
+    model.train()
+    while True:
+        used = time.process_time() - cpu0
+        if used >= seconds:
+            break
+        if steps in (10, 50, 100) or (steps > 100 and steps % 100 == 0):
+            planned = max(steps + 1, int(seconds / (used / steps)))
+        for group in opt.param_groups:  # the loop's schedule, planned to end with the budget as BudgetTrainer does
+            group["lr"] = tc.lr * lr_factor(steps, tc.warmup_steps, planned, tc.min_lr_ratio)
+        idx = torch.randint(0, data.train_x.shape[0], (tc.batch_size,), generator=g)
+        x = data.train_x[idx]
+        loss = torch.nn.functional.cross_entropy(logits_of(x).flatten(0, 1), x.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        steps += 1
+    wall = time.perf_counter() - wall0
+    model.eval()
+    return steps, wall, val_nats_per_char(logits_of, data.val_x), sum(p.numel() for p in model.parameters())
+
+
+def sampling_speed(model, chars: int = 300) -> dict[str, float]:
+    out = {}
+    for name, fn in (("cache", model.sample), ("naive", model.sample_naive)):
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        fn(1, generator=g, prompt=model.spec.decode([0]), max_new_tokens=chars)
+        out[name] = chars / (time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=300.0, help="CPU seconds of training per model")
+    parser.add_argument("--data", default="tiny_shakespeare", help="tiny_shakespeare (download) or python_docs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds = 5.0
+    torch.set_num_threads(args.threads)
+    from genai_cli.errors import GenaiError
+
+    try:
+        load_data(load_config(ROOT / "configs" / "gpt_shakespeare_char.yaml", [f"data.name={args.data}"]).data)
+    except GenaiError as e:
+        log(f"{e}\nfalling back to the offline python_docs")
+        args.data = "python_docs"
+    rows = []
+    log(f"ours: transformer for {args.seconds:.0f} CPU s on {args.data}")
+    cfg, trainer, wall = ours("gpt_shakespeare_char", args.data, args.seconds, "bench-text-gpt")
+    data = trainer.data
+    tokens_per_step = cfg.train.batch_size * cfg.data.block_size
+    model = trainer.model.eval()
+    ours_val = val_nats_per_char(model.seq_logits, data.val_x)
+    params = sum(p.numel() for p in model.parameters())
+    rows.append(["genai transformer", f"{params:,}", str(trainer.step), f"{trainer.step * tokens_per_step / wall:,.0f}",
+                 f"{ours_val:.4f}"])
+    log(f"peer: GPT2LMHeadModel for {args.seconds:.0f} CPU s")
+    steps, pwall, peer_val, pparams = peer(cfg, data, args.seconds)
+    rows.append(["transformers GPT2LMHeadModel", f"{pparams:,}", str(steps), f"{steps * tokens_per_step / pwall:,.0f}",
+                 f"{peer_val:.4f}"])
+    log(f"ours: lstm for {args.seconds:.0f} CPU s")
+    lcfg, ltrainer, lwall = ours("lstm_shakespeare_char", args.data, args.seconds, "bench-text-lstm")
+    lstm = ltrainer.model.eval()
+    lstm_val = val_nats_per_char(lstm.seq_logits, ltrainer.data.val_x)
+    rows.append(["genai lstm", f"{sum(p.numel() for p in lstm.parameters()):,}", str(ltrainer.step),
+                 f"{ltrainer.step * lcfg.train.batch_size * lcfg.data.block_size / lwall:,.0f}", f"{lstm_val:.4f}"])
+    speed = {name: sampling_speed(m) for name, m in (("transformer", model), ("lstm", lstm))}
+    print(f"\nCharacter models on {args.data} ({data.spec.vocab_size} characters), {args.seconds:.0f} CPU s of "
+          f"training each, {args.threads} threads, {machine()}\n")
+    print(markdown(["model", "parameters", "steps", "training tokens/s", "validation nats/char"], rows))
+    ratio = float(rows[0][3].replace(",", "")) / float(rows[1][3].replace(",", ""))
+    print(f"\ntokens/s ours / peer: {ratio:.2f}x; validation nats/char ours {ours_val:.4f} vs peer {peer_val:.4f}\n")
+    print(markdown(["model", "chars/s with cache", "chars/s naive", "speed-up"],
+                   [[k, f"{v['cache']:.0f}", f"{v['naive']:.0f}", f"{v['cache'] / v['naive']:.1f}x"]
+                    for k, v in speed.items()]))
+    for name, m in (("transformer", model), ("lstm", lstm)):
+        g = torch.Generator().manual_seed(0)
+        prompt = "ROMEO:" if args.data == "tiny_shakespeare" else "The "
+        texts = m.sample(3, generator=g, prompt=prompt, max_new_tokens=200, temperature=0.8)
+        print(f"\n{name}, temperature 0.8:\n" + "\n----\n".join(m.spec.decode(t) for t in texts.tolist()))
+
+
+if __name__ == "__main__":
+    main()
