@@ -104,7 +104,7 @@ def train(
         talk = out if ctx.is_main else Console(quiet=True)
         processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
         talk.print(f"run [bold]{trainer.run_dir}[/] | family {cfg.family} | data {cfg.data.name} "
-                   f"{data_shape(trainer.data.spec)} | "
+                   f"{trainer.data.spec.describe_data()} | "
                    f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters "
                    f"| device {trainer.device} | precision {trainer.precision.describe()}"
                    f"{processes} | steps {trainer.step}->{trainer.total_steps}")
@@ -229,10 +229,9 @@ def sample(
                                 defaults={"n": cfg.sample.n, "seed": cfg.sample.seed, **cfg.sample.options()})
     plan = gen.plan(model, request)  # every refusal happens here, before any work
     run = run_of_checkpoint(ckpt)
-    kind = model.spec.kind
-    suffix = ".txt" if kind == "tokens" else ".png"
+    suffix = model.spec.sample_suffix
     out_file = gen.check_out_path(out_path or (run / "samples" if run else Path(".")) / f"sample_{plan.seed}{suffix}",
-                                  plan.mode, kind)
+                                  plan.mode, model.spec.kind)
     dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
     samples = gen.draw(model, request, images=images, device=dev)
@@ -320,7 +319,7 @@ def inspect(
         cfg = load_config(target)
         spec = peek_spec(cfg.data)
         model = build_model(cfg.family, cfg.model, spec, root=resolve_runs_dir(runs_dir))  # resolves its parents
-        out.print(f"[bold]{target}[/]: family [bold]{cfg.family}[/], data {cfg.data.name} {data_shape(spec)}, "
+        out.print(f"[bold]{target}[/]: family [bold]{cfg.family}[/], data {cfg.data.name} {spec.describe_data()}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters (not trained)")
         for line in describe_lineage(Path(target).stem, model.parents.resolved):
             out.print(f"builds on: {line}", markup=False)
@@ -336,10 +335,9 @@ def inspect(
     table.add_column("what")
     table.add_column("value")
     table.add_row("family", state["family"])
-    table.add_row("dataset", f"{cfg['data']['name']} {data_shape(model.spec)}"
-                  + (f", {model.spec.num_classes} classes" if model.spec.kind == "image" else ""))
-    if model.spec.kind == "tokens":
-        vocab = model.spec.vocab
+    table.add_row("dataset", f"{cfg['data']['name']} {model.spec.describe_data()}")
+    vocab = getattr(model.spec, "vocab", None)
+    if vocab is not None:
         more = " ..." if len(vocab) > 60 else ""
         table.add_row("vocabulary", escape(f"{len(vocab)} characters: {vocab[:60]!r}{more}"))
     frozen = frozen_parameters(model)
@@ -387,18 +385,11 @@ def inspect(
             k = min(2000, data.val_x.shape[0])
             path = plot_latents(model, to_float(data.val_x[:k]), data.val_y[:k], run / "latents_pca.png")
             table.add_row("latent space", f"{path} (PCA of {k} validation latents, coloured by class)")
-    if model.spec.kind == "tokens" and model.generative:
+    if vocab is not None and model.generative:
         table.add_row("a sample", escape(text_sample(model, cfg, dev)))
     out.print(table)
     out.print(parameter_table(model))
     out.print(config_table(cfg))
-
-
-def data_shape(spec) -> str:
-    """'(1, 28, 28)' for images, 'text, 64-character blocks, 65-character vocabulary' for text."""
-    if spec.kind == "tokens":
-        return f"text, {spec.block_size}-character blocks, {spec.vocab_size}-character vocabulary"
-    return str(tuple(spec.shape))
 
 
 INSPECT_SAMPLE_CHARS = 160

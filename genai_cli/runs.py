@@ -154,6 +154,18 @@ def grid_rows(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
+def save_samples(samples: torch.Tensor, spec, stem: Path) -> Path:
+    """What a family's ``sample`` returned, saved as its spec's kind of file: a PNG grid of images, or the texts of
+    token ids (decoded, separated by a rule) in a .txt. ``stem`` is the path without suffix; returns the file."""
+    path = stem.with_suffix(spec.sample_suffix)
+    if spec.kind == "tokens":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n----\n".join(spec.decode(row) for row in samples.tolist()) + "\n", encoding="utf-8")
+    else:
+        save_grid(samples, path)
+    return path
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, padding: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow or grid_rows(images.shape[0]), padding=padding,

@@ -24,6 +24,7 @@ class ImageSpec:
     """What the data looks like: every family is built for one image shape."""
 
     kind: ClassVar[str] = "image"
+    sample_suffix: ClassVar[str] = ".png"  # what genai sample writes by default: a grid
 
     channels: int = 1
     size: int = 28  # square images, size x size
@@ -42,12 +43,17 @@ class ImageSpec:
         """'1x28x28', as error messages name a shape."""
         return "x".join(str(d) for d in self.shape)
 
+    def describe_data(self) -> str:
+        """What ``genai train`` and ``inspect`` print beside the dataset's name."""
+        return f"{self.shape}" + (f", {self.num_classes} classes" if self.num_classes else "")
+
 
 @dataclass(frozen=True)
 class TokenSpec:
     """Sequences of ``block_size`` tokens from a vocabulary of characters (``vocab[i]`` is token i): text."""
 
     kind: ClassVar[str] = "tokens"
+    sample_suffix: ClassVar[str] = ".txt"  # samples are texts
 
     vocab: str = ""
     block_size: int = 64
@@ -67,6 +73,9 @@ class TokenSpec:
 
     def describe(self) -> str:
         return f"text ({self.block_size} characters of a {self.vocab_size}-character vocabulary)"
+
+    def describe_data(self) -> str:
+        return f"text, {self.block_size}-character blocks, {self.vocab_size}-character vocabulary"
 
     def encode(self, text: str, blank: str | None = None) -> list[int]:
         """Characters -> token ids; ``blank`` (a masked model's placeholder) -> -1. An unknown character is a one-line

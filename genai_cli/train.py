@@ -36,7 +36,7 @@ from .errors import GenaiError
 from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
 from .lineage import Parent, check_frozen, check_same_parents, run_parents
 from .models.base import GenerativeModel, Stepper
-from .runs import CHECKPOINT_FORMAT, MetricsLog, save_checkpoint, save_grid
+from .runs import CHECKPOINT_FORMAT, MetricsLog, save_checkpoint, save_grid, save_samples
 from .spec import spec_to_dict
 
 
@@ -424,16 +424,11 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(self.cfg.train.sample_seed)
         with self.stepper.autocast():
             images = model.sample(self.cfg.train.sample_n, generator=g, **self.cfg.sample.options())
-        if self.data.spec.kind == "tokens":  # a text run writes its samples as text
-            path = self.run_dir / "samples" / f"step_{self.step:06d}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            texts = [self.data.spec.decode(row) for row in images.tolist()]
-            path.write_text("\n----\n".join(texts) + "\n", encoding="utf-8")
+        path = save_samples(images, self.data.spec, self.run_dir / "samples" / f"step_{self.step:06d}")
+        if path.suffix != ".png":  # text
             if self.tb is not None:
-                self.tb.add_text("samples", texts[0], self.step)
+                self.tb.add_text("samples", path.read_text(encoding="utf-8"), self.step)
             return path
-        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
-        save_grid(images, path)
         if model.reconstruct is not None:  # a row of validation images over a row of their reconstructions
             real = to_float(self.data.val_x[:8].to(self.device))
             with self.stepper.autocast():
