@@ -88,7 +88,8 @@ def sample_quality(evaluator, data, fake: Tensor, device: torch.device, seed: in
 
 
 @torch.no_grad()
-def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int, seed: int) -> float:
+def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int, seed: int,
+                             strata: int = VLB_TIMESTEPS) -> float:
     """bits/dim of the first ``images`` validation images from a family's ``variational_bound`` (diffusion)."""
     from ..data import to_float
 
@@ -96,7 +97,7 @@ def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int
     total, bs = 0.0, cfg.train.batch_size
     for i in range(0, images, bs):
         batch = (to_float(data.val_x[i:min(i + bs, images)]).to(device), data.val_y[i:min(i + bs, images)].to(device))
-        total -= float(model.variational_bound(batch, VLB_TIMESTEPS, generator=g).double().sum())
+        total -= float(model.variational_bound(batch, strata, generator=g).double().sum())
     return model.bits_per_dim(total / images, model.spec)
 
 
@@ -196,10 +197,10 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
         if spec.kind == "tokens":
             metrics["bits_per_char"] = val.pop("bits_per_char", metrics["bits_per_dim"])
     elif model.variational_bound is not None:
-        k = min(data.val_x.shape[0], VLB_IMAGES)
-        log(f"variational bound on {k} validation images ({VLB_TIMESTEPS} timesteps each)")
-        metrics["bits_per_dim"] = variational_bits_per_dim(model, data, cfg, dev, k, seed)
-        result["likelihood"] = f"variational bound ({VLB_TIMESTEPS} stratified timesteps per image)"
+        k, strata = min(data.val_x.shape[0], VLB_IMAGES), getattr(model, "bound_strata", VLB_TIMESTEPS)
+        log(f"variational bound on {k} validation images ({strata} strata each)")
+        metrics["bits_per_dim"] = variational_bits_per_dim(model, data, cfg, dev, k, seed, strata)
+        result["likelihood"] = f"variational bound ({strata} stratified draws per image)"
     metrics.update({f"val_{k}": v for k, v in val.items()})
     result["metrics"] = metrics
     if record and run is not None and writable(run):

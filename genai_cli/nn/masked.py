@@ -139,19 +139,21 @@ def fill_tokens(predict: Callable[[Tensor], Tensor], tokens: Tensor, mask_id: in
     for s in range(1, steps + 1):
         if not masked.any():
             break
-        logits = predict(tokens)  # (B, N, K)
-        drawn = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                              noise_std=noise_std, generator=generator)  # (B, N)
+        logits = predict(tokens)[masked]  # (M, K): only the masked positions are drawn and scored
+        picked = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                               noise_std=noise_std, generator=generator)  # (M,)
         now = masked.sum(1)
         # Masked after step s: floor(M gamma(s / S)), at least one fewer than before, none at the end.
         stay = torch.floor(initial.double() * gamma(s / steps) + 1e-9).long() if s < steps else torch.zeros_like(now)
         stay = torch.minimum(stay, (now - 1).clamp(min=0))
-        confidence = torch.log_softmax(logits.float(), -1).gather(-1, drawn[..., None])[..., 0]  # (B, N)
+        score = torch.log_softmax(logits.float(), -1).gather(-1, picked[:, None])[:, 0]  # (M,) log p of the draw
         anneal = choice_temperature * (1 - s / steps)
         if anneal > 0:
-            u = torch.rand(confidence.shape, generator=generator, device=confidence.device)
-            confidence = confidence + anneal * -torch.log(-torch.log(u.clamp(1e-20, 1.0)))  # Gumbel noise
-        confidence = confidence.masked_fill(~masked, math.inf)  # fixed tokens are never masked again
+            u = torch.rand(score.shape, generator=generator, device=score.device)
+            score = score + anneal * -torch.log(-torch.log(u.clamp(1e-20, 1.0)))  # Gumbel noise
+        drawn = torch.zeros_like(tokens).masked_scatter(masked, picked)  # (B, N)
+        # Fixed tokens are never masked again: infinite confidence.
+        confidence = torch.full(tokens.shape, math.inf, device=tokens.device).masked_scatter(masked, score)
         rank = confidence.argsort(dim=1, stable=True).argsort(1)  # 0: the least confident
         still = rank < stay[:, None]
         tokens = torch.where(masked & ~still, drawn, tokens)
