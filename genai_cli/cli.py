@@ -374,6 +374,9 @@ def inspect(
         curve = run / "loss_curve.png"
         if os.access(run, os.W_OK) and write_loss_curve(rows, curve):
             table.add_row("loss curve", str(curve))
+        history = class_history(model, cfg, rows, run)
+        if history is not None:
+            table.add_row("class history", escape(history))
         table.add_row("metrics", str(run / "metrics.jsonl"))
         if model.encode is not None and os.access(run, os.W_OK):
             from .config import from_dict
@@ -390,6 +393,28 @@ def inspect(
     out.print(table)
     out.print(parameter_table(model))
     out.print(config_table(cfg))
+
+
+def class_history(model, cfg: dict[str, Any], rows: list[dict[str, Any]], run: Path) -> str | None:
+    """What inspect says of the classes of a run's training grids: the picture of their history
+    (class_history.png, beside loss_curve.png), or one line on how to get the evaluator that scores them.
+    None for runs it does not apply to (text, unlabelled data, helper networks)."""
+    from .config import from_dict
+    from .evaluation.evaluator import evaluator_command, find_evaluator
+    from .evaluation.report import class_history_chart
+
+    if not model.generative or model.spec.kind != "image" or model.spec.num_classes < 2:
+        return None
+    path = class_history_chart(rows, run / "class_history.png") if os.access(run, os.W_OK) else None
+    if path is not None:
+        return f"{path} (the evaluator's classes of each training grid)"
+    if any(r.get("split") == "samples" and r.get("class_histogram") for r in rows):
+        return "not drawn: the run folder is not writable"
+    data_cfg = from_dict(cfg).data
+    if find_evaluator(data_cfg, model.spec, run.parent) is None:
+        command = evaluator_command(data_cfg, model.spec, run.parent, str(run))
+        return f"none: no evaluator network scored the grids; make one with: {command} (then train again)"
+    return f"none: the run trained before the evaluator under {run.parent} existed; train again to score its grids"
 
 
 INSPECT_SAMPLE_CHARS = 160
@@ -459,6 +484,8 @@ def evaluate(
             hint = (f"; use it with: genai sample {r['run']} --temperature calibrated"
                     if "temperature" in MODELS.get(r["family"]).sample_options else "")
             out.print(f"saved to {r.get('saved_to', '(not saved: folder not writable)')}{hint}", markup=False)
+            if "reliability_diagram" in r:
+                out.print(f"reliability diagram: {r['reliability_diagram']}", markup=False)
         return
     from .evaluation.run import evaluate_run
 
@@ -529,10 +556,14 @@ def list_cmd(
     from .runs import runs_dir as resolve_runs_dir
 
     table = Table(title="model families")
-    for col in ("family", "what", "sample options"):
+    for col in ("family", "data", "what", "sample options"):
         table.add_column(col)
+    kinds = {"image": "images", "tokens": "text"}
     for e in MODELS.entries():
-        table.add_row(e.name, e.summary, ", ".join(OPTION_FLAGS.get(o, o) for o in sorted(e.obj.sample_options)))
+        aliases = MODELS.aliases_of(e.name)
+        name = e.name + (f"\n(was {', '.join(aliases)})" if aliases else "")
+        table.add_row(name, ", ".join(kinds.get(k, k) for k in e.obj.modalities), e.summary,
+                      ", ".join(OPTION_FLAGS.get(o, o) for o in sorted(e.obj.sample_options)))
     out.print(table)
     table = Table(title="datasets")
     table.add_column("dataset")
