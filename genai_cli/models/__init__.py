@@ -6,12 +6,14 @@ from . import (
     classifier,  # noqa: F401
     dcgan,  # noqa: F401
     diffusion,  # noqa: F401
+    latent_diffusion,  # noqa: F401
     masked_pixel,  # noqa: F401
     maskgit,  # noqa: F401
     pixel_lstm,  # noqa: F401
     pixel_transformer,  # noqa: F401
     pixelcnn,  # noqa: F401
     row_lstm,  # noqa: F401
+    spatial_ae,  # noqa: F401
     vae,  # noqa: F401
     vqvae,  # noqa: F401
 )

@@ -8,7 +8,9 @@ shorter, optionally deterministic chain, or a higher-order solver of the same pr
 
 The noise schedule (``NoiseSchedule``) is kept apart from the network, as in diffusers' schedulers: it owns
 every beta/alpha and the maths of one step, the model owns the UNet and the loop. Images live in [-1, 1]
-inside the model (the data is scaled so that the prior N(0, I) matches its range) and come out in [0, 1].
+inside the model (the data is scaled so that the prior N(0, I) matches its range) and come out in [0, 1];
+latent diffusion (latent_diffusion.py) swaps that space for an autoencoder's latent grid and keeps the rest.
+``model.size`` (S, M, L) picks the UNet's widths and depths from a preset; fields set explicitly win.
 
 Timesteps are 0-based: t = 0..T-1 here is the paper's t = 1..T.
 """
@@ -16,8 +18,8 @@ Timesteps are 0-based: t = 0..T-1 here is the paper's t = 1..T.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -324,12 +326,39 @@ class NoiseSchedule(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The family
 # ---------------------------------------------------------------------------------------------
+# Size presets of the UNet (``model.size``): widths and depths only. S is the family's historical default; M is
+# configs/ddpm_mnist.yaml's network; L doubles M's width (DDPM's CIFAR-10 width, Ho et al. appendix B, on three
+# levels, so 28x28 still halves exactly: add a fourth level, channel_mults [1, 2, 2, 2], for 32x32 as DDPM does).
+# Parameters and measured training images/s of each: README.md, "Speed and scale".
+SIZES = ("S", "M", "L")
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    "S": {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attention_levels": []},
+    "M": {"base_channels": 64, "channel_mults": [1, 2, 2], "num_res_blocks": 2, "attention_levels": [1]},
+    "L": {"base_channels": 128, "channel_mults": [1, 2, 2], "num_res_blocks": 2, "attention_levels": [1]},
+}
+
+
+def resolve_size(config: Any, presets: dict[str, dict[str, Any]], default: str = "S") -> None:
+    """Fill the preset fields the config left at None from ``presets[config.size]`` (``default`` when size is None).
+
+    Explicit fields win: a preset field is None only when neither the YAML nor --set gave it. The config is
+    resolved in place when it is built, so ``Config.to_dict`` (config.yaml, the checkpoint) stores the widths
+    that were trained, and a checkpoint from before presets (every field set, no ``size``) loads unchanged.
+    """
+    if config.size is not None and config.size not in presets:
+        raise GenaiError(f"unknown model.size '{config.size}'; valid: {', '.join(presets)} (or leave it out)")
+    for key, value in presets[config.size or default].items():
+        if getattr(config, key) is None:
+            setattr(config, key, list(value) if isinstance(value, list) else value)
+
+
 @dataclass
 class Config:
-    base_channels: int = 32
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 1
-    attention_levels: list[int] = field(default_factory=list)  # extra levels; the bottleneck always attends
+    size: Literal["S", "M", "L"] | None = None  # UNet preset (UNET_PRESETS); the four fields below, when set, win
+    base_channels: int | None = None  # None: from the preset (S: 32)
+    channel_mults: list[int] | None = None  # None: from the preset (S: [1, 2, 2])
+    num_res_blocks: int | None = None  # None: from the preset (S: 1)
+    attention_levels: list[int] | None = None  # extra levels; the bottleneck always attends. None: from the preset
     dropout: float = 0.0
     timesteps: int = 1000
     schedule: Literal["linear", "cosine"] = "linear"
@@ -344,18 +373,29 @@ class Config:
     guidance: float = 1.0  # classifier-free guidance weight w (class_conditional only); 1 = plain conditional
     clip_x0: bool = True  # clamp each step's predicted x_0 to [-1, 1] while sampling (steadier early in training)
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = UNET_PRESETS
+
+    def __post_init__(self) -> None:
+        resolve_size(self, self.PRESETS)
+
 
 @register_model("ddpm", "Denoising diffusion with a UNet (DDPM, DDIM, DPM-Solver++, Heun samplers)")
 class DDPM(GenerativeModel):
     """Diffusion with an eps-, v- or x_0-predicting UNet: loss is Ho et al.'s L_simple (optionally Min-SNR weighted),
-    sampling is DDPM (Algorithm 2), DDIM, DPM-Solver++(2M) or Heun, all through ``denoise``."""
+    sampling is DDPM (Algorithm 2), DDIM, DPM-Solver++(2M) or Heun, all through ``denoise``.
+
+    The space it denoises is pluggable: ``model_shape`` is the shape of one point there, ``to_model_space`` maps
+    images in [0, 1] into it and ``from_model_space`` maps back. Here that is pixel space scaled to [-1, 1];
+    latent diffusion (``latent_diffusion.LatentDDPM``) subclasses this with an autoencoder's latent grid and
+    reuses the schedule, objectives, samplers, labels and guidance unchanged.
+    """
 
     Config = Config
     tiny = {"base_channels": 8, "channel_mults": [1, 2], "timesteps": 20}
     sample_options = frozenset({"sampler", "steps", "eta", "guidance", "labels"})
 
-    def __init__(self, config: Config, spec: ImageSpec):
-        super().__init__(config, spec)
+    def __init__(self, config: Config, spec: ImageSpec, parents=None):
+        super().__init__(config, spec, parents)
         if config.class_conditional and spec.num_classes <= 0:
             raise GenaiError("class_conditional: true needs a labelled dataset (this one has no classes); "
                              "set model.class_conditional=false or use a dataset with labels")
@@ -370,11 +410,12 @@ class DDPM(GenerativeModel):
         if not config.min_snr_gamma > 0:
             raise GenaiError(f"model.min_snr_gamma must be > 0, got {config.min_snr_gamma}; the paper uses 5")
         self.schedule = NoiseSchedule(config.timesteps, config.schedule)
-        self.unet = UNet(in_channels=spec.channels, base_channels=config.base_channels,
+        channels, height, width = self.model_shape
+        self.unet = UNet(in_channels=channels, base_channels=config.base_channels,
                          channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks,
                          attention_levels=config.attention_levels, dropout=config.dropout,
                          num_classes=spec.num_classes if config.class_conditional else 0)
-        self.unet.check_image_size(spec.size)
+        self.check_model_shape(height, width)
         self.null_label = spec.num_classes  # the UNet's "no label" row
         # Check the config's sampling defaults now, so a bad YAML fails at load time, not after training.
         self._resolve_options(config.sampler, config.steps, config.eta, config.guidance, explicit=False)
@@ -382,6 +423,25 @@ class DDPM(GenerativeModel):
     @property
     def conditional(self) -> bool:
         return self.config.class_conditional
+
+    # -- the space being denoised: pixels here, a latent grid in LatentDDPM -------------------------
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one point of the space the UNet denoises: the image itself."""
+        return self.spec.shape
+
+    def check_model_shape(self, height: int, width: int) -> None:
+        """Raise GenaiError unless the UNet halves both sides of ``model_shape`` exactly."""
+        for side in dict.fromkeys((height, width)):
+            self.unet.check_image_size(side)
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> x_0 (B, *model_shape): [-1, 1], so the prior N(0, I) matches the range."""
+        return x * 2 - 1
+
+    def from_model_space(self, x0: Tensor) -> Tensor:
+        """x_0 (B, *model_shape) -> images (B, C, H, W) in [0, 1]."""
+        return ((x0 + 1) / 2).clamp(0, 1)
 
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
@@ -392,7 +452,7 @@ class DDPM(GenerativeModel):
         """
         cfg = self.config
         x, y = batch
-        x0 = x * 2 - 1  # [0, 1] -> [-1, 1]
+        x0 = self.to_model_space(x)  # (B, *model_shape): pixels in [-1, 1], or scaled latents
         b = x0.shape[0]
         t = torch.randint(0, cfg.timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -463,7 +523,8 @@ class DDPM(GenerativeModel):
 
         Classifier-free guidance (Ho & Salimans 2022 eq. 6) mixes the raw outputs, out_uncond + w (out_cond -
         out_uncond): the conversions to eps and x_0 are affine in the output at a fixed (x_t, t), so this is the
-        same guided eps for every target. ``clip`` clamps x_0 to the data range [-1, 1] and replaces eps by the
+        same guided eps for every target. ``clip`` clamps x_0 to the pixel range [-1, 1] (pixel space only: latents
+        are unbounded, and LatentDDPM refuses clip_x0) and replaces eps by the
         noise the clamped x_0 implies (eq. 4), so that (eps, x_0) stays a point of the forward process, as in
         guided-diffusion's DDIM: keeping the model's eps instead mixes a clipped x_0 with a noise estimate that
         contradicts it, and with guidance w >= 2 that wrecked 50-step samples.
@@ -518,7 +579,7 @@ class DDPM(GenerativeModel):
         was_training = self.training
         self.eval()  # no dropout while sampling
         try:
-            x = torch.randn((n, *self.spec.shape), generator=generator, device=device)  # x_T ~ N(0, I)
+            x = torch.randn((n, *self.model_shape), generator=generator, device=device)  # x_T ~ N(0, I)
             if sampler == "ddpm":
                 for t in reversed(range(cfg.timesteps)):
                     x = s.ddpm_step(denoise(x, t)[1], t, x, generator)
@@ -538,9 +599,9 @@ class DDPM(GenerativeModel):
                         else:
                             eps_next, _ = denoise(x_euler, t_prev)  # line 7
                             x = s.edm_step((eps + eps_next) / 2, t, t_prev, x)  # line 8
+            return self.from_model_space(x)  # latent diffusion decodes here, still in eval mode
         finally:
             self.train(was_training)
-        return ((x + 1) / 2).clamp(0, 1)
 
     # -- likelihood: the variational bound (read by genai evaluate, not by the training loop) -------------
     @torch.no_grad()
