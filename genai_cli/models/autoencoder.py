@@ -20,13 +20,9 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..nn.conv import ConvDecoder, ConvEncoder
-from ..nn.latent import check_temperature, walk_latents
+from ..nn.latent import check_temperature, update_latent_stats, walk_latents
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
-
-# Running latent statistics: a plain average over the first 1/STATS_MOMENTUM batches, then an
-# exponential moving average with this weight on the newest batch (batch norm's scheme).
-STATS_MOMENTUM = 0.01
 
 
 @dataclass
@@ -78,17 +74,8 @@ class Autoencoder(GenerativeModel):
         else:
             loss = F.l1_loss(x_hat, x)
         if self.training:
-            self._update_latent_stats(z.detach())
+            update_latent_stats(self, z.detach())
         return {"loss": loss, "mse": mse.detach()}
-
-    @torch.no_grad()
-    def _update_latent_stats(self, z: Tensor) -> None:
-        if z.shape[0] < 2:
-            return  # no spread to measure in a batch of one
-        self.latent_batches += 1
-        w = max(STATS_MOMENTUM, 1.0 / float(self.latent_batches))
-        self.latent_mean.lerp_(z.mean(0), w)
-        self.latent_std.lerp_(z.std(0), w)
 
     # -- sampling -----------------------------------------------------------------------------
     def _random_latents(self, n: int, generator, temperature: float = 1.0) -> Tensor:

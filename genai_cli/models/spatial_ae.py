@@ -32,14 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import GenaiError
-from ..nn.latent import check_temperature
+from ..nn.latent import check_temperature, update_latent_stats
 from ..nn.spatial import SpatialDecoder, SpatialEncoder
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
-# Running latent statistics: a plain average over the first 1/STATS_MOMENTUM batches, then an exponential moving
-# average with this weight on the newest batch (batch norm's scheme, as the autoencoder family).
-STATS_MOMENTUM = 0.01
 DEFAULT_KL_WEIGHT = 1e-6  # Rombach et al.'s KL-regularised first stages (their kl-f4/f8 configs)
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the predicted log-variance (latent diffusion's DiagonalGaussianDistribution)
 
@@ -144,18 +141,9 @@ class SpatialAutoencoder(GenerativeModel):
         recon = recon.flatten(1).sum(1).mean()  # per image
         dims = self.spec.dims
         if self.training:
-            self._update_latent_stats(mu.detach())
+            update_latent_stats(self, mu.detach())
         return {"loss": (recon + self.kl_weight * kl) / dims, "recon": recon.detach() / dims,
                 "mse": F.mse_loss(x_hat, x).detach(), "kl": kl.detach()}
-
-    @torch.no_grad()
-    def _update_latent_stats(self, z: Tensor) -> None:
-        if z.shape[0] < 2:
-            return  # no spread to measure in a batch of one
-        self.latent_batches += 1
-        w = max(STATS_MOMENTUM, 1.0 / float(self.latent_batches))
-        self.latent_mean.lerp_(z.mean(0), w)
-        self.latent_std.lerp_(z.std(0), w)
 
     # -- sampling -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -21,6 +21,21 @@ from torch import Tensor
 from ..errors import GenaiError
 
 TRAVERSE_SIGMAS = 3.0  # a traversal spans the latent distribution's mean +- this many standard deviations
+# Running latent statistics: a plain average over the first 1/STATS_MOMENTUM batches, then an exponential moving
+# average with this weight on the newest batch (batch norm's scheme).
+STATS_MOMENTUM = 0.01
+
+
+@torch.no_grad()
+def update_latent_stats(model, z: Tensor) -> None:
+    """Fold a batch of latents (B, ...) into ``model``'s buffers latent_mean, latent_std (per latent number) and
+    latent_batches: what an autoencoder without a prior samples from (a Gaussian of its training latents)."""
+    if z.shape[0] < 2:
+        return  # no spread to measure in a batch of one
+    model.latent_batches += 1
+    w = max(STATS_MOMENTUM, 1.0 / float(model.latent_batches))
+    model.latent_mean.lerp_(z.mean(0), w)
+    model.latent_std.lerp_(z.std(0), w)
 
 
 def check_temperature(temperature: float) -> float:
