@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import RunRef, run_ref  # noqa: F401  (re-exported: a family declares the runs it builds on)
+from ..errors import GenaiError
 from ..lineage import Parents
 from ..spec import ImageSpec  # the data contract lives in spec.py; families import it from here
 
@@ -155,6 +156,32 @@ class GenerativeModel(nn.Module):
     def conditional(self) -> bool:
         """True when sample() draws class-conditioned images (its ``labels`` option is meaningful)."""
         return "labels" in self.sample_options
+
+    def class_labels(self, labels, n: int) -> Tensor | None:
+        """The (n,) long class indices a conditional model draws with, on its device: None -> the classes in turn
+        (i % K, one class per column of a K-wide grid), an int -> n copies, a (n,) tensor (or one value) -> itself.
+        Anything else, or a class outside 0..K-1, is a one-line GenaiError. An unconditional model: None (labels
+        given to it are refused)."""
+        k = self.spec.num_classes
+        if not self.conditional:
+            if labels is not None:
+                raise GenaiError("labels need a class-conditional model; "
+                                 "train with model.class_conditional=true or drop the label option")
+            return None
+        if labels is None:
+            return torch.arange(n, device=self.device) % k
+        if isinstance(labels, bool) or not isinstance(labels, (int, Tensor)):
+            raise GenaiError(f"labels must be an int or a LongTensor of class indices, got {type(labels).__name__}")
+        y = torch.as_tensor(labels)
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise GenaiError(f"labels must be integer class indices, got dtype {y.dtype}")
+        y = y.expand(n) if y.dim() == 0 else y.reshape(-1)
+        if y.shape[0] != n:
+            raise GenaiError(f"got {y.shape[0]} labels for {n} samples; pass one label per sample or a single int")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise GenaiError(f"label {bad} out of range; valid labels are 0..{k - 1}")
+        return y.to(device=self.device, dtype=torch.long)
 
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -47,23 +47,6 @@ class CGAN(dcgan.DCGAN):
         planes = F.one_hot(y, self.spec.num_classes).to(x.dtype)[:, :, None, None].expand(b, -1, h, w)
         return torch.cat([x, planes], 1)  # (B, C + K, H, W)
 
-    def check_labels(self, n: int, labels) -> Tensor:
-        """None -> arange(n) % K (one of each class in turn); an int -> n copies; a (n,) tensor -> itself."""
-        k = self.spec.num_classes
-        if labels is None:
-            return torch.arange(n, device=self.device) % k
-        if isinstance(labels, bool) or not isinstance(labels, (int, Tensor)):
-            raise GenaiError(f"labels must be an int or a LongTensor of class indices, got {type(labels).__name__}")
-        y = torch.full((n,), labels) if isinstance(labels, int) else labels.reshape(-1)
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise GenaiError(f"labels must be integer class indices, got dtype {y.dtype}")
-        if y.shape[0] != n:
-            raise GenaiError(f"got {y.shape[0]} labels for {n} samples; pass one label per sample or a single int")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-            raise GenaiError(f"label {bad} out of range; valid labels are 0..{k - 1}")
-        return y.to(device=self.device, dtype=torch.long)
-
     def walk_labels(self, rows: int, steps: int) -> Tensor:
         """Row i of a walk draws class i % K."""
         return (torch.arange(rows, device=self.device) % self.spec.num_classes).repeat_interleave(steps)
@@ -71,8 +54,8 @@ class CGAN(dcgan.DCGAN):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0,
                labels: Tensor | int | None = None) -> Tensor:
-        """G(z, y) for z ~ N(0, temperature^2 I); ``labels`` as in ``check_labels`` (default: classes in turn)."""
-        y = self.check_labels(n, labels)
+        """G(z, y) for z ~ N(0, temperature^2 I); ``labels`` as in ``class_labels`` (default: classes in turn)."""
+        y = self.class_labels(labels, n)
         z = self._noise(n, generator, check_temperature(temperature))
         return self._images(z, y)
 
@@ -85,5 +68,5 @@ class CGAN(dcgan.DCGAN):
         if labels is None:
             y = self.walk_labels(rows, steps)
         else:
-            y = self.check_labels(rows, labels).repeat_interleave(steps)  # (rows * steps,)
+            y = self.class_labels(labels, rows).repeat_interleave(steps)  # (rows * steps,)
         return self._walk(rows, steps, y, generator=generator, images=images, dim=dim, temperature=temperature)

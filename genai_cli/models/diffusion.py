@@ -493,29 +493,6 @@ class DDPM(GenerativeModel):
                              "train with model.class_conditional=true or drop the guidance option")
         return sampler, steps, eta, guidance
 
-    def _labels(self, labels, n: int, device: torch.device) -> Tensor | None:
-        """(n,) long labels on device for a conditional model; None for an unconditional one."""
-        k = self.spec.num_classes
-        if not self.config.class_conditional:
-            if labels is not None:
-                raise GenaiError("labels need a class-conditional model; "
-                                 "train with model.class_conditional=true or drop the label option")
-            return None
-        if labels is None:  # cycle through the classes, so an n-image grid of width k shows one class per column
-            return torch.arange(n, device=device) % k
-        labels = torch.as_tensor(labels, device=device)
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise GenaiError(f"labels must be integers in 0..{k - 1}, got dtype {labels.dtype}")
-        labels = labels.long()
-        if labels.dim() == 0:  # one label for every image
-            labels = labels.expand(n)
-        if labels.shape != (n,):
-            raise GenaiError(f"labels must be one label or one per image ({n}), got shape {tuple(labels.shape)}")
-        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < k):
-            raise GenaiError(f"labels must be in 0..{k - 1} (the dataset's classes), "
-                             f"got values from {int(labels.min())} to {int(labels.max())}")
-        return labels
-
     def denoise(self, x: Tensor, t: int | Tensor, labels: Tensor | None = None, guidance: float = 1.0,
                 clip: bool = False) -> tuple[Tensor, Tensor]:
         """The model's (eps, x_0) estimate at (x_t, t), whichever target the UNet predicts: every sampler and
@@ -570,7 +547,7 @@ class DDPM(GenerativeModel):
         if eta_given and sampler != "ddim":
             raise GenaiError(f"eta applies to the ddim sampler only, not {sampler}; add sampler ddim or drop eta")
         device = self.device
-        labels = self._labels(labels, n, device)
+        labels = self.class_labels(labels, n)
         s = self.schedule
 
         def denoise(x: Tensor, t: int) -> tuple[Tensor, Tensor]:

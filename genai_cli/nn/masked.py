@@ -258,16 +258,6 @@ class MaskedTokenModel:
 
         return guided
 
-    def _labels(self, labels, n: int, device: torch.device) -> Tensor | None:
-        if not self.class_conditional:
-            if labels is not None:
-                raise GenaiError("labels need a class-conditional model; train with model.class_conditional=true")
-            return None
-        if labels is None:
-            return torch.arange(n, device=device) % self.spec.num_classes
-        labels = torch.as_tensor(labels, device=device).long()
-        return labels.expand(n) if labels.dim() == 0 else labels
-
     def check_fill_options(self, fill_mode: str | None, steps: int | None, choice_temperature: float | None,
                            guidance: float | None) -> tuple[int, float, float]:
         cfg = self.config
@@ -310,7 +300,7 @@ class MaskedTokenModel:
         check_modality_options(self.spec, prompt, max_new_tokens)
         steps, ct, g = self.check_fill_options(fill, steps, choice_temperature, guidance)
         device = self.device
-        labels = self._labels(labels, n, device)
+        labels = self.class_labels(labels, n)
         if self.spec.kind == "tokens":
             tokens = self._text_tokens(prompt, max_new_tokens, blank, n)
         elif known is None:
