@@ -29,6 +29,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
                                          "--peer-steps", "5"]),
     ("families", ["bench_families.py"], ["--budget", "15", "--samples", "50"]),
     ("ar_sampling", ["bench_ar_sampling.py"], ["--size", "12", "--n", "2"]),
+    ("lessons", ["bench_lessons.py"], ["--quick"]),
     ("precision", ["bench_precision.py"],
      ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "auto,fp32,bf16", "--matmul-size", "256"]),
 ]

@@ -267,6 +267,17 @@ class Trainer:
         self.stop_requested = False  # a SIGINT/SIGTERM reached this process
         self.shared_elapsed = 0.0  # training seconds, averaged over ranks (train.max_seconds)
         self.stop_agreed = False  # some rank's stop_requested, as all ranks learnt it in the last step's all-reduce
+        # The evaluator network that scores every grid (class histogram, confidence): found once, rank 0 only.
+        self.grid_evaluator = None
+        if self.is_main and self.model.generative:
+            from .evaluation.evaluator import grid_evaluator
+
+            try:
+                self.grid_evaluator = grid_evaluator(cfg.data, self.data.spec, run_dir.parent, self.device)
+            except GenaiError as e:  # an evaluator run that cannot be read: train on, unscored, and say so
+                self.console.print(f"sample grids are not scored: {e}", markup=False, highlight=False)
+            if self.grid_evaluator is not None:
+                self.summary["grid_evaluator"] = self.grid_evaluator[1]
 
     def setup_engines(self) -> None:
         """DDP and torch.compile. Families with the default train_step have their ``loss`` routed through
@@ -438,7 +449,27 @@ class Trainer:
             from torchvision.utils import make_grid
 
             self.tb.add_image("samples", make_grid(images.float().clamp(0, 1).cpu(), pad_value=0.5), self.step)
+        if self.grid_evaluator is not None:
+            self.score_grid(images)
         return path
+
+    def score_grid(self, images: torch.Tensor) -> dict[str, Any]:
+        """The evaluator's reading of a grid (N, C, H, W) in [0, 1]: its class histogram (sums to N), classes present
+        and mean confidence, logged as split "samples". A generator hopping between modes shows as a histogram that
+        changes from grid to grid (``genai inspect`` draws the history)."""
+        from .evaluation.evaluator import evaluator_outputs
+        from .evaluation.metrics import grid_statistics
+
+        network, _ = self.grid_evaluator
+        _, probs = evaluator_outputs(network, images.float().clamp(0, 1), self.device)  # (N, K)
+        stats = grid_statistics(probs)
+        self.log({"step": self.step, "split": "samples", "grid_size": images.shape[0], **stats})
+        if self.tb is not None:
+            import numpy as np
+
+            k = probs.shape[1]
+            self.tb.add_histogram("samples/classes", probs.argmax(1), self.step, bins=np.arange(k + 1) - 0.5)
+        return stats
 
     def log(self, record: dict[str, Any]) -> None:
         """One record to metrics.jsonl and/or TensorBoard (train.log)."""

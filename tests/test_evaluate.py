@@ -216,6 +216,9 @@ def test_calibrate_then_sample_with_the_calibrated_temperature(runs, tmp_path):
     saved = json.loads((run / "calibration.json").read_text())
     assert saved["temperature"] == pytest.approx(report["temperature"]) and saved["step"] == 4
     assert report["temperature"] > 0 and report["nll_after"] <= report["nll_before"] + 1e-6
+    diagram = run / "reliability.png"  # drawn beside calibration.json: before and after, on the held-out half
+    assert diagram.stat().st_size > 1000 and report["reliability_diagram"] == str(diagram)
+    assert sum(report["reliability_before"]["count"]) == report["predictions"]
     invoke("sample", run, "-n", 2, "--temperature", "calibrated", "--out", tmp_path / "c.npz")
     invoke("sample", run, "-n", 2, "--sweep", "temperature=calibrated,1", "--out", tmp_path / "s.png")
     # Training further makes the fit stale.

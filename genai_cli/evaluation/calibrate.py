@@ -12,7 +12,8 @@ images go to one half or the other (the predictions within an image are not inde
 
 The fit is stored in ``runs/<name>/calibration.json`` (a bare checkpoint gets ``<checkpoint>.calibration.json``
 beside it) with the checkpoint step it belongs to, and appended to ``metrics.jsonl``; ``genai sample RUN
---temperature calibrated`` reads it.
+--temperature calibrated`` reads it. The reliability diagram of the held-out half, before and after, is drawn beside
+it (``reliability.png``, or ``<checkpoint>.reliability.png``): accuracy per confidence bin against the diagonal.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def calibrate_run(target: str | None, *, root: Path, device: str = "auto",
     if writable(path.parent):
         path.write_text(json.dumps(report, indent=2) + "\n")
         report["saved_to"] = str(path)
+        report["reliability_diagram"] = str(draw_reliability(report, reliability_path(ckpt), str(run or ckpt)))
         if run is not None:
             MetricsLog(run / "metrics.jsonl").append({"split": "calibration", **report})
     return {"run": str(run or ckpt), "family": state["family"], "dataset": cfg.data.name, **report}
@@ -128,6 +130,21 @@ def calibration_path(ckpt: Path) -> Path:
 
     run = run_of_checkpoint(ckpt)
     return run / "calibration.json" if run is not None else ckpt.with_name(ckpt.name + ".calibration.json")
+
+
+def reliability_path(ckpt: Path) -> Path:
+    path = calibration_path(ckpt)
+    return path.with_name("reliability.png" if path.name == "calibration.json" else ckpt.name + ".reliability.png")
+
+
+def draw_reliability(report: dict[str, Any], path: Path, title: str) -> Path:
+    """The held-out half's reliability diagram before (T = 1) and after temperature scaling."""
+    from .report import reliability_diagram
+
+    t = report["temperature"]
+    return reliability_diagram({"before (T = 1)": {**report["reliability_before"], "ece": report["ece_before"]},
+                                f"after (T = {t:.3f})": {**report["reliability_after"], "ece": report["ece_after"]}},
+                               path, title=f"{title}: held-out half of the validation split")
 
 
 def calibrated_temperature(ckpt: Path, step: int) -> float:

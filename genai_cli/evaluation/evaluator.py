@@ -8,6 +8,10 @@ one is trained (the family's ``evaluator_recipe``, a quick budget) through the s
 ``genai train``. Whichever way it was found, the run goes through the resolver of every run reference
 (``lineage.resolve_parent``: it exists, is of an evaluator family, reads the same image shape) and is used as a
 frozen parent.
+
+The training loop uses the same network to score every sample grid it draws (``grid_evaluator``, found once when
+training starts): the grid's class histogram, classes present and mean confidence go to ``metrics.jsonl``, and
+``genai inspect`` draws their history (mode collapse and mode hopping, watched during training).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def find_evaluator(data_cfg, spec, root: Path) -> Path | None:
     at the same image shape, or None.
 
     Among several, prefer the same binarisation, then the same train/validation split (so the evaluator never
-    trained on the validation images it compares against), then the newest.
+    trained on the validation images it compares against), then one trained on the whole training split (not a
+    ``data.limit`` experiment, such as the over-confident classifier of the lessons), then the newest.
     """
     import yaml
 
@@ -83,7 +88,7 @@ def find_evaluator(data_cfg, spec, root: Path) -> Path | None:
             continue
         same_split = (other.split_seed, other.val_fraction) == (data_cfg.split_seed, data_cfg.val_fraction)
         same_pixels = binarize_mode(other.binarize) == binarize_mode(data_cfg.binarize)  # true == 'threshold'
-        candidates.append(((same_pixels, same_split, ckpt.stat().st_mtime), ckpt))
+        candidates.append(((same_pixels, same_split, other.limit is None, ckpt.stat().st_mtime), ckpt))
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
@@ -175,6 +180,22 @@ def train_evaluator(data_cfg, root: Path, log: Callable[[str], None] = lambda s:
     result = trainer.fit()
     log(f"evaluator trained: validation accuracy {result.get('val_accuracy', float('nan')):.4f}")
     return trainer.run_dir / "checkpoints" / "last.pt"
+
+
+def grid_evaluator(data_cfg, spec, root: Path, device: torch.device) -> tuple[Any, str] | None:
+    """(frozen evaluator network on ``device``, its checkpoint) that the training loop scores its grids with: the one
+    ``genai evaluate`` would take by default (``find_evaluator`` under the runs folder ``root``), checked and loaded
+    once. None for text or unlabelled data, and when there is none: training goes on unscored, and ``genai inspect``
+    says how to get one."""
+    from ..lineage import resolve_parent
+
+    if spec.kind != "image" or spec.num_classes < 2:
+        return None
+    found = find_evaluator(data_cfg, spec, root)
+    if found is None:
+        return None
+    parent = resolve_parent(str(found), accepts=evaluator_families(), root=root, spec=spec, role="evaluator")
+    return load_evaluator(parent, device)[0], parent.source
 
 
 def load_evaluator(evaluator: Parent, device: torch.device):

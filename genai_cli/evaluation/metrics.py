@@ -7,9 +7,12 @@
                      k-nearest-neighbour manifolds of the two feature sets (Naeem et al. 2020, k = 5).
     mode collapse    the evaluator's class histogram of the samples, its entropy divided by log K (1: every
                      class equally often), the classes holding at least 2 % of the samples, and the share of
-                     samples the evaluator classifies with probability >= 0.9.
+                     samples the evaluator classifies with probability >= 0.9. ``grid_statistics`` is the
+                     same for the small grids the loop draws during training (a class is present with one
+                     sample there), logged at every grid so that mode hopping shows over the steps.
     calibration      temperature scaling (Guo et al. 2017, sec. 4.2): the NLL and the expected calibration
-                     error (15 equal-width confidence bins) before and after dividing the logits by T.
+                     error (15 equal-width confidence bins) before and after dividing the logits by T, and the
+                     bins themselves (``reliability_bins``: the reliability diagram, Guo et al. fig. 1).
 
 FID and KID come from torchmetrics, handed the features through an identity "feature extractor" (its
 documented hook for custom networks), so each image goes through the evaluator once for every metric;
@@ -101,10 +104,23 @@ def class_statistics(probs: Tensor) -> dict[str, Any]:
     counts = torch.bincount(probs.argmax(1), minlength=k).double()  # (K,)
     share = counts / n
     nonzero = share[share > 0]
-    entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(k)  # 1: uniform over the K classes
+    entropy = float((nonzero * -nonzero.log()).sum()) / math.log(k)  # 1: uniform over the K classes, 0: one class
     return {"class_histogram": [int(c) for c in counts], "class_entropy": entropy,
             "classes_covered": int((share >= MIN_CLASS_SHARE).sum()),
             "confident_share": float((probs.max(1).values >= CONFIDENT).double().mean())}
+
+
+def grid_statistics(probs: Tensor) -> dict[str, Any]:
+    """One training grid's classes from the evaluator's probabilities (N, K): the histogram of the top classes
+    (sums to N), the classes with at least one sample, the class-share entropy / log K and the mean top
+    probability."""
+    n, k = probs.shape
+    counts = torch.bincount(probs.argmax(1), minlength=k)  # (K,)
+    share = counts.double() / n
+    nonzero = share[share > 0]
+    return {"class_histogram": [int(c) for c in counts], "classes_present": int((counts > 0).sum()),
+            "class_entropy": float((nonzero * -nonzero.log()).sum()) / math.log(k),
+            "mean_confidence": float(probs.max(1).values.double().mean())}
 
 
 # -- calibration: (N, K) logits, (N,) targets --------------------------------------------------------------------------
@@ -115,6 +131,24 @@ def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_
     probs = torch.softmax(logits.float(), dim=-1)
     return float(multiclass_calibration_error(probs, targets, num_classes=logits.shape[-1], n_bins=bins, norm="l1",
                                               validate_args=False))
+
+
+def reliability_bins(logits: Tensor, targets: Tensor, bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """The reliability diagram's numbers (Guo et al. 2017, fig. 1; DeGroot & Fienberg 1983): predictions grouped by
+    top-class confidence into ``bins`` equal-width bins of [0, 1]; per bin the mean confidence, the accuracy and the
+    count (empty bins: confidence and accuracy None). sum(count * |accuracy - confidence|) / N is the ECE."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (N, K)
+    conf, pred = probs.max(-1)  # (N,)
+    correct = (pred == targets).double()
+    # bin b holds confidences in (b / bins, (b + 1) / bins], torchmetrics' convention (0 goes to the first bin)
+    idx = (torch.ceil(conf.double() * bins).long() - 1).clamp(0, bins - 1)
+    count = torch.bincount(idx, minlength=bins).double()  # (bins,)
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, conf.double())
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, correct)
+    mean_conf, accuracy = (conf_sum / count.clamp(min=1)).tolist(), (acc_sum / count.clamp(min=1)).tolist()
+    return {"edges": torch.linspace(0, 1, bins + 1).tolist(), "count": [int(c) for c in count],
+            "confidence": [v if c else None for v, c in zip(mean_conf, count.tolist())],
+            "accuracy": [v if c else None for v, c in zip(accuracy, count.tolist())]}
 
 
 def fit_temperature(logits: Tensor, targets: Tensor) -> float:
@@ -160,4 +194,6 @@ def temperature_scaling(fit_logits: Tensor, fit_targets: Tensor, held_logits: Te
     improvement is not measured on the predictions T was fitted to."""
     t = fit_temperature(fit_logits, fit_targets)
     return {"temperature": t, **calibration_metrics(held_logits, held_targets, t),
-            "fit_predictions": int(fit_targets.numel())}
+            "fit_predictions": int(fit_targets.numel()),
+            "reliability_before": reliability_bins(held_logits, held_targets),
+            "reliability_after": reliability_bins(held_logits.float() / t, held_targets)}

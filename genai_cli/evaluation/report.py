@@ -1,4 +1,5 @@
-"""What ``genai evaluate`` shows: the results table, the calibration table, the comparison bar chart, the JSON."""
+"""What ``genai evaluate`` and ``genai inspect`` show: the results table, the calibration table and its reliability
+diagram, the comparison bar chart, the history of the classes in the training grids, the JSON."""
 
 from __future__ import annotations
 
@@ -110,6 +111,114 @@ def comparison_chart(results: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sample_grids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's ``"split": "samples"`` records (the evaluator's reading of each training grid), in step order."""
+    grids = [r for r in rows if r.get("split") == "samples" and r.get("class_histogram")]
+    return sorted(grids, key=lambda r: r["step"])
+
+
+def draw_class_shares(ax, grids: list[dict[str, Any]], colorbar: bool = True):
+    """A heat map of the class shares of each grid on ``ax``: one column per grid, one row per class. A collapsed
+    generator is one bright row, a mode-hopping one a bright cell that moves from row to row."""
+    steps = [r["step"] for r in grids]
+    counts = np.array([r["class_histogram"] for r in grids], dtype=float)  # (grids, K)
+    shares = counts / counts.sum(1, keepdims=True).clip(min=1)
+    image = ax.imshow(shares.T, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ticks = np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int)
+    ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+    ax.set_yticks(range(shares.shape[1]))
+    ax.set_xlabel("step")
+    ax.set_ylabel("class (evaluator)")
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, label="share of the grid", fraction=0.04)
+    return image
+
+
+def class_history_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """The classes of the training grids over the steps: the class-share heat map (``draw_class_shares``), and
+    below it the classes present and the mean confidence. None when the run has no scored grids."""
+    grids = sample_grids(rows)
+    if not grids:
+        return None
+    plt = _pyplot()
+    steps = [r["step"] for r in grids]
+    k = len(grids[0]["class_histogram"])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.2), height_ratios=[2.2, 1])
+    draw_class_shares(top, grids)
+    top.set_title(f"classes of each training grid ({sum(grids[-1]['class_histogram'])} samples)", fontsize=10)
+    bottom.plot(steps, [r.get("classes_present") for r in grids], "o-", ms=3, label="classes present")
+    bottom.set_ylim(0, k + 0.5)
+    bottom.set_ylabel("classes")
+    bottom.set_xlabel("step")
+    conf = bottom.twinx()
+    conf.plot(steps, [r.get("mean_confidence") for r in grids], "s--", ms=3, color="tab:orange",
+              label="mean confidence")
+    conf.set_ylim(0, 1.05)
+    conf.set_ylabel("mean confidence")
+    lines = bottom.get_lines() + conf.get_lines()
+    bottom.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def draw_reliability(ax, hist, bins: dict[str, Any], label: str, legend: bool = True) -> None:
+    """One reliability diagram (Guo et al. 2017, fig. 1) on ``ax``: the accuracy of each confidence bin as a bar
+    against the diagonal of perfect calibration, the gap to the bin's mean confidence shaded (above the bar:
+    over-confidence); ``hist`` gets the share of predictions per bin. ``bins``: ``reliability_bins`` output, plus an
+    optional "ece" shown in the title."""
+    edges = np.array(bins["edges"])
+    width = np.diff(edges)
+    acc = np.array([np.nan if a is None else a for a in bins["accuracy"]])
+    conf = np.array([np.nan if c is None else c for c in bins["confidence"]])
+    count = np.array(bins["count"], dtype=float)
+    ax.bar(edges[:-1], np.nan_to_num(acc), width=width, align="edge", edgecolor="black", color="tab:blue",
+           label="accuracy")
+    gap = np.where(np.isnan(acc), 0, conf - acc)
+    ax.bar(edges[:-1], gap, bottom=np.nan_to_num(acc), width=width, align="edge", color="tab:red", alpha=0.35,
+           edgecolor="tab:red", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ece = bins.get("ece")
+    ax.set_title(label + (f"\nECE {ece:.4f}" if ece is not None else ""), fontsize=9)
+    if legend:
+        ax.legend(fontsize=7, loc="upper left")
+    hist.bar(edges[:-1], count / max(count.sum(), 1), width=width, align="edge", color="grey")
+    hist.set_xlim(0, 1)
+    hist.set_xlabel("confidence")
+
+
+def reliability_diagram(panels: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Reliability diagrams side by side, one per panel ({label: ``reliability_bins`` output + optional "ece"}), the
+    share of predictions per confidence bin beneath each."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels), 4.6), squeeze=False,
+                             height_ratios=[3, 1])
+    for col, (label, bins) in enumerate(panels.items()):
+        draw_reliability(axes[0, col], axes[1, col], bins, label, legend=col == 0)
+    axes[0, 0].set_ylabel("accuracy")
+    axes[1, 0].set_ylabel("share")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -17,8 +17,12 @@ these statistics never mix the two; for the same reason D's batch norm keeps no 
 normalises by the batch at hand in eval mode too), so D(x) and D(G(z)) in validation mean what they mean in
 training.
 
-Training overrides ``configure_optimizers`` and ``train_step`` (one Adam per network, a D step then a G step);
-the generic loop knows nothing of this. Images are scaled to [-1, 1] for D; G ends in tanh.
+Training overrides ``configure_optimizers`` and ``train_step`` (one Adam per network, ``d_steps`` D steps then
+``g_steps`` G steps, one each by default); the generic loop knows nothing of this. The balance of the two players is
+what the failures of GAN training turn on: a D trained ahead of G (``d_steps`` > 1, Goodfellow et al.'s k) rejects
+the fakes confidently, where the minimax loss gives G no gradient; a G trained ahead of D (``g_steps`` > 1) moves
+all its samples to whatever D currently scores highest, and collapses onto few modes or hops between them
+(Goodfellow 2016, "NIPS tutorial", sec. 5.1.1; Metz et al. 2017). Images are scaled to [-1, 1] for D; G ends in tanh.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class Config:
     minibatch: Literal["none", "features", "stddev"] = "none"  # what D sees of the whole batch
     minibatch_kernels: int = 16  # B in Salimans et al. 3.2: extra features per image
     minibatch_kernel_dim: int = 5  # C in Salimans et al. 3.2: the dimension each kernel compares in
+    d_steps: int = 1  # discriminator steps per training step (k in Goodfellow et al. 2014, algorithm 1)
+    g_steps: int = 1  # generator steps per training step, after D's
     beta1: float = 0.5  # Adam betas for both networks: DCGAN's 0.5 damps the oscillation of the game
     beta2: float = 0.999
 
@@ -156,6 +162,9 @@ class DCGAN(GenerativeModel):
         super().__init__(config, spec)
         if config.latent_dim < 1:
             raise GenaiError(f"model.latent_dim must be >= 1, got {config.latent_dim}")
+        if config.d_steps < 1 or config.g_steps < 1:
+            raise GenaiError(f"model.d_steps and model.g_steps must be >= 1 (optimizer steps of each player per "
+                             f"training step), got {config.d_steps}, {config.g_steps}")
         if config.minibatch == "features" and (config.minibatch_kernels < 1 or config.minibatch_kernel_dim < 1):
             raise GenaiError("model.minibatch_kernels and model.minibatch_kernel_dim must be >= 1 "
                              f"(got {config.minibatch_kernels}, {config.minibatch_kernel_dim})")
@@ -197,6 +206,9 @@ class DCGAN(GenerativeModel):
                 "d_g_z": torch.sigmoid(fake_logits).mean().detach()}
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        if getattr(train_cfg, "grad_accum", 1) > 1 and (self.config.d_steps > 1 or self.config.g_steps > 1):
+            raise GenaiError("model.d_steps / model.g_steps > 1 take several optimizer steps per batch, which "
+                             "train.grad_accum cannot split; set train.grad_accum=1")
         betas = (self.config.beta1, self.config.beta2)
         return {
             "generator": torch.optim.Adam(self.generator.parameters(), lr=train_cfg.lr, betas=betas,
@@ -206,30 +218,42 @@ class DCGAN(GenerativeModel):
         }
 
     def train_step(self, batch, optimizers: dict[str, torch.optim.Optimizer], stepper: Stepper) -> dict[str, float]:
-        """One D step on real and fake batches, then one G step against the updated D (Goodfellow et al. 2014,
-        algorithm 1 with k = 1). The fakes are generated once and reused, as in the DCGAN reference code."""
+        """``d_steps`` D steps on the real batch and fakes, then ``g_steps`` G steps against the updated D (Goodfellow
+        et al. 2014, algorithm 1, with k = d_steps; each D step draws fresh noise, the real batch is the one the loop
+        gave). The first fakes are reused by the first G step, as in the DCGAN reference code; later G steps draw
+        fresh noise. Logged: the last step of each player; grad_norm_g is the G gradient's norm before clipping."""
         x, y = batch
         opt_d, opt_g = optimizers["discriminator"], optimizers["generator"]
-        z = torch.randn(x.shape[0], self.config.latent_dim, device=x.device)
+        cfg = self.config
 
-        opt_d.zero_grad(set_to_none=True)
-        with stepper.autocast():
-            fake = self.generate(z, y)  # (B, C, H, W), keeps G's graph for the G step
-            real_logits = self.discriminate(x * 2 - 1, y)
-            loss_d = discriminator_loss(real_logits, self.discriminate(fake.detach(), y))
-        stepper.backward(loss_d)
-        norm_d = stepper.step(opt_d, self.discriminator.parameters())
+        for i in range(cfg.d_steps):
+            z = torch.randn(x.shape[0], cfg.latent_dim, device=x.device)
+            opt_d.zero_grad(set_to_none=True)
+            with stepper.autocast():
+                if i == 0:
+                    fake = self.generate(z, y)  # (B, C, H, W), keeps G's graph for the first G step
+                    fakes = fake.detach()
+                else:
+                    with torch.no_grad():
+                        fakes = self.generate(z, y)
+                real_logits = self.discriminate(x * 2 - 1, y)
+                loss_d = discriminator_loss(real_logits, self.discriminate(fakes, y))
+            stepper.backward(loss_d)
+            norm_d = stepper.step(opt_d, self.discriminator.parameters())
 
-        opt_g.zero_grad(set_to_none=True)
         self.discriminator.requires_grad_(False)  # G's loss needs gradients through D, not for D
         try:
-            with stepper.autocast():
-                fake_logits = self.discriminate(fake, y)
-                loss_g = generator_loss(fake_logits, self.config.gan_loss)
-            stepper.backward(loss_g)
+            for i in range(cfg.g_steps):
+                opt_g.zero_grad(set_to_none=True)
+                with stepper.autocast():
+                    if i > 0:
+                        fake = self.generate(torch.randn(x.shape[0], cfg.latent_dim, device=x.device), y)
+                    fake_logits = self.discriminate(fake, y)
+                    loss_g = generator_loss(fake_logits, cfg.gan_loss)
+                stepper.backward(loss_g)
+                norm_g = stepper.step(opt_g, self.generator.parameters())
         finally:
             self.discriminator.requires_grad_(True)
-        norm_g = stepper.step(opt_g, self.generator.parameters())
 
         loss_d, loss_g = loss_d.detach(), loss_g.detach()
         return {"loss": float(loss_d + loss_g), "loss_d": float(loss_d), "loss_g": float(loss_g),

@@ -14,6 +14,12 @@ all dimensions, the decoder ignoring z) has two remedies here, both config optio
   over the batch, is floored at ``free_bits`` nats in the objective, so a dimension gains nothing by going
   below the floor.
 
+Posterior collapse, shown: ``autoregressive: L`` makes the decoder a PixelCNN over the pixels (a mask-A layer and
+L mask-B residual layers, van den Oord et al. 2016, sec. 3.4-3.5) to which every layer adds a map of z, as in
+PixelVAE (Gulrajani et al. 2017) and the VLAE (Chen et al. 2017). Such a decoder can model the digits from the
+pixels above and to the left alone, and the KL term then drives q(z|x) to the prior: no active units (Bowman et al.
+2016, Chen et al. 2017 sec. 2). Binary pixels only (the decoder is Bernoulli); sampling draws pixel by pixel.
+
 The decoder is Bernoulli (logits), Gaussian, or Laplace (an L1 reconstruction error, up to scale); the last two
 have one scale shared by all pixels, learned (Rybkin et al. 2021, sigma-VAE) or fixed by ``scale``. Every
 reported likelihood is a probability of the pixels as stored, so its bits/dim bound the same quantity as the
@@ -46,6 +52,7 @@ from ..errors import GenaiError
 from ..nn.conv import ConvDecoder, ConvEncoder
 from ..nn.discretized import discretized_log_prob
 from ..nn.latent import check_temperature, walk_latents
+from ..nn.masked_conv import MaskedConv2d, channel_groups
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
@@ -66,6 +73,8 @@ class Config:
     kl_warmup_steps: int = 0  # KL annealing: beta grows linearly from 0 over this many steps (0: off)
     free_bits: float = 0.0  # floor on each latent dimension's batch-mean KL, in nats (0: off)
     iwae_k: int = 64  # importance samples for the IWAE bound in validation metrics
+    autoregressive: int = 0  # > 0: a PixelCNN decoder with this many mask-B layers, conditioned on z (binary data)
+    autoregressive_channels: int = 32  # its feature maps per layer (a multiple of the image channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +105,65 @@ def kl_beta(step: int, target: float, warmup_steps: int) -> float:
     return float(target) * min(1.0, step / warmup_steps)
 
 
+# ---------------------------------------------------------------------------------------------
+# The autoregressive decoder: strong enough to ignore z
+# ---------------------------------------------------------------------------------------------
+class PixelDecoder(nn.Module):
+    """p(x | z) = prod_i p(x_i | x_<i, z), Bernoulli logits (B, C, H, W) for binary x (B, C, H, W).
+
+    PixelCNN (van den Oord et al. 2016, sec. 3.4-3.5): a 7x7 mask-A convolution of x, then ``layers`` residual
+    3x3 mask-B convolutions, then a 1x1 mask-B output. z enters as a (B, F, H, W) map added at every layer, made by
+    the plain VAE's decoder (PixelVAE, Gulrajani et al. 2017, sec. 3): the map costs nothing causally, since z is
+    known before the first pixel. Sampling computes one pixel through every layer at a time (``MaskedConv2d.at``).
+    """
+
+    def __init__(self, latent_dim: int, spec: ImageSpec, widths: list[int], norm: str, channels: int, layers: int):
+        super().__init__()
+        c, f = spec.channels, channels
+        data = torch.arange(c)  # data channel g is group g: RGB predicted in order within a pixel
+        feat = channel_groups(f, c, "model.autoregressive_channels")  # (F,)
+        self.layers = layers
+        self.condition = ConvDecoder(latent_dim, f * (layers + 1), spec.size, widths, norm)  # one map per layer
+        self.first = MaskedConv2d(c, f, (7, 7), (3, 3), "A", data, feat)
+        self.convs = nn.ModuleList(MaskedConv2d(f, f, (3, 3), (1, 1), "B", feat, feat) for _ in range(layers))
+        self.out = MaskedConv2d(f, c, (1, 1), (0, 0), "B", feat, data)
+
+    def maps(self, z: Tensor) -> tuple[Tensor, ...]:
+        """(B, D) -> layers + 1 maps (B, F, H, W), one per layer."""
+        return self.condition(z).chunk(self.layers + 1, dim=1)
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        """Teacher forcing: every pixel's logit from the true pixels before it and z. (B, C, H, W) logits."""
+        cond = self.maps(z)
+        h = self.first(x * 2 - 1) + cond[0]  # (B, F, H, W)
+        for conv, c in zip(self.convs, cond[1:], strict=True):
+            h = h + conv(F.relu(h)) + c
+        return self.out(F.relu(h))
+
+    @torch.no_grad()
+    def sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Binary images (B, C, H, W) drawn in raster order (channels in order within a pixel) given z (B, D)."""
+        cond = self.maps(z)
+        b, (_, _, h, w) = z.shape[0], cond[0].shape
+        c = self.out.out_channels
+        like = cond[0]
+        data = self.first.input_buffer(b, h, w, like)  # the drawn pixels, scaled to [-1, 1], zero-padded
+        inputs = [conv.input_buffer(b, h, w, like) for conv in self.convs]  # relu(h) of each layer's input
+        image = like.new_zeros(b, c, h, w)
+        for i in range(h):
+            for j in range(w):
+                for ch in range(c):  # channel ch sees the channels < ch of this pixel (mask A groups)
+                    feat = self.first.at(data, i, j) + cond[0][:, :, i, j]  # (B, F)
+                    for conv, buf, m in zip(self.convs, inputs, cond[1:], strict=True):
+                        conv.put(buf, i, j, F.relu(feat))
+                        feat = feat + conv.at(buf, i, j) + m[:, :, i, j]
+                    p = torch.sigmoid(self.out.pointwise(F.relu(feat))[:, ch])  # (B,)
+                    pixel = torch.bernoulli(p, generator=generator)
+                    image[:, ch, i, j] = pixel
+                    self.first.put(data, i, j, pixel * 2 - 1, channel=ch)
+        return image
+
+
 @register_model("vae", "variational autoencoder: ELBO, IWAE bound, KL annealing and free bits against collapse")
 class VAE(GenerativeModel):
     Config = Config
@@ -112,12 +180,22 @@ class VAE(GenerativeModel):
             raise GenaiError(f"model.beta and model.free_bits must be >= 0, got {config.beta}, {config.free_bits}")
         if config.scale is not None and config.scale <= 0:
             raise GenaiError(f"model.scale must be > 0 (or null to learn it), got {config.scale}")
+        if config.autoregressive < 0:
+            raise GenaiError(f"model.autoregressive must be >= 0 (mask-B layers of the PixelCNN decoder; 0: off), "
+                             f"got {config.autoregressive}")
+        if config.autoregressive and (config.decoder != "bernoulli" or not spec.binary):
+            raise GenaiError("model.autoregressive draws binary pixels: it needs model.decoder bernoulli and "
+                             "binarised data (--set data.binarize=true)")
         d = config.latent_dim
         self.encoder = ConvEncoder(spec.channels, spec.size, config.widths, config.norm)
         # Two heads on the shared features: the posterior's mean and its log-variance.
         self.mean_head = nn.Linear(self.encoder.feature_dim, d)
         self.logvar_head = nn.Linear(self.encoder.feature_dim, d)
-        self.decoder = ConvDecoder(d, spec.channels, spec.size, config.widths, config.norm)
+        if config.autoregressive:
+            self.decoder = PixelDecoder(d, spec, config.widths, config.norm, config.autoregressive_channels,
+                                        config.autoregressive)
+        else:
+            self.decoder = ConvDecoder(d, spec.channels, spec.size, config.widths, config.norm)
         if config.decoder != "bernoulli":
             if config.scale is None:
                 # Starts near a trained model's pixel error so early training is not all KL; learned after.
@@ -139,9 +217,25 @@ class VAE(GenerativeModel):
         """The posterior mean, (B, latent_dim): the latent used for plots and interpolation."""
         return self.posterior(x)[0]
 
-    def decode(self, z: Tensor) -> Tensor:
-        """(B, D) -> (B, C, H, W) decoder output: Bernoulli logits, or the pre-sigmoid mean."""
+    def decode(self, z: Tensor, x: Tensor | None = None) -> Tensor:
+        """(B, D) -> (B, C, H, W) decoder output: Bernoulli logits, or the pre-sigmoid mean. The autoregressive
+        decoder also reads the image x (B, C, H, W) whose pixels it predicts, each from those before it."""
+        if self.config.autoregressive:
+            return self.decoder(x, z).float()
         return self.decoder(z).float()
+
+    def draw(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """What samples and walks show for latents z (B, D): the decoder's mean image in [0, 1], or for the
+        autoregressive decoder binary images drawn pixel by pixel."""
+        if self.config.autoregressive:
+            return self.decoder.sample(z, generator)
+        return self.mean_image(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> the decoder's image at their posterior means: a collapsed posterior
+        reconstructs every image as the same average digit (the loop writes these grids beside the samples)."""
+        return self.draw(self.encode(x), torch.Generator(x.device).manual_seed(0))
 
     def mean_image(self, out: Tensor) -> Tensor:
         """The decoder distribution's mean, (B, C, H, W) in [0, 1]: what samples and walks show."""
@@ -169,7 +263,7 @@ class VAE(GenerativeModel):
         mu, logvar = self.posterior(x)  # (B, D) each
         # Reparameterisation (Kingma & Welling 2014, sec. 2.4): z = mu + sigma * eps, eps ~ N(0, I).
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # (B, D)
-        recon = -self.log_px(self.decode(z), x).mean()  # nats per image
+        recon = -self.log_px(self.decode(z, x), x).mean()  # nats per image
         kl = gaussian_kl(mu, logvar)  # (B, D)
         beta = self.kl_beta(self.current_step)
         loss = recon + beta * free_bits_kl(kl, self.config.free_bits).sum()
@@ -194,7 +288,7 @@ class VAE(GenerativeModel):
         x, _ = batch
         mu, logvar = self.posterior(x)
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-        return self.log_px(self.decode(z), x) - gaussian_kl(mu, logvar).sum(1)
+        return self.log_px(self.decode(z, x), x) - gaussian_kl(mu, logvar).sum(1)
 
     log_likelihood = elbo  # the capability the toolkit reads (bits/dim); None on instances without a likelihood
 
@@ -221,8 +315,8 @@ class VAE(GenerativeModel):
             kk = min(chunk, k - start)
             eps = torch.randn(kk, *mu.shape, generator=generator, device=mu.device)
             z = mu + std * eps  # (kk, B, D)
-            out = self.decode(z.flatten(0, 1))  # (kk * B, C, H, W)
-            log_px = self.log_px(out, x.expand(kk, *x.shape).flatten(0, 1)).view(kk, b)
+            xs = x.expand(kk, *x.shape).flatten(0, 1)  # (kk * B, C, H, W)
+            log_px = self.log_px(self.decode(z.flatten(0, 1), xs), xs).view(kk, b)
             log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)  # (kk, B), log N(z; 0, I)
             log_qz = -0.5 * (eps.pow(2) + math.log(2 * math.pi) + logvar).sum(-1)  # log N(z; mu, sigma^2)
             log_w.append(log_px + log_pz - log_qz)
@@ -277,10 +371,11 @@ class VAE(GenerativeModel):
     # -- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
-        """Decode z ~ N(0, temperature^2 I); returns the decoder's mean image (not a noisy draw from it)."""
+        """Decode z ~ N(0, temperature^2 I); returns the decoder's mean image (not a noisy draw from it), or with the
+        autoregressive decoder a draw of every pixel."""
         t = check_temperature(temperature)
         z = t * torch.randn(n, self.config.latent_dim, generator=generator, device=self.device)
-        return self.mean_image(self.decode(z))
+        return self.draw(z, generator)
 
     @torch.no_grad()
     def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
@@ -295,4 +390,4 @@ class VAE(GenerativeModel):
                                                            device=self.device),
                          encode=lambda x: self.encode(x.to(self.device)), images=images, dim=dim,
                          temperature=temperature, name="vae")
-        return self.mean_image(self.decode(z))
+        return self.draw(z, generator)
