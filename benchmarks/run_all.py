@@ -30,6 +30,9 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("families", ["bench_families.py"], ["--budget", "15", "--samples", "50"]),
     ("ar_sampling", ["bench_ar_sampling.py"], ["--size", "12", "--n", "2"]),
     ("lessons", ["bench_lessons.py"], ["--quick"]),
+    ("latent", ["bench_latent.py", "compare"], ["--budget", "30", "--ae-seconds", "10", "--samples", "50"]),
+    ("masked", ["bench_masked.py"], ["--quick"]),
+    ("text", ["bench_text.py"], ["--quick", "--data", "python_docs"]),
     ("precision", ["bench_precision.py"],
      ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "auto,fp32,bf16", "--matmul-size", "256"]),
 ]
