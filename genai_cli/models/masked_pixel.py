@@ -21,16 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import GenaiError
-from ..nn.autoregressive import (
-    TEXT_OPTIONS,
-    dequantize,
-    image_to_tokens,
-    quantize,
-    resolve_levels,
-    tokens_to_image,
-)
-from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel, MaskedTransformer
+from ..nn.autoregressive import TEXT_OPTIONS, dequantize, image_to_tokens, quantize, token_shape, tokens_to_image
+from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
 
@@ -69,22 +61,8 @@ class MaskedPixel(MaskedTokenModel, GenerativeModel):
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)
-        if spec.kind == "tokens":
-            if config.levels:
-                raise GenaiError("model.levels sets the intensity levels of images; a text model's tokens are its "
-                                 "characters: drop model.levels")
-            self.levels, self.seq_len = spec.vocab_size, spec.block_size
-        else:
-            self.levels, self.seq_len = resolve_levels(config.levels, spec), spec.dims
-        self.vocab = self.levels
-        self.network = MaskedTransformer(self.levels, self.seq_len, config.d_model, config.heads, config.layers,
-                                         config.mlp_ratio, config.dropout,
-                                         spec.num_classes if config.class_conditional else 0)
-        self.check_config()
-
-    @property
-    def conditional(self) -> bool:
-        return self.config.class_conditional
+        self.levels, seq_len = token_shape(config.levels, spec)
+        self.build_network(self.levels, seq_len)
 
     def tokens_of(self, x: Tensor) -> Tensor:
         if self.spec.kind == "tokens":

@@ -22,7 +22,7 @@ from typing import Literal
 from torch import Tensor
 
 from ..lineage import Parents
-from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel, MaskedTransformer
+from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec, RunRef, run_ref
 
@@ -55,15 +55,7 @@ class MaskGIT(MaskedTokenModel, GenerativeModel):
         super().__init__(config, spec, parents)
         tokenizer = self.parents["tokenizer"]
         h, w = tokenizer.token_grid
-        self.vocab, self.seq_len = tokenizer.num_codes, h * w
-        self.network = MaskedTransformer(self.vocab, self.seq_len, config.d_model, config.heads, config.layers,
-                                         config.mlp_ratio, config.dropout,
-                                         spec.num_classes if config.class_conditional else 0)
-        self.check_config()
-
-    @property
-    def conditional(self) -> bool:
-        return self.config.class_conditional
+        self.build_network(tokenizer.num_codes, h * w)
 
     def tokens_of(self, x: Tensor) -> Tensor:
         return self.parents["tokenizer"].tokenize(x)  # (B, h * w), frozen

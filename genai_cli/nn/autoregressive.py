@@ -77,6 +77,17 @@ def resolve_levels(levels: int, spec: ImageSpec) -> int:
     return levels
 
 
+def token_shape(levels: int, spec: Spec) -> tuple[int, int]:
+    """(K, T) of a model over ``spec``'s tokens: text, its vocabulary and block size (``model.levels`` refused);
+    images, ``resolve_levels`` and T = H * W * C sub-pixels."""
+    if spec.kind == "tokens":
+        if levels:
+            raise GenaiError("model.levels sets the intensity levels of images; a text model's tokens are its "
+                             "characters: drop model.levels")
+        return spec.vocab_size, spec.block_size
+    return resolve_levels(levels, spec), spec.dims
+
+
 def quantize(x: Tensor, levels: int) -> Tensor:
     """Pixels in [0, 1] -> level indices in 0..K-1 (long): round(x * (K - 1)), halves rounded up.
 
@@ -141,14 +152,7 @@ class AutoregressiveImageModel:
 
     def __init__(self, config, spec: Spec):
         super().__init__(config, spec)
-        if spec.kind == "tokens":
-            if config.levels:
-                raise GenaiError("model.levels sets the intensity levels of images; a text model's tokens are its "
-                                 "characters: drop model.levels")
-            self.levels, self.seq_len = spec.vocab_size, spec.block_size
-        else:
-            self.levels = resolve_levels(config.levels, spec)
-            self.seq_len = spec.dims  # T = H * W * C tokens
+        self.levels, self.seq_len = token_shape(config.levels, spec)
 
     # -- what a family implements -----------------------------------------------------------------
     def embed(self, tokens: Tensor) -> Tensor:

@@ -206,6 +206,19 @@ class MaskedTokenModel:
         """Tokens (B, N) -> images (B, C, H, W) in [0, 1]."""
         raise NotImplementedError
 
+    def build_network(self, vocab: int, seq_len: int) -> None:
+        """Set ``vocab``, ``seq_len`` and the ``network`` from the config (class rows when class-conditional), after
+        checking the config: what every masked family's ``__init__`` ends with."""
+        cfg = self.config
+        self.vocab, self.seq_len = vocab, seq_len
+        self.network = MaskedTransformer(vocab, seq_len, cfg.d_model, cfg.heads, cfg.layers, cfg.mlp_ratio,
+                                         cfg.dropout, self.spec.num_classes if self.class_conditional else 0)
+        self.check_config()
+
+    @property
+    def conditional(self) -> bool:
+        return self.class_conditional
+
     def check_config(self) -> None:
         """A bad model section fails when the model is built, with the key to fix, not after training."""
         cfg = self.config
