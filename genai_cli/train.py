@@ -239,9 +239,6 @@ class Trainer:
                 raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
                                  f"convolution; drop it (--set train.channels_last=false)")
             self.model.to(memory_format=torch.channels_last)
-        # What the family measures on its data before the first step (a resumed run's checkpoint then overwrites it).
-        idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(t.seed))[:PREPARE_IMAGES]
-        self.prepared = self.model.prepare(model_input(self.data.train_images(idx), self.data.spec).to(self.device))
         distributed.broadcast_module(self.model)
         self.optimizers = self.model.configure_optimizers(t)
         check_frozen(self.model, self.optimizers)
@@ -513,16 +510,25 @@ class Trainer:
             # purge_step: events past the checkpoint, written before a kill, are hidden when rewritten.
             self.tb = self.tb_class(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.step or None)
 
+    def prepare(self) -> None:
+        """What the family measures on its data before the first step of a new run (a resumed run has it in its
+        checkpoint). Every rank measures the same images, so the buffers agree; the EMA copies buffers each step."""
+        idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        images = model_input(self.data.train_images(idx[:PREPARE_IMAGES]), self.data.spec).to(self.device)
+        prepared = self.model.prepare(images)
+        if prepared:
+            self.summary.update(prepared)
+            if self.is_main:
+                self.log({"step": 0, "split": "prepare", **prepared})
+
     def fit(self) -> dict[str, Any]:
         t = self.cfg.train
         self.summary["precision"] = self.precision.describe()  # what ran (inspect shows it beside the request)
         if self.is_main:
             self.open_run()
         reporter = Reporter(self.total_steps, self.step, self.quiet, self.console)
-        if self.step == 0 and self.prepared:
-            self.summary.update(self.prepared)
-            if self.is_main:
-                self.log({"step": 0, "split": "prepare", **self.prepared})
+        if self.step == 0:
+            self.prepare()
         try:
             with self.stop_signals():
                 last_logs = self.run_steps(reporter)
