@@ -480,13 +480,15 @@ class Samples:
 
     def text(self) -> str:
         """The texts as written to a .txt: separated by a rule; a sweep's under one header per setting."""
+        from .runs import TEXT_SEPARATOR
+
         texts = self.texts or []
         blocks = [texts[i:i + self.nrow] for i in range(0, len(texts), self.nrow)] if self.row_names else [texts]
         out = []
         for i, block in enumerate(blocks):
             if self.row_names:
                 out.append(f"=== {self.row_names[i]} ===")
-            out.append("\n----\n".join(block))
+            out.append(TEXT_SEPARATOR.join(block))
         return "\n\n".join(out) + "\n"
 
     def save(self, path: str | Path) -> Path:

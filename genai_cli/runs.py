@@ -154,13 +154,16 @@ def grid_rows(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
+TEXT_SEPARATOR = "\n----\n"  # between the texts of a .txt of samples
+
+
 def save_samples(samples: torch.Tensor, spec, stem: Path) -> Path:
     """What a family's ``sample`` returned, saved as its spec's kind of file: a PNG grid of images, or the texts of
     token ids (decoded, separated by a rule) in a .txt. ``stem`` is the path without suffix; returns the file."""
     path = stem.with_suffix(spec.sample_suffix)
     if spec.kind == "tokens":
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n----\n".join(spec.decode(row) for row in samples.tolist()) + "\n", encoding="utf-8")
+        path.write_text(TEXT_SEPARATOR.join(spec.decode(row) for row in samples.tolist()) + "\n", encoding="utf-8")
     else:
         save_grid(samples, path)
     return path
