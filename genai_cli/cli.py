@@ -135,8 +135,8 @@ def parse_temperature(value: Any, family: str, cls, ckpt: Path, step: int) -> An
         return value
     if isinstance(value, str) and value.strip().lower() == "calibrated":
         if not cls.discrete:
-            raise GenaiError(f"--temperature calibrated needs a family whose predictions genai evaluate --calibrate "
-                             f"fits; family '{family}' takes a number")
+            raise GenaiError(f"--temperature calibrated needs a family that samples from logits genai evaluate "
+                             f"--calibrate can fit; family '{family}' takes a number")
         from .evaluation.calibrate import calibrated_temperature
 
         return calibrated_temperature(ckpt, int(step))
