@@ -512,7 +512,10 @@ class Trainer:
 
     def prepare(self) -> None:
         """What the family measures on its data before the first step of a new run (a resumed run has it in its
-        checkpoint). Every rank measures the same images, so the buffers agree; the EMA copies buffers each step."""
+        checkpoint). Every rank measures the same images, so the buffers agree; the EMA copies buffers each step.
+        Families that measure nothing (the base class's prepare) cost no images."""
+        if type(self.model).prepare is GenerativeModel.prepare:
+            return
         idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.train.seed))
         images = model_input(self.data.train_images(idx[:PREPARE_IMAGES]), self.data.spec).to(self.device)
         prepared = self.model.prepare(images)
