@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_common import ROOT, RUNS, BudgetTrainer, evaluator_for, log, machine, markdown
@@ -131,9 +133,11 @@ def compare(args) -> None:
 
 # -- presets ---------------------------------------------------------------------------------------
 def presets(args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from helpers import untrained_parent  # the tests' untrained parent: random weights of the family's config
+
     from genai_cli.api import build_model
     from genai_cli.config import build_dataclass
-    from genai_cli.lineage import untrained_parent
     from genai_cli.models.base import ImageSpec, Stepper
     from genai_cli.registry import MODELS
 

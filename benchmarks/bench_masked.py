@@ -30,8 +30,8 @@ from bench_common import ROOT, RUNS, BudgetTrainer, evaluator_for, log, machine,
 from genai_cli.config import load_config
 from genai_cli.data import load_data, to_float
 from genai_cli.evaluation.run import evaluate_run, sample_quality
-from genai_cli.models.pixel_transformer import Config as ARConfig
-from genai_cli.models.pixel_transformer import PixelTransformer
+from genai_cli.models.transformer import Config as ARConfig
+from genai_cli.models.transformer import Transformer
 from genai_cli.runs import new_run
 from genai_cli.spec import ImageSpec
 
@@ -102,7 +102,7 @@ def speed(args, maskgit_run: str, steps: int) -> None:
         train_tokens = torch.cat([tokenizer.tokenize(to_float(data.train_x[i:i + 500]))
                                   for i in range(0, len(data), 500)])
     # The same size as MaskGIT's transformer; unconditional (the class row of MaskGIT is a small extra).
-    ar = PixelTransformer(ARConfig(levels=k, d_model=c.d_model, heads=c.heads, layers=c.layers, mlp_ratio=c.mlp_ratio),
+    ar = Transformer(ARConfig(levels=k, d_model=c.d_model, heads=c.heads, layers=c.layers, mlp_ratio=c.mlp_ratio),
                           ImageSpec(1, grid[0]))
     opt = torch.optim.AdamW(ar.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     bs, g = cfg.train.batch_size, torch.Generator().manual_seed(0)

@@ -381,7 +381,7 @@ def inspect(
         if model.encode is not None and os.access(run, os.W_OK):
             from .config import from_dict
             from .data import load_data, to_float
-            from .models.latent_plot import plot_latents
+            from .evaluation.latent_plot import plot_latents
 
             model.to(dev)
             data = load_data(from_dict(cfg, source=str(ckpt)).data)

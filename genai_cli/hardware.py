@@ -49,9 +49,47 @@ def _auto(option: str) -> str:
     return f"{option} auto" if option.startswith("--") else f"--set {option}=auto"
 
 
+# Set to 1 or 0 to make ``auto`` act as if the CPU had (1) or lacked (0) native bf16, whatever it reports: for the
+# test suite, which runs its precision-dependent tests both ways on any CPU, and for comparing the two on one machine.
+NATIVE_BF16_ENV = "GENAI_CPU_NATIVE_BF16"
+
+
+def cpu_bf16_units() -> dict[str, bool]:
+    """Which bf16 units the CPU has and the OS lets a process use: {"amx": AMX tiles, "avx512_bf16": ...}.
+
+    torch answers through private functions (they also check that the kernel enabled AMX for this process); they may
+    change without notice, so this is the one place that calls them, and without them the CPU's flags in
+    /proc/cpuinfo answer (Linux; elsewhere: none)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if callable(amx) and callable(avx):
+        return {"amx": bool(amx()), "avx512_bf16": bool(avx())}
+    flags = cpu_flags()
+    return {"amx": "amx_bf16" in flags and "amx_tile" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_native_bf16() -> bool:
-    """True where the CPU has bf16 instructions (AMX tiles or AVX512-BF16), as torch.cpu reports them."""
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    """True where the CPU has bf16 instructions (AMX tiles or AVX512-BF16); ``GENAI_CPU_NATIVE_BF16`` overrides."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise GenaiError(f"{NATIVE_BF16_ENV} must be 1 or 0 (pretend the CPU has or lacks native bf16), got "
+                         f"'{forced}'; unset it to use what the CPU reports")
+    units = cpu_bf16_units()
+    return units["amx"] or units["avx512_bf16"]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -98,8 +136,7 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     kind = device.type.upper() if device.type != "mps" else "MPS"
     if requested == "auto":
         if native_bf16(device):
-            what = "AMX" if device.type == "cpu" and torch.cpu._is_amx_tile_supported() else \
-                "AVX512-BF16" if device.type == "cpu" else "native bf16"
+            what = cpu_bf16_name() if device.type == "cpu" else "native bf16"
             return Precision("auto", "bf16", f"{kind} with {what}")
         if device.type == "cuda":
             return Precision("auto", "fp16", "CUDA GPU without bf16")
@@ -107,6 +144,13 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     if requested == "fp16" and device.type != "cuda":
         raise GenaiError("precision fp16 needs a CUDA GPU; use precision auto (or fp32) on this device")
     return Precision(requested, requested, "as requested")
+
+
+def cpu_bf16_name() -> str:
+    """What gives this CPU native bf16, for messages: AMX, AVX512-BF16, or the override that says so."""
+    if os.environ.get(NATIVE_BF16_ENV, "").strip() in ("0", "1"):
+        return f"native bf16 as {NATIVE_BF16_ENV} says"
+    return "AMX" if cpu_bf16_units()["amx"] else "AVX512-BF16"
 
 
 def warn_if_emulated(precision: Precision, device: torch.device, warn) -> None:
@@ -141,11 +185,12 @@ def cpu_name() -> str:
 
 def machine_summary() -> dict[str, object]:
     """What a reported figure ran on: CPU model, instruction set, native bf16, threads, torch, GPU if any."""
+    units = cpu_bf16_units()
     info: dict[str, object] = {
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "amx": bool(torch.cpu._is_amx_tile_supported()),
-        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx": units["amx"],
+        "avx512_bf16": units["avx512_bf16"],
         "native_bf16": cpu_native_bf16(),
         "threads": torch.get_num_threads(),
         "cores": os.cpu_count(),

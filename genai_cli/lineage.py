@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import types
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -288,28 +288,6 @@ def check_same_parents(model: nn.Module, state: dict[str, Any], where: str) -> N
         was = ", ".join(f"{k}={str(h)[:12]}" for k, h in saved.items()) or "none"
         raise GenaiError(f"{where} was trained on parents {was}, but this run has {have}; resume with the parents "
                          f"embedded in the checkpoint")
-
-
-def untrained_parent(family: str, spec: ImageSpec, **overrides: Any) -> Parent:
-    """A parent that was never trained: the family's ``tiny`` config (plus overrides), random weights, step 0.
-    For tests and notebooks that need a child family without training its parent first."""
-    from .api import build_model
-    from .config import build_dataclass
-    from .registry import MODELS
-
-    cls = MODELS.get(family)
-    cfg = build_dataclass(cls.Config, {**cls.tiny, **overrides}, "model")
-    parents = tiny_parents(cls, spec)
-    model = build_model(family, cfg, spec, parents=parents)
-    weights = model.state_dict()
-    return Parent(name=f"untrained-{family}", step=0, hash=state_hash(weights, parents), family=family,
-                  config={"model": {"family": family, **asdict(cfg)}}, spec=spec, source="(untrained)",
-                  parents=parents, weights=weights)
-
-
-def tiny_parents(cls, spec: ImageSpec) -> dict[str, Parent]:
-    """Untrained tiny parents for every run_ref of a family (its first accepted family each)."""
-    return {key: untrained_parent(ref.accepts[0], spec) for key, ref in parent_refs(cls.Config).items()}
 
 
 def describe(name: str, parents: Mapping[str, Parent], depth: int = 0) -> list[str]:

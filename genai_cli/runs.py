@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -74,6 +75,43 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def link_atomically(src: Path, dst: Path) -> None:
+    """Give ``src`` a second name ``dst`` (a hard link: no second copy on disk), replacing ``dst`` atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """A kill while writing leaves the old file whole (config.yaml is read again by every --resume)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume: drop records past the checkpoint (the resumed run writes them again, identically) and a
+    last line cut by a kill, so the log reads like one uninterrupted run. Rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    write_text_atomically(path, "".join(f"{line}\n" for line in keep))
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:

@@ -60,8 +60,8 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
     """A new run folder under ``root`` and the Trainer that fills it (not yet trained). Returns the Trainer."""
     from .data import load_data
     from .hardware import pick_device
-    from .runs import new_run
-    from .train import Trainer, write_text_atomically
+    from .runs import new_run, write_text_atomically
+    from .train import Trainer
 
     data = data or load_data(cfg.data)  # before creating the folder: a dataset that cannot be had leaves nothing
     ctx, _ = distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
@@ -93,8 +93,8 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     that has already trained its whole budget. Returns the Trainer."""
     from .hardware import pick_device
     from .lineage import embedded_parents
-    from .runs import check_writable, load_checkpoint_file
-    from .train import Trainer, write_text_atomically
+    from .runs import check_writable, load_checkpoint_file, write_text_atomically
+    from .train import Trainer
 
     run, ckpt, cfg = point
     distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any

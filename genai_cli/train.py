@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -36,7 +35,15 @@ from .errors import GenaiError
 from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
 from .lineage import Parent, check_frozen, check_same_parents, run_parents
 from .models.base import GenerativeModel, Stepper
-from .runs import CHECKPOINT_FORMAT, MetricsLog, save_checkpoint, save_grid, save_samples
+from .runs import (
+    CHECKPOINT_FORMAT,
+    MetricsLog,
+    link_atomically,
+    save_checkpoint,
+    save_grid,
+    save_samples,
+    trim_metrics,
+)
 from .spec import spec_to_dict
 
 
@@ -132,47 +139,6 @@ class LossForward(nn.Module):
 
     def forward(self, batch):
         return type(self.model).loss(self.model, batch)
-
-
-def link_atomically(src: Path, dst: Path) -> None:
-    """Give ``src`` a second name ``dst`` (a hard link: no second copy on disk), replacing ``dst`` atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # a filesystem without hard links
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """A kill while writing leaves the old file whole (config.yaml is read again by every --resume)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """On resume: drop records past the checkpoint (the resumed run writes them again, identically) and a
-    last line cut by a kill, so the log reads like one uninterrupted run. Rewritten atomically."""
-    import json
-
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            keep.append(line)
-    write_text_atomically(path, "".join(f"{line}\n" for line in keep))
 
 
 class Reporter:

@@ -9,6 +9,7 @@ import torch
 import yaml
 from helpers import tiny_config
 
+from genai_cli import hardware
 from genai_cli.config import DataConfig
 from genai_cli.data import load_data, to_float
 
@@ -31,3 +32,26 @@ def config_file(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Pretend the CPU has (True) or lacks (False) native bf16, whatever this machine is."""
+    monkeypatch.delenv(hardware.NATIVE_BF16_ENV, raising=False)
+
+    def set_native(native: bool, amx: bool = False):
+        units = {"amx": native and amx, "avx512_bf16": native and not amx}
+        monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: units)
+        monkeypatch.setattr(hardware, "_warned", set())
+
+    return set_native
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def auto_precision(request, monkeypatch) -> str:
+    """Run a test once with ``precision: auto`` resolving to fp32 on the CPU and once to bf16, on any CPU (through
+    GENAI_CPU_NATIVE_BF16), so what fails only on one kind of processor fails on every machine. The value is the
+    precision auto resolves to; a test comparing numbers takes its tolerance from it (``helpers.tolerance``)."""
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "1" if request.param == "bf16" else "0")
+    return request.param
+

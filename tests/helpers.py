@@ -24,7 +24,6 @@ def tiny_cfg(family: str, **overrides):
 def tiny_model(family: str, spec: ImageSpec = SPEC, **overrides):
     """A tiny model of ``family``; a family that builds on other runs gets untrained tiny parents."""
     from genai_cli.api import build_model
-    from genai_cli.lineage import tiny_parents
 
     cls = MODELS.get(family)
     return build_model(family, tiny_cfg(family, **overrides), spec, parents=tiny_parents(cls, spec))
@@ -71,3 +70,34 @@ def train_tiny_parents(family: str, runs) -> None:
         path = runs.parent / f"tiny-{parent}.yaml"
         path.write_text(yaml.safe_dump(tiny_config(parent, max_steps=2)))
         invoke("train", path, "--runs-dir", runs, "--name", f"tiny-{parent}", "-q")
+
+
+def untrained_parent(family: str, spec: ImageSpec, **overrides):
+    """A parent that was never trained: the family's ``tiny`` config (plus overrides), random weights, step 0.
+    For tests (and benchmarks) that need a child family without training its parent first."""
+    from dataclasses import asdict
+
+    from genai_cli.api import build_model
+    from genai_cli.config import build_dataclass
+    from genai_cli.lineage import Parent, state_hash
+
+    cls = MODELS.get(family)
+    cfg = build_dataclass(cls.Config, {**cls.tiny, **overrides}, "model")
+    parents = tiny_parents(cls, spec)
+    model = build_model(family, cfg, spec, parents=parents)
+    weights = model.state_dict()
+    return Parent(name=f"untrained-{family}", step=0, hash=state_hash(weights, parents), family=family,
+                  config={"model": {"family": family, **asdict(cfg)}}, spec=spec, source="(untrained)",
+                  parents=parents, weights=weights)
+
+
+def tiny_parents(cls, spec: ImageSpec) -> dict:
+    """Untrained tiny parents for every run_ref of a family (its first accepted family each)."""
+    from genai_cli.config import parent_refs
+
+    return {key: untrained_parent(ref.accepts[0], spec) for key, ref in parent_refs(cls.Config).items()}
+
+
+def tolerance(precision: str) -> dict[str, float]:
+    """assert_close tolerances for values computed under ``precision`` (bf16 keeps 8 bits of mantissa: ~4e-3)."""
+    return {"atol": 2e-2, "rtol": 2e-2} if precision == "bf16" else {"atol": 1e-5, "rtol": 1.3e-6}

@@ -7,9 +7,9 @@ import torch
 
 import genai_cli.models  # noqa: F401  (registers the families)
 from genai_cli.errors import GenaiError
+from genai_cli.models.autoregressive import AutoregressiveImageModel
 from genai_cli.models.base import ImageSpec
 from genai_cli.nn.autoregressive import (
-    AutoregressiveImageModel,
     conv_logits_to_seq,
     dequantize,
     image_to_tokens,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, tolerance
 
 import genai_cli
 from genai_cli.errors import GenaiError
@@ -26,8 +26,10 @@ from genai_cli.generate import (
     plan,
     select_mode,
 )
+from genai_cli.hardware import resolve_precision
 
 SHAPE = (1, 8, 8)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +145,18 @@ def test_prefix_completes_real_images(models):
 
 
 @pytest.mark.parametrize("family", ["vae", "autoencoder", "dcgan", "cgan"])
-def test_interpolation_ends_are_the_samples_it_walks_between(models, family):
-    """Fails if the walk ignores --interpolate (no line), --temperature or -n."""
+def test_interpolation_ends_are_the_samples_it_walks_between(models, family, auto_precision):
+    """Fails if the walk ignores --interpolate (no line), --temperature or -n. draw() runs under precision auto: the
+    ends are compared with samples drawn under the same precision, at its tolerance."""
     model = models[family]
     walk = draw(model, SampleRequest(Walk(), n=16, seed=5, options={"temperature": 0.5}))
     assert walk.images.shape == (16, *SHAPE) and walk.nrow == 8
     rows = walk.images.view(2, 8, *SHAPE)
     extra = {"labels": torch.tensor([0, 0, 1, 1])} if family == "cgan" else {}  # row i draws class i
-    ends = model.sample(4, generator=torch.Generator().manual_seed(5), temperature=0.5, **extra)
-    torch.testing.assert_close(rows[:, 0], ends[0::2])
-    torch.testing.assert_close(rows[:, -1], ends[1::2])
+    with torch.no_grad(), resolve_precision("auto", CPU).autocast(CPU):
+        ends = model.sample(4, generator=torch.Generator().manual_seed(5), temperature=0.5, **extra).float()
+    torch.testing.assert_close(rows[:, 0], ends[0::2], **tolerance(auto_precision))
+    torch.testing.assert_close(rows[:, -1], ends[1::2], **tolerance(auto_precision))
     assert not torch.allclose(rows[:, 3], rows[:, 0])
     hot = draw(model, SampleRequest(Walk(), n=16, seed=5))
     assert not torch.allclose(hot.images, walk.images)
@@ -173,16 +177,17 @@ def test_walks_honour_n(models, n, rows, steps):
     assert draw(models["dcgan"], SampleRequest(Walk(steps=3), n=6)).nrow == 3
 
 
-def test_real_walks_interpolate_between_the_images_latents(models):
+def test_real_walks_interpolate_between_the_images_latents(models, auto_precision):
     model = models["vae"]
     real = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(1))
     p = plan(model, SampleRequest(Walk("real"), n=16))
     assert p.real_images == 4
     s = draw(model, SampleRequest(Walk("real"), n=16), images=real)
     rows = s.images.view(2, 8, *SHAPE)
-    decoded = model.mean_image(model.decode(model.encode(real)))
-    torch.testing.assert_close(rows[:, 0], decoded[0::2])
-    torch.testing.assert_close(rows[:, -1], decoded[1::2])
+    with torch.no_grad(), resolve_precision("auto", CPU).autocast(CPU):  # as draw() decodes
+        decoded = model.mean_image(model.decode(model.encode(real))).float()
+    torch.testing.assert_close(rows[:, 0], decoded[0::2], **tolerance(auto_precision))
+    torch.testing.assert_close(rows[:, -1], decoded[1::2], **tolerance(auto_precision))
     assert plan(model, SampleRequest(Walk("real", dim=0), n=16)).real_images == 2  # one start per row
     traversal = draw(model, SampleRequest(Walk("real", dim=0), n=16), images=real)
     assert not torch.allclose(traversal.images, s.images)  # traversal and interpolation differ

@@ -16,18 +16,6 @@ from genai_cli.train import Trainer
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def cpu_bf16(monkeypatch):
-    """Pretend the CPU has (True) or lacks (False) native bf16, whatever this machine is."""
-
-    def set_native(native: bool, amx: bool = False):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native and amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native and not amx)
-        monkeypatch.setattr(hardware, "_warned", set())
-
-    return set_native
-
-
 def test_auto_follows_cpu_capability(cpu_bf16):
     cpu_bf16(True, amx=True)
     p = hardware.resolve_precision("auto", CPU)
@@ -38,6 +26,30 @@ def test_auto_follows_cpu_capability(cpu_bf16):
     p = hardware.resolve_precision("auto", CPU)
     assert (p.resolved, p.dtype, p.needs_scaler) == ("fp32", None, False)
     assert p.describe() == "fp32 (CPU without native bf16)"
+
+
+def test_the_environment_overrides_what_the_cpu_reports(monkeypatch, cpu_bf16):
+    cpu_bf16(False)
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "1")
+    p = hardware.resolve_precision("auto", CPU)
+    assert p.resolved == "bf16" and hardware.NATIVE_BF16_ENV in p.reason
+    cpu_bf16(True, amx=True)
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "0")
+    assert hardware.resolve_precision("auto", CPU).resolved == "fp32"
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "yes")
+    with pytest.raises(GenaiError, match="must be 1 or 0"):
+        hardware.resolve_precision("auto", CPU)
+
+
+def test_bf16_units_fall_back_to_the_cpu_flags(monkeypatch):
+    """Without torch's private queries (renamed or gone in a later torch), /proc/cpuinfo's flags answer."""
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert hardware.cpu_bf16_units() == {"amx": False, "avx512_bf16": True}
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_tile", "amx_bf16"})
+    assert hardware.cpu_bf16_units()["amx"] and hardware.cpu_native_bf16()
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    assert not hardware.cpu_native_bf16()
 
 
 def test_auto_follows_cuda_capability(monkeypatch):

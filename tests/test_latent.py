@@ -334,7 +334,7 @@ def test_autoencoder_tracks_latent_statistics():
 
 
 def test_plot_latents(tmp_path):
-    from genai_cli.models.latent_plot import plot_latents
+    from genai_cli.evaluation.latent_plot import plot_latents
 
     model = make("vae")
     x, y = batch(40)

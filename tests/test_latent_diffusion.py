@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import SPEC, invoke, tiny_config
+from helpers import SPEC, invoke, tiny_config, untrained_parent
 
 from genai_cli.api import build_model, load_checkpoint
 from genai_cli.config import DataConfig, from_dict, load_config
 from genai_cli.data import load_data, to_float
 from genai_cli.errors import GenaiError
-from genai_cli.lineage import untrained_parent
 from genai_cli.models.base import ImageSpec
 from genai_cli.models.diffusion import UNET_PRESETS
 from genai_cli.models.diffusion import Config as DDPMConfig

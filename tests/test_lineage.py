@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import SPEC, invoke, runner, tiny_config
+from helpers import SPEC, invoke, runner, tiny_config, tiny_parents
 from torch import nn
 
 from genai_cli import load_checkpoint
@@ -23,7 +23,7 @@ from genai_cli.api import build_model
 from genai_cli.cli import app
 from genai_cli.config import ParentRef, from_dict, parent_refs
 from genai_cli.errors import GenaiError
-from genai_cli.lineage import check_frozen, frozen_parameters, resolve_parent, state_hash, tiny_parents
+from genai_cli.lineage import check_frozen, frozen_parameters, resolve_parent, state_hash
 from genai_cli.models.base import GenerativeModel, RunRef, run_ref
 from genai_cli.registry import MODELS, Registry
 from genai_cli.runs import load_checkpoint_file, save_checkpoint

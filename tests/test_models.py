@@ -7,10 +7,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import SPEC, tiny_cfg, tiny_model
+from helpers import SPEC, tiny_cfg, tiny_model, tiny_parents
 
 from genai_cli.api import build_model, load_checkpoint
-from genai_cli.lineage import tiny_parents
 from genai_cli.models.base import ImageSpec
 from genai_cli.registry import MODELS
 from genai_cli.runs import save_checkpoint

@@ -1,4 +1,5 @@
-"""Importing this package registers every family (one module each)."""
+"""Importing this package registers every family (one module each; ``autoregressive`` and ``masked_tokens`` hold
+the mixins that several families share)."""
 
 from . import (
     autoencoder,  # noqa: F401
@@ -7,13 +8,13 @@ from . import (
     dcgan,  # noqa: F401
     diffusion,  # noqa: F401
     latent_diffusion,  # noqa: F401
-    masked_pixel,  # noqa: F401
+    lstm,  # noqa: F401
+    masked,  # noqa: F401
     maskgit,  # noqa: F401
-    pixel_lstm,  # noqa: F401
-    pixel_transformer,  # noqa: F401
     pixelcnn,  # noqa: F401
     row_lstm,  # noqa: F401
     spatial_ae,  # noqa: F401
+    transformer,  # noqa: F401
     vae,  # noqa: F401
     vqvae,  # noqa: F401
 )

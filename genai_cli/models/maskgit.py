@@ -22,9 +22,10 @@ from typing import Literal
 from torch import Tensor
 
 from ..lineage import Parents
-from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel
+from ..nn.masked import MASKED_SAMPLE_OPTIONS
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec, RunRef, run_ref
+from .masked_tokens import MaskedTokenModel
 
 
 @dataclass

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
-from ..nn.autoregressive import AutoregressiveImageModel, PixelStepper, Stepper, conv_logits_to_seq, tokens_to_image
+from ..nn.autoregressive import TokenStepper, conv_logits_to_seq, tokens_to_image
 from ..nn.masked_conv import MaskedConv2d, channel_groups
 from ..registry import register_model
+from .autoregressive import AutoregressiveImageModel, PixelStepper
 from .base import GenerativeModel, ImageSpec
 
 
@@ -105,7 +106,7 @@ class RowLSTM(AutoregressiveImageModel, GenerativeModel):
         logits = self.out.pointwise(F.relu(self.hidden.pointwise(F.relu(feats))))
         return logits.reshape(feats.shape[0], self.spec.channels, self.levels)
 
-    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> Stepper:
+    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> TokenStepper:
         return _RowPixels(self, n, hidden_noise, generator)
 
 

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..hardware import recurrent_in_fp32
-from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, AutoregressiveImageModel, Stepper
+from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, TokenStepper
 from ..registry import register_model
+from .autoregressive import AutoregressiveImageModel
 from .base import GenerativeModel, ImageSpec
 
 
@@ -41,7 +42,7 @@ class Config:
 
 @register_model("lstm", "next-token LSTM over the raster sequence of (sub-)pixels or over characters",
                 aliases=("pixel_lstm",))
-class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
+class LSTM(AutoregressiveImageModel, GenerativeModel):
     Config = Config
     tiny = {"hidden": 16, "embed": 8, "levels": 4}
     has_hidden_state = True
@@ -138,14 +139,14 @@ class PixelLSTM(AutoregressiveImageModel, GenerativeModel):
         # The naive sampler's honest form: re-run the LSTM over tokens 0..pos (not over the unknown rest).
         return self.seq_logits(tokens[:, :pos + 1])[:, pos]
 
-    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> Stepper:
+    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> TokenStepper:
         return _CarriedState(self, hidden_noise, generator)
 
 
 class _CarriedState:
     """Keeps the LSTM's (h, c) after the positions done so far; each call advances to ``pos``."""
 
-    def __init__(self, model: PixelLSTM, hidden_noise: float, generator: torch.Generator | None):
+    def __init__(self, model: LSTM, hidden_noise: float, generator: torch.Generator | None):
         self.model, self.hidden_noise, self.generator = model, hidden_noise, generator
         self.state: tuple[Tensor, Tensor] | None = None  # (layers, n, hidden) each
         self.done = 0  # positions already run through the LSTM

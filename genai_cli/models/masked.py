@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from ..nn.autoregressive import TEXT_OPTIONS, dequantize, image_to_tokens, quantize, token_shape, tokens_to_image
-from ..nn.masked import MASKED_SAMPLE_OPTIONS, MaskedTokenModel
+from ..nn.masked import MASKED_SAMPLE_OPTIONS
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
+from .masked_tokens import MaskedTokenModel
 
 VALIDATION_STRATA = 4  # mask sizes drawn per image for the bound logged at each evaluation
 VALIDATION_BOUND_IMAGES = 256  # validation images it is estimated on (each costs VALIDATION_STRATA passes)
@@ -50,7 +51,7 @@ class Config:
 
 @register_model("masked", "BERT-style bidirectional transformer over pixels or characters: one-shot/iterative "
                           "fill, inpainting, a likelihood bound", aliases=("masked_pixel",))
-class MaskedPixel(MaskedTokenModel, GenerativeModel):
+class Masked(MaskedTokenModel, GenerativeModel):
     Config = Config
     tiny = {"d_model": 16, "heads": 2, "layers": 1, "levels": 4, "steps": 4}
     sample_options = MASKED_SAMPLE_OPTIONS | TEXT_OPTIONS | {"inpaint", "labels", "guidance", "blank"}

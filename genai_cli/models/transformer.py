@@ -19,9 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import GenaiError
-from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, AutoregressiveImageModel, Stepper
+from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, TokenStepper
 from ..nn.transformer import Block, KVCache
 from ..registry import register_model
+from .autoregressive import AutoregressiveImageModel
 from .base import GenerativeModel, ImageSpec
 
 
@@ -37,7 +38,7 @@ class Config:
 
 @register_model("transformer", "GPT-style causal transformer over pixel or character tokens, with a key/value cache",
                 aliases=("pixel_transformer",))
-class PixelTransformer(AutoregressiveImageModel, GenerativeModel):
+class Transformer(AutoregressiveImageModel, GenerativeModel):
     Config = Config
     tiny = {"d_model": 16, "heads": 2, "layers": 1, "levels": 4}
     modalities = ("image", "tokens")
@@ -81,14 +82,14 @@ class PixelTransformer(AutoregressiveImageModel, GenerativeModel):
         # What generation without a cache does: re-run the decoder over tokens 0..pos.
         return self.seq_logits(tokens[:, :pos + 1])[:, pos]
 
-    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> Stepper:
+    def incremental(self, n: int, hidden_noise: float = 0.0, generator: torch.Generator | None = None) -> TokenStepper:
         return _Cached(self, n)
 
 
 class _Cached:
     """Runs only the positions not yet computed (a whole prefix at once, then one per call) against the cache."""
 
-    def __init__(self, model: PixelTransformer, n: int):
+    def __init__(self, model: Transformer, n: int):
         self.model = model
         c = model.config
         like = model.out.weight
