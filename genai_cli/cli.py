@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -146,55 +147,44 @@ def parse_temperature(value: Any, family: str, cls, ckpt: Path, step: int) -> An
         raise GenaiError(f"--temperature must be a number or 'calibrated', got '{value}'") from None
 
 
+def sampling_flags(fn):
+    """Give ``fn(..., **options)`` one Typer option per row of genai_cli/options.py (the sampling options and the
+    modes), so a new option needs no edit here: the flags, their help and their types come from the table."""
+    import inspect
+
+    from .options import OPTIONS
+
+    sig = inspect.signature(fn)
+    fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    added, hints = [], {}
+    for o in OPTIONS:
+        if o.type is bool:
+            default, hint = typer.Option(False, o.cli_flag, help=o.help), bool
+        else:
+            default, hint = typer.Option(None, o.cli_flag, help=o.help), Optional[o.cli_type or o.type]
+        added.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=hint))
+        hints[o.name] = hint
+    fn.__signature__ = sig.replace(parameters=[*fixed, *added])
+    fn.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items()}, **hints}
+    return fn
+
+
 @app.command()
 @one_line_errors
+@sampling_flags
 def sample(
     target: Optional[str] = typer.Argument(None, help="Run folder, run name or checkpoint (default: newest run)."),
     n: Optional[int] = typer.Option(None, "-n", help="Number of images (default: the config's sample.n); per row "
                                     "with --sweep (default 8); walks draw rows of 8 (n <= 8: one row of n)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: the config's sample.seed)."),
     out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .png grid or .npz array file."),
-    temperature: Optional[str] = typer.Option(None, "--temperature", help="Divide logits / scale latent noise; "
-                                              "'calibrated': the T fitted by genai evaluate --calibrate."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely values."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Keep the smallest set with probability >= p."),
-    greedy: bool = typer.Option(False, "--greedy", help="Take the most likely value (argmax)."),
-    noise_std: Optional[float] = typer.Option(None, "--noise-std", help="Gaussian noise added before each draw."),
-    noise_on: Optional[str] = typer.Option(None, "--noise-on", help="Where --noise-std goes: logits or hidden."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion: sampling steps; masked models: filling "
-                                        "steps."),
-    fill: Optional[str] = typer.Option(None, "--fill", help="Masked models: iterative (--steps passes, the most "
-                                       "confident kept each time) or one-shot (one pass)."),
-    choice_temperature: Optional[float] = typer.Option(None, "--choice-temperature", help="Masked models: Gumbel "
-                                                       "noise on the confidences, annealed to 0 (MaskGIT: 4.5)."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="Diffusion: ddpm, ddim, dpm++2m or heun."),
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM: 0 deterministic, 1 DDPM-like."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale."),
-    label: Optional[int] = typer.Option(None, "--label", help="Class to draw (conditional families)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text runs: the text to continue (masked model: "
-                                         "the text whose --blank characters to fill)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Text runs: characters to write "
-                                                 "after the prompt (default 256)."),
-    blank: Optional[str] = typer.Option(None, "--blank", help="Masked text runs: the placeholder of a character to "
-                                        "fill in --prompt (default _)."),
     sweep: list[str] = typer.Option([], "--sweep", help="Mode: one labelled row per value, e.g. "
                                     "--sweep temperature=0.5,1,1.5 (several --sweep: every combination)."),
-    prefix_rows: Optional[int] = typer.Option(None, "--prefix-rows", help="Mode: complete real validation images "
-                                              "from their top R rows (autoregressive families)."),
-    mask: Optional[str] = typer.Option(None, "--mask", help="Mode: redraw a region of real validation images, "
-                                       "keeping the rest: top, bottom, left, right, center or random[:P] "
-                                       "(masked families)."),
-    interpolate: bool = typer.Option(False, "--interpolate", help="Mode: each row a straight line between two "
-                                     "random latents (latent families)."),
-    traverse: bool = typer.Option(False, "--traverse", help="Mode: each row a straight line between two real "
-                                  "validation images' latents (autoencoder, vae)."),
-    traverse_dim: Optional[int] = typer.Option(None, "--traverse-dim", help="Mode: each row varies latent "
-                                               "dimension D (+-3 std) around a random latent, or with --traverse "
-                                               "around a real image's latent."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights instead of their moving average."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    **flags: Any,
 ):
     """Draw images from a trained model into a PNG grid (or an .npz of raw images); texts from a text run (printed,
     and written to a .txt).
@@ -216,22 +206,21 @@ def sample(
     def temp(value: Any) -> Any:
         return parse_temperature(value, state["family"], type(model), ckpt, state["step"])
 
-    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy or None,
-             "noise_std": noise_std, "noise_on": noise_on, "steps": steps, "sampler": sampler, "eta": eta,
-             "guidance": guidance, "labels": label, "fill": fill, "choice_temperature": choice_temperature,
-             "prompt": prompt, "max_new_tokens": max_new_tokens, "blank": blank}
-    options = {k: temp(v) if k == "temperature" else v for k, v in given.items() if v is not None}
+    from .options import MODE_KEYS
+
+    # A flag left off is None (False for a switch): not given.
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    options = {k: temp(v) if k == "temperature" else v for k, v in given.items() if k not in MODE_KEYS}
     sweeps = [(k, tuple(temp(v) if k == "temperature" else v for v in values))
               for k, values in gen.parse_sweeps(sweep)]
-    mode = gen.select_mode(sweeps=sweeps, prefix_rows=prefix_rows, mask=mask, interpolate=interpolate,
-                           traverse=traverse, traverse_dim=traverse_dim)
+    mode = gen.select_mode(sweeps=sweeps, **{k: v for k, v in given.items() if k in MODE_KEYS})
     request = gen.SampleRequest(mode=mode, n=n, seed=seed, options=options,
                                 defaults={"n": cfg.sample.n, "seed": cfg.sample.seed, **cfg.sample.options()})
     plan = gen.plan(model, request)  # every refusal happens here, before any work
     run = run_of_checkpoint(ckpt)
     suffix = model.spec.sample_suffix
     out_file = gen.check_out_path(out_path or (run / "samples" if run else Path(".")) / f"sample_{plan.seed}{suffix}",
-                                  plan.mode, model.spec.kind)
+                                  plan.mode, model.spec)
     dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
     samples = gen.draw(model, request, images=images, device=dev)
@@ -306,6 +295,7 @@ def inspect(
     from rich.markup import escape
 
     from .api import build_model, model_from_state
+    from .capabilities import has
     from .config import load_config
     from .data import peek_spec
     from .hardware import pick_device
@@ -378,7 +368,7 @@ def inspect(
         if history is not None:
             table.add_row("class history", escape(history))
         table.add_row("metrics", str(run / "metrics.jsonl"))
-        if model.encode is not None and os.access(run, os.W_OK):
+        if has(model, "encode") and os.access(run, os.W_OK):
             from .config import from_dict
             from .data import load_data, to_float
             from .evaluation.latent_plot import plot_latents
@@ -403,7 +393,7 @@ def class_history(model, cfg: dict[str, Any], rows: list[dict[str, Any]], run: P
     from .evaluation.evaluator import evaluator_command, find_evaluator
     from .evaluation.report import class_history_chart
 
-    if not model.generative or model.spec.kind != "image" or model.spec.num_classes < 2:
+    if not model.generative or not model.spec.scored_by_classes:
         return None
     path = class_history_chart(rows, run / "class_history.png") if os.access(run, os.W_OK) else None
     if path is not None:
@@ -422,15 +412,11 @@ INSPECT_SAMPLE_CHARS = 160
 
 def text_sample(model, cfg: dict, dev) -> str:
     """One short text drawn with the run's sampling defaults (seed 0), as inspect shows a text run."""
-    import torch
-
     from .config import from_dict
+    from .generate import SampleRequest, draw
 
     options = {**from_dict(cfg).sample.options(), "max_new_tokens": INSPECT_SAMPLE_CHARS}
-    model.to(dev).eval()
-    with torch.no_grad():
-        tokens = model.sample(1, generator=torch.Generator(dev).manual_seed(0), **options)
-    return model.spec.decode(tokens[0].tolist())
+    return draw(model, SampleRequest(n=1, seed=0, options=options), device=dev).texts[0]
 
 
 # -- evaluate -----------------------------------------------------------------------------------
@@ -551,19 +537,27 @@ def list_cmd(
     import yaml
 
     from . import api  # noqa: F401  (registers the families)
-    from .generate import OPTION_FLAGS
+    from .capabilities import CAPABILITIES, shown
+    from .options import flag_of
     from .registry import DATASETS, MODELS
     from .runs import runs_dir as resolve_runs_dir
 
     table = Table(title="model families")
-    for col in ("family", "data", "what", "sample options"):
+    for col in ("family", "data", "what", "sample options", "can"):
         table.add_column(col)
     kinds = {"image": "images", "tokens": "text"}
     for e in MODELS.entries():
         aliases = MODELS.aliases_of(e.name)
         name = e.name + (f"\n(was {', '.join(aliases)})" if aliases else "")
         table.add_row(name, ", ".join(kinds.get(k, k) for k in e.obj.modalities), e.summary,
-                      ", ".join(OPTION_FLAGS.get(o, o) for o in sorted(e.obj.sample_options)))
+                      ", ".join(flag_of(o) for o in sorted(e.obj.sample_options)), ", ".join(shown(e.obj)))
+    out.print(table)
+    table = Table(title="capabilities (the can column)")
+    table.add_column("capability")
+    table.add_column("gives")
+    for c in CAPABILITIES.values():
+        if not c.hook:
+            table.add_row(c.name, c.summary)
     out.print(table)
     table = Table(title="datasets")
     table.add_column("dataset")

@@ -24,6 +24,9 @@ against the family (``sample_options``) and against the mode (an option that can
 and returns ``Samples``: the images, the class labels they were drawn with (conditional families) and the grid
 layout (images per row, row names for sweeps); ``Samples.save`` writes a PNG grid or an .npz of raw images.
 
+The options themselves (names, flags, which are sweepable, text-only or choose a mode) are declared once, in
+``genai_cli/options.py``.
+
 ``select_mode`` maps the CLI's flags (--sweep, --prefix-rows, --mask, --interpolate, --traverse, --traverse-dim) onto
 one mode, refusing combinations; ``check_out_path`` refuses an output file that cannot be written, before the
 (possibly long) drawing starts.
@@ -44,32 +47,14 @@ import torch
 from torch import Tensor
 
 from .errors import GenaiError
+from .options import BY_NAME, MODE_KEYS, SWEEPABLE, TEXT_KEYS, flag_of
 
 DEFAULT_N = 64  # images when neither the request nor the run's ``sample:`` section says
 SWEEP_N = 8  # images per setting of a sweep when the request does not say
 WALK_STEPS = 8  # points per row of a walk (one row of n points when n is smaller)
 PREFIX_ORIGINALS = 8  # at most this many real images are completed; the n completions are shared among them
 
-# Every sampling option by its CLI spelling, for messages (the API's option names are the keys).
-OPTION_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "greedy": "--greedy",
-                "noise_std": "--noise-std", "noise_on": "--noise-on", "prefix_rows": "--prefix-rows",
-                "steps": "--steps", "sampler": "--sampler", "eta": "--eta", "guidance": "--guidance",
-                "labels": "--label", "interpolate": "--interpolate", "traverse": "--traverse",
-                "traverse_dim": "--traverse-dim", "inpaint": "--mask", "fill": "--fill",
-                "choice_temperature": "--choice-temperature", "prompt": "--prompt",
-                "max_new_tokens": "--max-new-tokens", "blank": "--blank"}
-TEXT_KEYS = frozenset({"prompt", "max_new_tokens", "blank"})  # options that only a text run takes
-# sample_options entries that name a mode a family offers, not an option of its sample(): a request selects
-# them through ``SampleRequest.mode``.
-MODE_KEYS = frozenset({"prefix_rows", "interpolate", "traverse", "traverse_dim", "inpaint"})
-# Options a sweep may vary (one value per grid row).
-SWEEPABLE = ("temperature", "top_k", "top_p", "greedy", "noise_std", "noise_on", "steps", "sampler", "eta",
-             "guidance", "fill", "choice_temperature")
 REGIONS = ("top", "bottom", "left", "right", "center", "random")
-
-
-def flag_of(key: str) -> str:
-    return OPTION_FLAGS.get(key, key)
 
 
 # -- modes --------------------------------------------------------------------------------------
@@ -231,14 +216,14 @@ def parse_sweeps(texts: Iterable[str]) -> list[tuple[str, tuple[Any, ...]]]:
 
 
 def select_mode(*, sweeps: Sequence[tuple[str, Sequence[Any]]] = (), prefix_rows: int | None = None,
-                mask: str | None = None, interpolate: bool = False, traverse: bool = False,
+                inpaint: str | None = None, interpolate: bool = False, traverse: bool = False,
                 traverse_dim: int | None = None) -> Mode:
     """The one mode the CLI's flags ask for; two modes at once is a one-line error.
 
     --traverse and --traverse-dim together are one walk (a traversal starting at real images' latents).
     """
     given = [f for f, on in (("--sweep", bool(sweeps)), ("--prefix-rows", prefix_rows is not None),
-                             ("--mask", mask is not None),
+                             ("--mask", inpaint is not None),
                              ("--interpolate", interpolate), ("--traverse", traverse),
                              ("--traverse-dim", traverse_dim is not None)) if on]
     if len(given) > 1 and set(given) != {"--traverse", "--traverse-dim"}:
@@ -248,8 +233,8 @@ def select_mode(*, sweeps: Sequence[tuple[str, Sequence[Any]]] = (), prefix_rows
         return Sweep(tuple((key, tuple(values)) for key, values in sweeps))
     if prefix_rows is not None:
         return Prefix(prefix_rows)
-    if mask is not None:
-        return Inpaint(mask)
+    if inpaint is not None:
+        return Inpaint(inpaint)
     if interpolate or traverse or traverse_dim is not None:
         return Walk("real" if traverse else "random", traverse_dim)
     return Plain()
@@ -267,6 +252,7 @@ class SampleRequest:
     seed: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    chunk: int | None = None  # Plain: at most this many per sample() call (memory), all from one seeded generator
 
 
 @dataclass(frozen=True)
@@ -285,6 +271,7 @@ class Plan:
     rows: int = 1  # Walk: rows; Prefix, Inpaint: originals
     per_row: int = 0  # Walk: points per row; Prefix, Inpaint: completions per original
     settings: tuple[dict[str, Any], ...] = ()  # Sweep: one options dict per row
+    chunk: int | None = None  # Plain: samples per sample() call (None: all at once)
 
 
 def family_of(model) -> str:
@@ -309,10 +296,10 @@ def refuse_unsupported(family: str, cls, keys: Iterable[str]) -> None:
 
 def check_values(model, options: Mapping[str, Any]) -> None:
     """Option values that cannot work, checked before any drawing (the families check again in ``sample``)."""
-    for key in ("steps", "top_k"):
-        value = options.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise GenaiError(f"{flag_of(key)} must be at least 1, got {value}")
+    for key, value in options.items():
+        least = BY_NAME[key].at_least if key in BY_NAME else None
+        if least is not None and isinstance(value, int) and not isinstance(value, bool) and value < least:
+            raise GenaiError(f"{flag_of(key)} must be at least {least}, got {value}")
     if model.discrete:
         from .sampling import check_sampling_options
 
@@ -363,6 +350,7 @@ def plan(model, request: SampleRequest) -> Plan:
     if labels is not None:
         _check_labels(model, family, labels, conditional)
     check_values(model, merged)
+    model.check_sample_options(merged)
     seed = request.seed if request.seed is not None else defaults.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GenaiError(f"--seed must be an integer, got {seed!r}")
@@ -386,8 +374,10 @@ def plan(model, request: SampleRequest) -> Plan:
         settings = tuple({**merged, **s} for s in mode.settings())
         for s in settings:
             check_values(model, s)
+            model.check_sample_options(s)
         return Plan(mode=mode, n=n or SWEEP_N, settings=settings, rows=len(settings), **common)
-    return Plan(mode=mode, n=n or defaults.get("n", DEFAULT_N), **common)
+    chunk = _count(request.chunk, "a request's chunk") if request.chunk is not None else None
+    return Plan(mode=mode, n=n or defaults.get("n", DEFAULT_N), chunk=chunk, **common)
 
 
 def _plan_completion(mode: Prefix | Inpaint, n: int, common: dict[str, Any]) -> Plan:
@@ -397,14 +387,15 @@ def _plan_completion(mode: Prefix | Inpaint, n: int, common: dict[str, Any]) -> 
 
 
 def _check_modality(model, mode: Mode, options: Mapping[str, Any]) -> None:
-    """Text runs take prompts and draw plain or swept; image runs take no prompt. One line each way."""
-    if model.spec.kind == "tokens":
+    """What the data spec allows: text runs take prompts and draw plain or swept; image runs take no prompt. One line
+    each way."""
+    if not model.spec.real_data_modes:
         if not isinstance(mode, (Plain, Sweep)):
             raise GenaiError(f"{mode.flag} works on images; this run models {model.spec.describe()}: continue a "
                              f"text with --prompt (and --max-new-tokens)")
         if "labels" in options:
-            raise GenaiError("--label needs a class-conditional image model; this run models text")
-    else:
+            raise GenaiError(f"--label needs a class-conditional image model; this run models {model.spec.describe()}")
+    if not model.spec.takes_prompts:
         for key in options:
             if key in TEXT_KEYS:
                 raise GenaiError(f"{flag_of(key)} is for text runs; this run models {model.spec.describe()} images: "
@@ -469,6 +460,7 @@ class Samples:
     row_names: list[str] | None = None
     seed: int = 0
     texts: list[str] | None = None  # text runs: the decoded texts, in grid order
+    spec: Any = None  # the data spec of the model drawn from (what files it may be saved as)
 
     def describe(self) -> str:
         what = "texts" if self.texts is not None else "images"
@@ -497,8 +489,7 @@ class Samples:
 
         from .runs import labelled_grid, save_grid
 
-        path = check_out_path(path, Sweep(()) if self.row_names else None,
-                              kind="tokens" if self.texts is not None else "image")
+        path = check_out_path(path, Sweep(()) if self.row_names else None, self.spec)
         try:
             if path.suffix == ".txt":
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -518,16 +509,16 @@ class Samples:
         return path
 
 
-def check_out_path(path: str | Path, mode: Mode | None = None, kind: str = "image") -> Path:
-    """Refuse, before drawing, an output file that cannot be written: wrong suffix (images: .png or .npz; text
-    runs, ``kind`` "tokens": .txt), a folder, a parent that is a file, or a folder we may not write to (tried
-    with a temporary file, so it holds for root too)."""
+def check_out_path(path: str | Path, mode: Mode | None = None, spec=None) -> Path:
+    """Refuse, before drawing, an output file that cannot be written: a suffix the data ``spec`` does not write
+    (``spec.out_suffixes``; default: an image spec's .png or .npz), a folder, a parent that is a file, or a folder we
+    may not write to (tried with a temporary file, so it holds for root too)."""
+    from .spec import ImageSpec
+
     path = Path(path)
-    if kind == "tokens":
-        if path.suffix != ".txt":
-            raise GenaiError(f"this run writes text: --out must end in .txt, got '{path}'")
-    elif path.suffix not in (".png", ".npz"):
-        raise GenaiError(f"--out must end in .png (a grid) or .npz (raw images), got '{path}'")
+    spec = spec or ImageSpec()
+    if path.suffix not in spec.out_suffixes:
+        raise GenaiError(f"{spec.out_hint}, got '{path}'")
     if isinstance(mode, Sweep) and path.suffix not in (".png", ".txt"):
         raise GenaiError("--sweep draws a labelled PNG; use --out NAME.png")
     if path.is_dir():
@@ -593,7 +584,7 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
             samples = DRAWERS[type(p.mode)](model, p, images, dev)
     finally:
         model.train(was_training)
-    samples.seed = p.seed
+    samples.seed, samples.spec = p.seed, model.spec
     return samples
 
 
@@ -617,18 +608,19 @@ def _cpu(images: Tensor) -> Tensor:
 
 
 def _texts(model, tokens: Tensor) -> list[str] | None:
-    """Token ids (N, L) -> the decoded texts, for a text run; None for an image run."""
-    if model.spec.kind != "tokens":
-        return None
-    return [model.spec.decode(row) for row in tokens.tolist()]
+    """What ``sample`` returned as texts, where the model's data are texts (its spec decodes them); else None."""
+    return model.spec.decode_samples(tokens)
 
 
 def _draw_plain(model, p: Plan, images, dev) -> Samples:
     from .runs import grid_rows
 
     labels = _labels(model, p, p.n, dev)
-    extra = {} if labels is None else {"labels": labels}
-    out = model.sample(p.n, generator=_generator(p, dev), **p.options, **extra)
+    g, size = _generator(p, dev), p.chunk or p.n
+    parts = [model.sample(min(size, p.n - i), generator=g, **p.options,
+                          **({} if labels is None else {"labels": labels[i:i + size]}))
+             for i in range(0, p.n, size)]
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
     nrow = model.spec.num_classes if labels is not None and p.labels is None else grid_rows(p.n)
     return Samples(_cpu(out), None if labels is None else labels.cpu(), nrow, texts=_texts(model, out))
 
@@ -639,8 +631,9 @@ def _draw_sweep(model, p: Plan, images, dev) -> Samples:
     rows = [model.sample(p.n, generator=_generator(p, dev), **s, **extra).cpu() for s in p.settings]
     axes = [key for key, _ in p.mode.axes]
     names = [" ".join(f"{k}={s[k]}" for k in axes) for s in p.settings]
-    if model.spec.kind == "tokens":  # texts of different lengths are fine in a .txt; the ids keep the first's
-        texts = [t for row in rows for t in _texts(model, row)]
+    texts = [_texts(model, row) for row in rows]
+    if texts[0] is not None:  # texts of different lengths are fine in a .txt; the ids keep the first's
+        texts = [t for row in texts for t in row]
         return Samples(rows[0], None, p.n, names, texts=texts)
     return Samples(torch.cat([_cpu(r) for r in rows]), None if labels is None else labels.cpu().repeat(len(rows)),
                    p.n, names)

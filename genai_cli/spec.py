@@ -25,6 +25,11 @@ class ImageSpec:
 
     kind: ClassVar[str] = "image"
     sample_suffix: ClassVar[str] = ".png"  # what genai sample writes by default: a grid
+    out_suffixes: ClassVar[tuple[str, ...]] = (".png", ".npz")  # what --out may end in
+    out_hint: ClassVar[str] = "--out must end in .png (a grid) or .npz (raw images)"
+    takes_prompts: ClassVar[bool] = False  # --prompt, --max-new-tokens, --blank
+    real_data_modes: ClassVar[bool] = True  # completion, inpainting and walks between real samples
+    sample_quality: ClassVar[str] = "images"  # how genai evaluate scores samples (evaluation/run.py)
 
     channels: int = 1
     size: int = 28  # square images, size x size
@@ -47,6 +52,15 @@ class ImageSpec:
         """What ``genai train`` and ``inspect`` print beside the dataset's name."""
         return f"{self.shape}" + (f", {self.num_classes} classes" if self.num_classes else "")
 
+    @property
+    def scored_by_classes(self) -> bool:
+        """Whether an evaluator network (a classifier of this data) can score samples: labelled images."""
+        return self.num_classes >= 2
+
+    def decode_samples(self, samples) -> list[str] | None:
+        """What ``sample`` returned as texts, for a modality whose samples are texts; images: None."""
+        return None
+
 
 @dataclass(frozen=True)
 class TokenSpec:
@@ -54,6 +68,12 @@ class TokenSpec:
 
     kind: ClassVar[str] = "tokens"
     sample_suffix: ClassVar[str] = ".txt"  # samples are texts
+    out_suffixes: ClassVar[tuple[str, ...]] = (".txt",)
+    out_hint: ClassVar[str] = "this run writes text: --out must end in .txt"
+    takes_prompts: ClassVar[bool] = True
+    real_data_modes: ClassVar[bool] = False
+    sample_quality: ClassVar[str] = "texts"
+    scored_by_classes: ClassVar[bool] = False
 
     vocab: str = ""
     block_size: int = 64
@@ -94,6 +114,10 @@ class TokenSpec:
 
     def decode(self, ids) -> str:
         return "".join(self.vocab[int(i)] for i in ids)
+
+    def decode_samples(self, samples) -> list[str]:
+        """Token ids (N, L) -> the N texts."""
+        return [self.decode(row) for row in samples.tolist()]
 
 
 SPECS: dict[str, type] = {"image": ImageSpec, "tokens": TokenSpec}

@@ -189,7 +189,7 @@ def grid_evaluator(data_cfg, spec, root: Path, device: torch.device) -> tuple[An
     says how to get one."""
     from ..lineage import resolve_parent
 
-    if spec.kind != "image" or spec.num_classes < 2:
+    if not spec.scored_by_classes:
         return None
     found = find_evaluator(data_cfg, spec, root)
     if found is None:

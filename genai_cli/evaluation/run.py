@@ -3,9 +3,10 @@ validation split, and append the result to the run's ``metrics.jsonl`` (``"split
 
 Likelihood is bits/dim of the validation split, from each family's ``validation_metrics`` (exact for the
 autoregressive families; the ELBO and the IWAE bound for the VAE, whose continuous decoders give densities,
-comparable with each other but not with discrete likelihoods), or, for a family giving ``variational_bound``
-(diffusion), from that bound (Ho et al. eq. 5 with the discretised decoder: a bound on the probability of the 8-bit
-images, estimated from ``VLB_TIMESTEPS`` stratified timesteps on ``VLB_IMAGES`` images). Family diagnostics
+comparable with each other but not with discrete likelihoods), or, for a family declaring ``variational_bound``
+(diffusion, the masked model), from that bound (for diffusion Ho et al. eq. 5 with the discretised decoder: a bound
+on the probability of the 8-bit images), estimated from the family's ``bound_strata`` stratified draws on
+``VLB_IMAGES`` images. Family diagnostics
 (active units, ...) are whatever ``validation_metrics`` returns, shown in the same table.
 """
 
@@ -20,14 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..capabilities import has
 from ..errors import GenaiError
 from ..hardware import resolve_precision
 from .evaluator import evaluator_outputs, load_evaluator, resolve_evaluator
 from .metrics import PRDC_K, class_statistics, frechet_distance, kernel_distance, precision_recall_density_coverage
 
 MAX_REAL_IMAGES = 10_000  # real images (validation split) compared with the samples
-VLB_IMAGES = 500  # validation images of the diffusion bound (k + 1 network passes each)
-VLB_TIMESTEPS = 10  # stratified timesteps per image of the diffusion bound
+VLB_IMAGES = 500  # validation images of a variational bound (bound_strata network passes or more each)
 SAMPLE_CHUNK = 250  # images drawn per sample() call
 TEXT_SAMPLES = 32  # texts a text run's evaluation writes (at most -n)
 TEXT_NEW_TOKENS = 256  # their length, unless the run's sample section says
@@ -40,19 +41,18 @@ def sampling_autocast(device: torch.device):
 
 
 def draw_samples(model, n: int, seed: int, options: dict[str, Any], device: torch.device) -> tuple[Tensor, float]:
-    """n samples (n, C, H, W) on the CPU and the seconds it took, in chunks from one seeded generator, in the
-    precision this machine runs best (``sampling_autocast``)."""
-    g = torch.Generator(device).manual_seed(seed)
-    chunks = []
+    """n samples (n, C, H, W) on the CPU and the seconds it took, through ``generate.draw`` (in chunks of
+    ``SAMPLE_CHUNK`` from one seeded generator, in the precision this machine runs best). Text runs: token ids."""
+    from ..generate import SampleRequest, draw
+
     t0 = time.perf_counter()
-    with sampling_autocast(device):
-        for i in range(0, n, SAMPLE_CHUNK):
-            chunks.append(model.sample(min(SAMPLE_CHUNK, n - i), generator=g, **options).cpu())
+    samples = draw(model, SampleRequest(n=n, seed=seed, options=options, chunk=SAMPLE_CHUNK), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if model.spec.kind == "tokens":
-        return torch.cat(chunks), time.perf_counter() - t0  # token ids
-    return torch.cat(chunks).float().clamp(0, 1), time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if samples.texts is not None:
+        return samples.images.long(), seconds  # token ids
+    return samples.images.clamp(0, 1), seconds
 
 
 @torch.no_grad()
@@ -88,9 +88,9 @@ def sample_quality(evaluator, data, fake: Tensor, device: torch.device, seed: in
 
 
 @torch.no_grad()
-def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int, seed: int,
-                             strata: int = VLB_TIMESTEPS) -> float:
-    """bits/dim of the first ``images`` validation images from a family's ``variational_bound`` (diffusion)."""
+def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int, seed: int, strata: int) -> float:
+    """bits/dim of the first ``images`` validation images from a family's ``variational_bound``, ``strata``
+    stratified draws per image."""
     from ..data import to_float
 
     g = torch.Generator(device).manual_seed(seed)
@@ -163,7 +163,7 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
                               "step": int(state["step"]), "seed": seed}
     metrics: dict[str, Any] = {}
 
-    if model.generative and spec.kind == "tokens":
+    if model.generative and spec.sample_quality == "texts":
         metrics.update(text_quality(model, data, min(n, TEXT_SAMPLES), seed, cfg.sample.options(), sample_options,
                                     dev, log))
         result["n_samples"] = min(n, TEXT_SAMPLES)
@@ -194,10 +194,10 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     if "bits_per_dim" in val:
         metrics["bits_per_dim"] = val.pop("bits_per_dim")
         result["likelihood"] = "exact" if model.discrete else "lower bound (ELBO)"
-        if spec.kind == "tokens":
-            metrics["bits_per_char"] = val.pop("bits_per_char", metrics["bits_per_dim"])
-    elif model.variational_bound is not None:
-        k, strata = min(data.val_x.shape[0], VLB_IMAGES), getattr(model, "bound_strata", VLB_TIMESTEPS)
+        for key in [k for k in val if k.startswith("bits_per_")]:  # a modality's own unit: bits_per_char of text
+            metrics[key] = val.pop(key)
+    elif has(model, "variational_bound"):
+        k, strata = min(data.val_x.shape[0], VLB_IMAGES), model.bound_strata
         log(f"variational bound on {k} validation images ({strata} strata each)")
         metrics["bits_per_dim"] = variational_bits_per_dim(model, data, cfg, dev, k, seed, strata)
         result["likelihood"] = f"variational bound ({strata} stratified draws per image)"
