@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__, distributed
 from .api import build_model
+from .capabilities import has
 from .config import Config
 from .data import DataBundle, load_data, model_input, to_float
 from .errors import GenaiError
@@ -247,7 +248,7 @@ class Trainer:
         DDP (gradients averaged in buckets during backward) and/or a compiled graph; families that step their
         own optimizers (GANs) get their sub-networks compiled and their gradients averaged by the stepper."""
         t = self.cfg.train
-        own_step = type(self.model).train_step is not GenerativeModel.train_step
+        own_step = has(self.model, "manual_step")
         if not own_step and (self.dist.enabled or t.compile):
             route: nn.Module = LossForward(self.model)
             if self.dist.enabled:
@@ -403,7 +404,7 @@ class Trainer:
             if self.tb is not None:
                 self.tb.add_text("samples", path.read_text(encoding="utf-8"), self.step)
             return path
-        if model.reconstruct is not None:  # a row of validation images over a row of their reconstructions
+        if has(model, "reconstruct"):  # a row of validation images over a row of their reconstructions
             real = to_float(self.data.val_x[:8].to(self.device))
             with self.stepper.autocast():
                 recon = model.reconstruct(real).float()
@@ -480,7 +481,7 @@ class Trainer:
         """What the family measures on its data before the first step of a new run (a resumed run has it in its
         checkpoint). Every rank measures the same images, so the buffers agree; the EMA copies buffers each step.
         Families that measure nothing (the base class's prepare) cost no images."""
-        if type(self.model).prepare is GenerativeModel.prepare:
+        if not has(self.model, "prepare"):
             return
         idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.cfg.train.seed))
         images = model_input(self.data.train_images(idx[:PREPARE_IMAGES]), self.data.spec).to(self.device)

@@ -13,6 +13,7 @@ import torch
 from helpers import tiny_model, tolerance
 
 import genai_cli
+from genai_cli.capabilities import has
 from genai_cli.errors import GenaiError
 from genai_cli.generate import (
     Inpaint,
@@ -27,16 +28,17 @@ from genai_cli.generate import (
     select_mode,
 )
 from genai_cli.hardware import resolve_precision
+from genai_cli.registry import MODELS
 
 SHAPE = (1, 8, 8)
 CPU = torch.device("cpu")
+WALKERS = [f for f in MODELS.names() if has(MODELS.get(f), "walk")]  # the families --interpolate draws from
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {name: tiny_model(name).eval() for name in ("vae", "autoencoder", "dcgan", "cgan", "pixelcnn", "ddpm",
-                                                          "masked_pixel")}
+    return {name: tiny_model(name).eval() for name in (*WALKERS, "pixelcnn", "ddpm", "masked_pixel")}
 
 
 def one_line(excinfo) -> str:
@@ -144,7 +146,7 @@ def test_prefix_completes_real_images(models):
     assert plan(models["pixelcnn"], SampleRequest(Prefix(0), n=5)).mode == Plain()
 
 
-@pytest.mark.parametrize("family", ["vae", "autoencoder", "dcgan", "cgan"])
+@pytest.mark.parametrize("family", WALKERS)
 def test_interpolation_ends_are_the_samples_it_walks_between(models, family, auto_precision):
     """Fails if the walk ignores --interpolate (no line), --temperature or -n. draw() runs under precision auto: the
     ends are compared with samples drawn under the same precision, at its tolerance."""

@@ -10,6 +10,7 @@ import torch
 from helpers import SPEC, tiny_cfg, tiny_model, tiny_parents
 
 from genai_cli.api import build_model, load_checkpoint
+from genai_cli.capabilities import has
 from genai_cli.models.base import ImageSpec
 from genai_cli.registry import MODELS
 from genai_cli.runs import save_checkpoint
@@ -83,8 +84,8 @@ def test_checkpoint_round_trip_gives_same_samples(family, tmp_path):
         assert torch.equal(model.sample(2, generator=g()), clone.sample(2, generator=g()))
 
 
-LIKELIHOOD = [f for f in FAMILIES if MODELS.get(f).log_likelihood is not None]
-BOUND = [f for f in FAMILIES if MODELS.get(f).variational_bound is not None]
+LIKELIHOOD = [f for f in FAMILIES if has(MODELS.get(f), "log_likelihood")]
+BOUND = [f for f in FAMILIES if has(MODELS.get(f), "variational_bound")]
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["grey", "binary"])
@@ -99,11 +100,11 @@ def test_every_reported_likelihood_is_a_log_probability(family, binary, shapes_b
     torch.manual_seed(0)
     model = tiny_model(family, spec=spec).eval()
     with torch.no_grad():
-        if model.log_likelihood is not None:
+        if has(model, "log_likelihood"):
             assert float(model.log_likelihood(batch).max()) <= 1e-4
             metrics = model.validation_metrics([batch])
             assert 0 < metrics["bits_per_dim"] < math.inf
-        elif model.variational_bound is not None:
+        elif has(model, "variational_bound"):
             bound = model.variational_bound(batch, 2, generator=torch.Generator().manual_seed(0))
             assert float(bound.max()) <= 1e-4
         else:

@@ -12,6 +12,7 @@ from helpers import tiny_config
 from rich.console import Console
 from typer.testing import CliRunner
 
+from genai_cli.capabilities import has
 from genai_cli.cli import app
 from genai_cli.config import from_dict
 from genai_cli.errors import GenaiError
@@ -48,7 +49,7 @@ def first(**capabilities) -> str:
 
 # A discrete family (without a recurrent kernel: those run their recurrence in fp32) and the diffusion family.
 BF16_FAMILIES = [first(discrete=True, has_hidden_state=False),
-                 next(n for n in MODELS.names() if MODELS.get(n).variational_bound is not None)]
+                 next(n for n in MODELS.names() if has(MODELS.get(n), "variational_bound"))]
 
 
 @pytest.mark.parametrize("family", BF16_FAMILIES)

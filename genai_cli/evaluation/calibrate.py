@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..capabilities import has
 from ..errors import GenaiError
 from .metrics import temperature_scaling
 
@@ -38,15 +39,15 @@ def calibration_families() -> list[str]:
     """Families whose predictions a temperature can be fitted to."""
     from ..registry import MODELS
 
-    return [n for n in MODELS.names() if MODELS.get(n).discrete or MODELS.get(n).calibration_logits is not None]
+    return [n for n in MODELS.names() if has(MODELS.get(n), "seq_logits") or has(MODELS.get(n), "calibration_logits")]
 
 
 def prediction_logits(model, batch) -> tuple[Tensor, Tensor]:
     """(logits (N, K), targets (N,)) of a family that predicts categories: a discrete family (every sub-pixel is a
     prediction, through its ``tokenize`` / ``seq_logits``) or one giving ``calibration_logits``."""
-    if model.calibration_logits is not None:
+    if has(model, "calibration_logits"):
         return model.calibration_logits(batch)
-    if model.discrete:
+    if has(model, "seq_logits"):
         tokens = model.tokenize(batch[0])  # (B, T)
         logits = model.seq_logits(tokens)  # (B, T, K)
         return logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1)

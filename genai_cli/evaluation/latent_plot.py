@@ -1,7 +1,8 @@
 """The "latent space of an autoencoder" figure: a 2-D PCA of encoded images, coloured by class.
 
-Used by ``genai inspect`` for every family with an ``encode(x) -> (B, latent_dim)`` method (autoencoder,
-vae). Draws on a bare matplotlib ``Figure`` (Agg canvas), never pyplot, so no global backend state changes.
+Used by ``genai inspect`` for every family declaring the ``encode`` capability, ``encode(x) -> (B, latent_dim)``
+(autoencoder, vae, spatial_ae). Draws on a bare matplotlib ``Figure`` (Agg canvas), never pyplot, so no global
+backend state changes.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from torch import Tensor
 
+from ..capabilities import has
 from ..errors import GenaiError
 
 
 @torch.no_grad()
 def encode_all(model, images: Tensor, batch_size: int = 256) -> Tensor:
     """(N, C, H, W) in [0, 1] -> (N, latent_dim) float32 on the CPU, encoded in eval mode."""
-    if getattr(model, "encode", None) is None:
+    if not has(model, "encode"):
         raise GenaiError(f"{type(model).__name__} has no encoder, so it has no latent space of images to plot")
     was_training = model.training
     model.eval()

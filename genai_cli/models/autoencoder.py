@@ -38,6 +38,7 @@ class Autoencoder(GenerativeModel):
     Config = Config
     tiny = {"latent_dim": 4, "widths": [8, 16]}
     sample_options = frozenset({"temperature", "interpolate", "traverse", "traverse_dim"})
+    capabilities = frozenset({"encode", "walk"})
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)

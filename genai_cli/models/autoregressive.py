@@ -39,6 +39,7 @@ class AutoregressiveImageModel:
 
     discrete = True
     sample_options = AR_SAMPLE_OPTIONS
+    capabilities = frozenset({"log_likelihood", "seq_logits"})
     # True where a recurrent hidden state exists, so --noise-on hidden has something to perturb.
     has_hidden_state: ClassVar[bool] = False
     # True where positions are learned for T tokens (the transformer): text longer than T slides the window.

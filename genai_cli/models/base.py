@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..capabilities import has
 from ..config import RunRef, run_ref  # noqa: F401  (re-exported: a family declares the runs it builds on)
 from ..errors import GenaiError
 from ..lineage import Parents
@@ -71,9 +72,10 @@ class Stepper:
 class GenerativeModel(nn.Module):
     """Base class of every family.
 
-    Subclasses set ``Config`` and implement ``loss`` and ``sample``; likelihood models also
-    implement ``log_likelihood``. A batch is ``(x, y)``: x (B, C, H, W) float in [0, 1], y (B,) long
-    class indices (zeros when the dataset has no labels).
+    Subclasses set ``Config`` and implement ``loss`` and ``sample``; what else a family can do (a likelihood, an
+    encoder, walks...) it declares in ``capabilities`` and implements as ``genai_cli.capabilities`` describes. A
+    batch is ``(x, y)``: x (B, C, H, W) float in [0, 1], y (B,) long class indices (zeros when the dataset has no
+    labels).
     """
 
     Config: ClassVar[type]
@@ -83,6 +85,9 @@ class GenerativeModel(nn.Module):
     discrete: ClassVar[bool] = False
     # The kinds of data (genai_cli.spec: "image", "tokens") the family models; build_model refuses the others.
     modalities: ClassVar[tuple[str, ...]] = ("image",)
+    # What the family can do beyond loss and sample (genai_cli.capabilities: names, signatures, meanings). Callers
+    # ask has(model, name); an instance its config cannot serve narrows it in __init__.
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     # Overrides that make the family tiny, used by the registry-wide tests (and handy in notebooks).
     tiny: ClassVar[dict[str, Any]] = {}
@@ -118,7 +123,8 @@ class GenerativeModel(nn.Module):
                                           weight_decay=train_cfg.weight_decay)}
 
     def train_step(self, batch, optimizers: dict[str, torch.optim.Optimizer], stepper: Stepper) -> dict[str, float]:
-        """Default step: loss, backward, clip, step. GANs override this (manual optimisation)."""
+        """Default step: loss, backward, clip, step. GANs override this (manual optimisation) and declare the
+        "manual_step" capability."""
         opt = optimizers["main"]
         opt.zero_grad(set_to_none=True)
         with stepper.autocast():
@@ -140,7 +146,7 @@ class GenerativeModel(nn.Module):
         for batch in batches:
             b = batch[0].shape[0]
             out = {k: float(v) for k, v in self.loss(batch).items()}
-            if self.log_likelihood is not None:
+            if has(self, "log_likelihood"):
                 out["nll_nats"] = -float(self.log_likelihood(batch).mean())
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v * b
@@ -189,25 +195,16 @@ class GenerativeModel(nn.Module):
         """Draw n images, (n, C, H, W) float in [0, 1]. Every random draw takes ``generator``."""
         raise NotImplementedError
 
-    # Likelihood families override this; the loop reports bits/dim when it exists.
-    log_likelihood = None  # (batch) -> Tensor (B,) of log p(x) in nats (or a lower bound)
-    # Families whose likelihood is a bound estimated from sampled timesteps (diffusion) give this instead;
-    # genai evaluate reports its bits/dim.
-    variational_bound = None  # (batch, timesteps_per_image, generator=) -> Tensor (B,) lower bound in nats
-    # Non-discrete families that predict categories give this; genai evaluate --calibrate fits a temperature
-    # to it (discrete families are calibrated on their tokenize / seq_logits).
-    calibration_logits = None  # (batch) -> (logits (N, K), targets (N,))
-    # Families with an encoder give this; genai inspect plots the validation latents (latents_pca.png).
-    encode = None  # (images (B, C, H, W) in [0, 1]) -> latents (B, D)
-    # Autoencoding families give this; the loop writes reconstruction grids of validation images beside the samples.
-    reconstruct = None  # (images (B, C, H, W) in [0, 1]) -> reconstructions, same shape, in [0, 1]
+    # log_likelihood, variational_bound, encode, reconstruct, walk...: no placeholders here. A family that gives
+    # one declares it in ``capabilities`` (see genai_cli.capabilities for each signature and meaning).
 
     @torch.no_grad()
     def prepare(self, train_images: Tensor) -> dict[str, float]:
         """Called once when a new run starts, before the first step, with a sample of training images (N, C, H, W)
         in [0, 1]: for what a family measures on its data rather than learns (latent diffusion's latent scale).
         Store the result in a buffer, so the checkpoint keeps it and a resumed run never measures again.
-        Returns what is worth logging (metrics.jsonl at step 0, and the run's summary)."""
+        Returns what is worth logging (metrics.jsonl at step 0, and the run's summary). A family that overrides
+        it declares the "prepare" capability: the loop draws the images only for those."""
         return {}
 
     @staticmethod

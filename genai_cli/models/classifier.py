@@ -44,6 +44,7 @@ class Classifier(GenerativeModel):
     Config = Config
     tiny = {"channels": [8, 16], "feature_dim": 16, "dropout": 0.0, "shift": 1}
     sample_options = frozenset()
+    capabilities = frozenset({"calibration_logits"})
     generative = False
     evaluator = True
     # What `genai evaluate --train-evaluator` trains: the model section of configs/classifier_mnist.yaml (a test

@@ -155,6 +155,7 @@ class DCGAN(GenerativeModel):
             "minibatch_kernel_dim": 3}
     # No "traverse": walking between real images' latents needs an encoder, which a GAN has not.
     sample_options = frozenset({"temperature", "interpolate", "traverse_dim"})
+    capabilities = frozenset({"walk", "manual_step"})
     adversarial = True
 
     def __init__(self, config: Config, spec: ImageSpec, *, label_dim: int = 0):

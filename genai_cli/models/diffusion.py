@@ -393,6 +393,8 @@ class DDPM(GenerativeModel):
     Config = Config
     tiny = {"base_channels": 8, "channel_mults": [1, 2], "timesteps": 20}
     sample_options = frozenset({"sampler", "steps", "eta", "guidance", "labels"})
+    capabilities = frozenset({"variational_bound"})
+    bound_strata = 10  # stratified timesteps per image genai evaluate draws for the bound (k + 1 network passes)
 
     def __init__(self, config: Config, spec: ImageSpec, parents=None):
         super().__init__(config, spec, parents)

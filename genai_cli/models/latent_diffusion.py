@@ -61,7 +61,9 @@ class LatentDDPM(DDPM):
 
     Config = Config
     tiny = {"base_channels": 8, "channel_mults": [1], "timesteps": 20}
-    variational_bound = None  # a bound over latents says nothing about the pixels' likelihood
+    # Not DDPM's variational_bound: a bound over latents says nothing about the pixels' likelihood (withdrawn).
+    capabilities = frozenset({"reconstruct", "prepare"})
+    variational_bound = None
 
     def __init__(self, config: Config, spec: ImageSpec, parents):
         if config.clip_x0:

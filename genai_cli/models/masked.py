@@ -59,6 +59,7 @@ class Masked(MaskedTokenModel, GenerativeModel):
     # Mask sizes genai evaluate draws per image for the bound: each is a full pass over every token, and the
     # stratified N / m weights keep the estimate's spread small (diffusion's bound takes 10 timesteps).
     bound_strata = 4
+    capabilities = MaskedTokenModel.capabilities | {"variational_bound"}
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)

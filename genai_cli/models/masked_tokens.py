@@ -41,6 +41,7 @@ class MaskedTokenModel:
 
     discrete = True
     sample_options: ClassVar[frozenset[str]] = MASKED_SAMPLE_OPTIONS
+    capabilities: ClassVar[frozenset[str]] = frozenset({"calibration_logits"})
     network: MaskedTransformer
 
     def tokens_of(self, x: Tensor) -> Tensor:

@@ -58,6 +58,7 @@ class SpatialAutoencoder(GenerativeModel):
     Config = Config
     tiny = {"latent_channels": 2, "downsamples": 1, "width": 8}
     sample_options = frozenset({"temperature"})
+    capabilities = frozenset({"encode", "reconstruct", "latent_grid"})
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..capabilities import has
 from ..errors import GenaiError
 from ..nn.conv import ConvDecoder, ConvEncoder
 from ..nn.discretized import discretized_log_prob
@@ -169,6 +170,7 @@ class VAE(GenerativeModel):
     Config = Config
     tiny = {"latent_dim": 4, "widths": [8, 16], "iwae_k": 4}
     sample_options = frozenset({"temperature", "interpolate", "traverse", "traverse_dim"})
+    capabilities = frozenset({"log_likelihood", "encode", "reconstruct", "walk"})
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)
@@ -204,7 +206,9 @@ class VAE(GenerativeModel):
                 self.register_buffer("log_scale", torch.tensor(math.log(config.scale)))
         if config.decoder == "bernoulli" and not spec.binary:
             # A Bernoulli decoder on grey levels has no normalised likelihood: withdraw the capability on this
-            # instance (the base class's None), so no ELBO, IWAE bound or bits/dim is reported for it.
+            # instance (what callers ask) and its method (so nothing can report it), so no ELBO, IWAE bound or
+            # bits/dim is reported for it.
+            self.capabilities = self.capabilities - {"log_likelihood"}
             self.log_likelihood = None
 
     # -- encoder and decoder ------------------------------------------------------------------
@@ -269,7 +273,7 @@ class VAE(GenerativeModel):
         loss = recon + beta * free_bits_kl(kl, self.config.free_bits).sum()
         kl_image = kl.sum(1).mean()
         out = {"loss": loss, "recon": recon.detach(), "kl": kl_image.detach()}
-        if self.log_likelihood is not None:  # a proper likelihood: recon + KL is the -ELBO
+        if has(self, "log_likelihood"):  # a proper likelihood: recon + KL is the -ELBO
             out["nelbo"] = (recon + kl_image).detach()  # nats per image (beta = 1, no free bits)
         out["beta"] = torch.tensor(beta)
         out["active_units"] = self._active_units(mu.detach())  # this batch's estimate; validation uses all data
@@ -290,7 +294,7 @@ class VAE(GenerativeModel):
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
         return self.log_px(self.decode(z, x), x) - gaussian_kl(mu, logvar).sum(1)
 
-    log_likelihood = elbo  # the capability the toolkit reads (bits/dim); None on instances without a likelihood
+    log_likelihood = elbo  # the capability the toolkit reads (bits/dim); withdrawn on instances without a likelihood
 
     @torch.no_grad()
     def iwae_bound(self, batch, k: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -302,7 +306,7 @@ class VAE(GenerativeModel):
         """
         if k < 1:
             raise GenaiError(f"the IWAE bound needs k >= 1 importance samples, got {k}")
-        if self.log_likelihood is None:
+        if not has(self, "log_likelihood"):
             raise GenaiError("a Bernoulli decoder on grey levels has no likelihood to bound; binarise the data "
                              "(data.binarize) or use model.decoder gaussian or l1")
         x, _ = batch
@@ -357,7 +361,7 @@ class VAE(GenerativeModel):
         kl = diag["kl_per_dim"]
         metrics.update(active_units=float(diag["active_units"]), kl_total=sum(kl), kl_dim_max=max(kl),
                        kl_dim_min=min(kl))
-        if self.log_likelihood is None:
+        if not has(self, "log_likelihood"):
             return metrics
         g = torch.Generator(device=self.device).manual_seed(0)  # the same draws at every evaluation
         total, count = 0.0, 0

@@ -68,8 +68,10 @@ class VQVAE(GenerativeModel):
     Config = Config
     tiny = {"width": 8, "downsamples": 2, "codebook_size": 16, "fsq_levels": [3, 3]}
     sample_options = frozenset({"temperature", "top_k", "top_p", "greedy"})
-    # Not ``discrete``: that promises seq_logits over the tokens (genai evaluate --calibrate, exact likelihoods),
-    # and this model has no such predictions; its draws go through genai_cli.sampling all the same.
+    capabilities = frozenset({"reconstruct", "tokenizer", "latent_grid"})
+    # Not ``discrete``: that promises predictions of its tokens (--temperature calibrated, exact likelihoods), and
+    # this model has none (its tokenize has no seq_logits beside it); its draws go through genai_cli.sampling all
+    # the same.
 
     def __init__(self, config: Config, spec: ImageSpec):
         super().__init__(config, spec)
