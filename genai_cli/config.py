@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Any, Literal, NewType
+from typing import Any, Literal, NewType, Optional
 
 import yaml
 
 from .errors import GenaiError
+from .options import CONFIG_OPTIONS
 from .registry import MODELS, did_you_mean
 
 # -- references to other runs -------------------------------------------------------------------
@@ -110,26 +111,18 @@ class TrainConfig:
     sample_seed: int = 0  # fixed, so grids across steps are comparable
 
 
-@dataclass
-class SampleConfig:
-    """Defaults for ``genai sample``; family options left at None use the family's defaults."""
+def _sample_options(self) -> dict[str, Any]:
+    """The family options this section sets (n and seed apart)."""
+    return {k: v for k, v in asdict(self).items() if k not in ("n", "seed") and v is not None}
 
-    n: int = 64
-    seed: int = 0
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    sampler: str | None = None
-    steps: int | None = None
-    eta: float | None = None
-    guidance: float | None = None
-    fill: str | None = None  # masked models: iterative or one-shot
-    choice_temperature: float | None = None
-    prompt: str | None = None  # text runs: the text the samples continue
-    max_new_tokens: int | None = None  # text runs: characters written after the prompt
 
-    def options(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("n", "seed") and v is not None}
+# Defaults for ``genai sample``: n, seed, and the sampling options that genai_cli/options.py marks ``config``; family
+# options left at None use the family's defaults.
+SampleConfig = make_dataclass(
+    "SampleConfig",
+    [("n", int, 64), ("seed", int, 0)] + [(o.name, Optional[o.type], None) for o in CONFIG_OPTIONS],
+    namespace={"options": _sample_options, "__doc__": "A config's sample: section (see genai_cli/options.py)."},
+)
 
 
 @dataclass

@@ -190,6 +190,11 @@ class GenerativeModel(nn.Module):
         return y.to(device=self.device, dtype=torch.long)
 
     # -- sampling -------------------------------------------------------------------------------
+    def check_sample_options(self, options: dict[str, Any]) -> None:
+        """Refuse, in one line, option values ``sample`` would refuse (given ones or the run's defaults), without
+        drawing: ``generate.plan`` calls it, so a bad value fails before a run's first step, not at its first grid.
+        Families whose options interact with their config (diffusion's sampler and guidance) override it."""
+
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **options) -> Tensor:
         """Draw n images, (n, C, H, W) float in [0, 1]. Every random draw takes ``generator``."""

@@ -495,6 +495,26 @@ class DDPM(GenerativeModel):
                              "train with model.class_conditional=true or drop the guidance option")
         return sampler, steps, eta, guidance
 
+    def sample_settings(self, sampler: str | None = None, steps: int | None = None, eta: float | None = None,
+                        guidance: float | None = None) -> tuple[str, int, float, float]:
+        """The (sampler, steps, eta, guidance) ``sample`` runs with: the given options over the config's defaults,
+        each checked (a one-line GenaiError naming the option)."""
+        cfg = self.config
+        if guidance is not None and not cfg.class_conditional:
+            raise GenaiError("guidance needs a class-conditional model; "
+                             "train with model.class_conditional=true or drop the guidance option")
+        resolved = self._resolve_options(
+            cfg.sampler if sampler is None else sampler,
+            steps if steps is not None else (cfg.steps if sampler in (None, cfg.sampler) else None),
+            cfg.eta if eta is None else eta,
+            cfg.guidance if guidance is None else guidance)
+        if eta is not None and resolved[0] != "ddim":
+            raise GenaiError(f"eta applies to the ddim sampler only, not {resolved[0]}; add sampler ddim or drop eta")
+        return resolved
+
+    def check_sample_options(self, options) -> None:
+        self.sample_settings(*(options.get(k) for k in ("sampler", "steps", "eta", "guidance")))
+
     def denoise(self, x: Tensor, t: int | Tensor, labels: Tensor | None = None, guidance: float = 1.0,
                 clip: bool = False) -> tuple[Tensor, Tensor]:
         """The model's (eps, x_0) estimate at (x_t, t), whichever target the UNet predicts: every sampler and
@@ -537,17 +557,7 @@ class DDPM(GenerativeModel):
         image i gets class i % num_classes. guidance: w in out_uncond + w (out_cond - out_uncond).
         """
         cfg = self.config
-        eta_given = eta is not None
-        if guidance is not None and not cfg.class_conditional:
-            raise GenaiError("guidance needs a class-conditional model; "
-                             "train with model.class_conditional=true or drop the guidance option")
-        sampler, steps, eta, guidance = self._resolve_options(
-            cfg.sampler if sampler is None else sampler,
-            steps if steps is not None else (cfg.steps if sampler in (None, cfg.sampler) else None),
-            cfg.eta if eta is None else eta,
-            cfg.guidance if guidance is None else guidance)
-        if eta_given and sampler != "ddim":
-            raise GenaiError(f"eta applies to the ddim sampler only, not {sampler}; add sampler ddim or drop eta")
+        sampler, steps, eta, guidance = self.sample_settings(sampler, steps, eta, guidance)
         device = self.device
         labels = self.class_labels(labels, n)
         s = self.schedule

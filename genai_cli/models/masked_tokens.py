@@ -117,6 +117,9 @@ class MaskedTokenModel:
 
         return guided
 
+    def check_sample_options(self, options) -> None:
+        self.check_fill_options(*(options.get(k) for k in ("fill", "steps", "choice_temperature", "guidance")))
+
     def check_fill_options(self, fill_mode: str | None, steps: int | None, choice_temperature: float | None,
                            guidance: float | None) -> tuple[int, float, float]:
         cfg = self.config
