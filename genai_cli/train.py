@@ -33,6 +33,7 @@ from .capabilities import has
 from .config import Config
 from .data import DataBundle, load_data, model_input, to_float
 from .errors import GenaiError
+from .generate import SampleRequest, draw, plan
 from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
 from .lineage import Parent, check_frozen, check_same_parents, run_parents
 from .models.base import GenerativeModel, Stepper
@@ -42,7 +43,6 @@ from .runs import (
     link_atomically,
     save_checkpoint,
     save_grid,
-    save_samples,
     trim_metrics,
 )
 from .spec import spec_to_dict
@@ -242,6 +242,7 @@ class Trainer:
                 self.console.print(f"sample grids are not scored: {e}", markup=False, highlight=False)
             if self.grid_evaluator is not None:
                 self.summary["grid_evaluator"] = self.grid_evaluator[1]
+        self.check_grid_request()
 
     def setup_engines(self) -> None:
         """DDP and torch.compile. Families with the default train_step have their ``loss`` routed through
@@ -391,28 +392,38 @@ class Trainer:
             metrics = model.validation_metrics(batches)
         return {f"val_{k}": v for k, v in metrics.items()}
 
+    def grid_request(self) -> SampleRequest:
+        """What every training grid draws: train.sample_n samples from train.sample_seed with the config's sample:
+        options, as ``genai sample`` would (one path: ``generate.plan`` checks it, ``generate.draw`` draws it)."""
+        t = self.cfg.train
+        return SampleRequest(n=t.sample_n, seed=t.sample_seed, options=self.cfg.sample.options())
+
+    def check_grid_request(self) -> None:
+        """Refuse, before the first step, options the first grid would refuse (a guidance left in sample: for a model
+        trained without classes): minutes of training must not end in that error."""
+        if self.model.generative:
+            plan(self.model, self.grid_request())
+
     def write_grid(self) -> Path | None:
         model = self.sampling_model()
         if not model.generative:
             return None
-        model.eval()
-        g = torch.Generator(self.device).manual_seed(self.cfg.train.sample_seed)
-        with self.stepper.autocast():
-            images = model.sample(self.cfg.train.sample_n, generator=g, **self.cfg.sample.options())
-        path = save_samples(images, self.data.spec, self.run_dir / "samples" / f"step_{self.step:06d}")
-        if path.suffix != ".png":  # text
+        samples = draw(model, self.grid_request(), precision=self.precision.resolved)
+        path = samples.save(self.run_dir / "samples" / f"step_{self.step:06d}{self.data.spec.sample_suffix}")
+        if samples.texts is not None:
             if self.tb is not None:
-                self.tb.add_text("samples", path.read_text(encoding="utf-8"), self.step)
+                self.tb.add_text("samples", samples.text(), self.step)
             return path
+        images = samples.images
         if has(model, "reconstruct"):  # a row of validation images over a row of their reconstructions
             real = to_float(self.data.val_x[:8].to(self.device))
-            with self.stepper.autocast():
+            with torch.no_grad(), self.stepper.autocast():
                 recon = model.reconstruct(real).float()
             save_grid(torch.cat([real, recon]), path.with_name(f"recon_{path.name}"), nrow=real.shape[0])
         if self.tb is not None:
             from torchvision.utils import make_grid
 
-            self.tb.add_image("samples", make_grid(images.float().clamp(0, 1).cpu(), pad_value=0.5), self.step)
+            self.tb.add_image("samples", make_grid(images.clamp(0, 1), pad_value=0.5), self.step)
         if self.grid_evaluator is not None:
             self.score_grid(images)
         return path
