@@ -58,6 +58,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("sampler", str, "Diffusion: ddpm, ddim, dpm++2m or heun.", "diffusion families", sweepable=True,
            config=True),
     Option("eta", float, "DDIM: 0 deterministic, 1 DDPM-like.", "diffusion families", sweepable=True, config=True),
+    Option("truncation", float, "VAE: redraw latent coordinates beyond +-c standard deviations (the truncation "
+           "trick).", "vae", sweepable=True),
     Option("guidance", float, "Classifier-free guidance scale.", "class-conditional families", sweepable=True,
            config=True),
     Option("labels", int, "Class to draw (conditional families).", "class-conditional families", flag="--label"),

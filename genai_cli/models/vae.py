@@ -169,7 +169,7 @@ class PixelDecoder(nn.Module):
 class VAE(GenerativeModel):
     Config = Config
     tiny = {"latent_dim": 4, "widths": [8, 16], "iwae_k": 4}
-    sample_options = frozenset({"temperature", "interpolate", "traverse", "traverse_dim"})
+    sample_options = frozenset({"temperature", "truncation", "interpolate", "traverse", "traverse_dim"})
     capabilities = frozenset({"log_likelihood", "encode", "reconstruct", "walk"})
 
     def __init__(self, config: Config, spec: ImageSpec):
@@ -374,12 +374,23 @@ class VAE(GenerativeModel):
 
     # -- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
+    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0,
+               truncation: float | None = None) -> Tensor:
         """Decode z ~ N(0, temperature^2 I); returns the decoder's mean image (not a noisy draw from it), or with the
-        autoregressive decoder a draw of every pixel."""
+        autoregressive decoder a draw of every pixel. ``truncation`` c: every coordinate of z beyond +-c (before the
+        temperature) is drawn again until it falls inside, the truncation trick of Brock et al. 2019 (BigGAN, sec.
+        3.1): the prior's unlikely corners, which the decoder saw least, are left out."""
         t = check_temperature(temperature)
-        z = t * torch.randn(n, self.config.latent_dim, generator=generator, device=self.device)
-        return self.draw(z, generator)
+        self.check_sample_options({"truncation": truncation})
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=self.device)
+        while truncation is not None and bool((outside := z.abs() > truncation).any()):
+            z = torch.where(outside, torch.randn(z.shape, generator=generator, device=z.device), z)
+        return self.draw(t * z, generator)
+
+    def check_sample_options(self, options) -> None:
+        c = options.get("truncation")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0):
+            raise GenaiError(f"--truncation must be a positive number of standard deviations, got {c!r}")
 
     @torch.no_grad()
     def walk(self, rows: int, steps: int, *, generator: torch.Generator | None = None,
