@@ -259,3 +259,20 @@ def test_cli_and_help_import_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Usage" in r.stdout and "--interpolate" in r.stdout
+
+
+def test_truncation_keeps_the_vae_latents_inside_and_is_refused_elsewhere(models, monkeypatch):
+    """--truncation (declared in options.py, honoured by vae.py alone): every latent coordinate decoded lies within
+    +-c times the temperature; a bad value and a family without it are refused in one line."""
+    model = models["vae"]
+    seen = []
+    monkeypatch.setattr(model, "draw", lambda z, generator=None: seen.append(z) or torch.zeros(z.shape[0], *SHAPE))
+    draw(model, SampleRequest(n=64, seed=1, options={"truncation": 0.5, "temperature": 2.0}), precision="fp32")
+    assert seen[0].abs().max() <= 1.0 and seen[0].abs().max() > 0.5
+    draw(model, SampleRequest(n=64, seed=1, options={"temperature": 2.0}), precision="fp32")
+    assert seen[1].abs().max() > 1.0  # without it, the prior's tails are drawn
+    with pytest.raises(GenaiError, match="--truncation must be a positive number"):
+        plan(model, SampleRequest(options={"truncation": 0}))
+    with pytest.raises(GenaiError, match="not an option of family 'dcgan'.*vae"):
+        plan(models["dcgan"], SampleRequest(options={"truncation": 1.0}))
+    assert len(plan(model, SampleRequest(Sweep.of(truncation=[0.5, 1.0]))).settings) == 2
