@@ -1,4 +1,4 @@
-"""What a family can do beyond ``loss`` and ``sample``, declared once (shared/DESIGN.md, "Capabilities are declared").
+"""What a family can do beyond ``loss`` and ``sample``, declared once (docs/ARCHITECTURE.md, "Capabilities").
 
 A capability is a promise of methods (and attributes) with fixed signatures and meanings, written below as a
 ``typing.Protocol``: its docstrings say what each member means and which command reads it. A family declares the

@@ -1,4 +1,4 @@
-"""The interface every family implements (see shared/DESIGN.md).
+"""The interface every family implements (docs/ARCHITECTURE.md maps where it sits).
 
 A family is one file in this package: a ``Config`` dataclass (the YAML ``model:`` section, minus
 ``family``) and a ``GenerativeModel`` subclass registered with ``@register_model("name")``.
