@@ -7,7 +7,7 @@ import torch
 from scipy.stats import chi2
 
 from genai_cli.errors import GenaiError
-from genai_cli.sampling import check_sampling_options, filter_logits, sample_logits
+from genai_cli.sampling import check_sampling_options, draw_categorical, filter_logits, sample_logits
 
 
 def kept(logits, **kw):
@@ -174,3 +174,15 @@ def test_good_values_pass_and_filters_check_too():
         filter_logits(torch.zeros(3), top_k=0)
     with pytest.raises(GenaiError):
         sample_logits(torch.zeros(3), top_p=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 65), (16, 65), (3, 5, 7), (4, 2)])
+def test_exponential_race_draws_what_multinomial_draws(shape, dtype):
+    # draw_categorical replaces torch.multinomial(probs, 1) for speed: same generator stream, same draws.
+    probs = torch.softmax(3 * torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(1)), -1)
+    probs[..., 0] = 0  # a removed entry (top-k / top-p) is never drawn
+    for seed in range(5):
+        ours = draw_categorical(probs, torch.Generator().manual_seed(seed))
+        ref = torch.multinomial(probs.reshape(-1, shape[-1]), 1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(ours, ref.reshape(shape[:-1])) and (ours != 0).all()

@@ -176,3 +176,19 @@ def test_text_checkpoint_samples_the_same_after_loading(tmp_path):
 def test_image_families_refuse_text():
     with pytest.raises(GenaiError, match="family 'pixelcnn' models image.*families for it: .*transformer"):
         build_model("pixelcnn", MODELS.get("pixelcnn").Config(), SPEC)
+
+
+def test_transformer_one_token_step_equals_the_module_forward_and_restarts_clean():
+    # Block.step (decoding's path) against Block.forward over the whole window; restart() reuses the cache buffers
+    # for a new window and must forget the old one.
+    model = text_model("transformer", d_model=32, heads=4, layers=2).eval()
+    tokens = torch.randint(0, len(SPEC.vocab), (2, SPEC.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model.seq_logits(tokens)  # (2, T, K)
+        step = model.incremental(2)
+        for _ in range(2):
+            buffers = [c.qkv for c in step.caches]
+            for pos in range(SPEC.block_size):
+                torch.testing.assert_close(step(tokens, pos), full[:, pos], rtol=1e-4, atol=1e-5)
+            step = step.restart()
+            assert all(c.qkv is b for c, b in zip(step.caches, buffers))

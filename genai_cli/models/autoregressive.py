@@ -148,15 +148,21 @@ class AutoregressiveImageModel:
         if self.bounded_context and start > self.seq_len:
             window = start - self.seq_len // 2  # a long prompt: its last T / 2 tokens as the first prefix
         logit_noise = noise_std if noise_on == "logits" else 0.0
+        greedy = bool(greedy)
+        seen, columns = tokens[:, window:], tokens.unbind(1)  # (n, length - window); length views (n,)
         was_training = self.training
         self.eval()
         try:
             for pos in range(start, length):
                 if self.bounded_context and pos - window >= self.seq_len:  # the window is full: slide by T / 2
-                    window, step = pos - self.seq_len // 2, new_stepper()
-                logits = step(tokens[:, window:], pos - window)  # (n, K), from tokens[:, :pos] only
-                tokens[:, pos] = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                               greedy=bool(greedy), noise_std=logit_noise, generator=generator)
+                    # A stepper with restart() keeps its buffers (a preallocated cache) for the new window.
+                    restart = getattr(step, "restart", None)
+                    window, step = pos - self.seq_len // 2, restart() if restart else new_stepper()
+                    seen = tokens[:, window:]
+                logits = step(seen, pos - window)  # (n, K), from tokens[:, :pos] only
+                # columns[pos] is a view made once: writing through it costs one copy, not an indexing call.
+                columns[pos].copy_(sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                 greedy=greedy, noise_std=logit_noise, generator=generator))
         finally:
             self.train(was_training)
         if text:

@@ -87,17 +87,35 @@ class Transformer(AutoregressiveImageModel, GenerativeModel):
 
 
 class _Cached:
-    """Runs only the positions not yet computed (a whole prefix at once, then one per call) against the cache."""
+    """Runs only the positions not yet computed against the cache: a whole prefix at once (the first call, and
+    after the window slides), then one position per call through ``Block.step``.
+
+    ``restart()`` is the same stepper for a new window: the caches are emptied, their buffers and views kept.
+    """
 
     def __init__(self, model: Transformer, n: int):
         self.model = model
         c = model.config
         like = model.out.weight
-        self.caches = [KVCache(n, c.heads, model.seq_len, c.d_model // c.heads, like) for _ in model.blocks]
+        self.caches = [KVCache(n, c.heads, model.seq_len, c.d_model, like) for _ in model.blocks]
+        # Row t of the position table, made once: position_embedding[t] would be one more operation per step.
+        self.positions = model.position_embedding.unbind(0)  # T views (d,)
         self.done = 0
+
+    def restart(self) -> _Cached:
+        for cache in self.caches:
+            cache.reset()
+        self.done = 0
+        return self
 
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         m = self.model
+        if self.done == pos and pos > 0:  # one new position: its previous token is tokens[:, pos - 1]
+            x = m.token_embedding(tokens[:, pos - 1]) + self.positions[pos]  # (n, d)
+            for block, cache in zip(m.blocks, self.caches):
+                x = block.step(x, cache, pos)
+            self.done = pos + 1
+            return m.out(m.ln_f(x))  # (n, K)
         prev = m.token_embedding(tokens[:, max(self.done - 1, 0):pos])  # (n, L or L-1, d)
         if self.done == 0:
             prev = torch.cat([m.start.expand(tokens.shape[0], 1, -1), prev], dim=1)

@@ -16,20 +16,46 @@ from .autoregressive import causal_mask
 
 
 class KVCache:
-    """Keys and values of the positions computed so far, one preallocated (n, heads, T, head_dim) pair."""
+    """Keys and values of the positions computed so far, for one block: one preallocated buffer written in place.
 
-    def __init__(self, n: int, heads: int, max_len: int, head_dim: int, like: Tensor):
-        self.k = like.new_zeros(n, heads, max_len, head_dim)
-        self.v = like.new_zeros(n, heads, max_len, head_dim)
+    The layout is position-major and fused, ``qkv`` (T, n, 3d), the rows of the block's fused q|k|v projection as
+    they come out of it: storing one new position is a single copy of its (n, 3d) row, never a reallocation or
+    a concatenation. Attention reads strided views of it, (n, heads, S, head_dim). The views of each position
+    (its query; the keys and values up to it) are made once and kept, so that a decoding step builds none: at
+    batch 1 a tiny model's step is a few dozen operations of a few microseconds each, and every view counts.
+    ``reset`` empties the cache for a new window and keeps the buffer and its views.
+    """
+
+    def __init__(self, n: int, heads: int, max_len: int, d: int, like: Tensor):
+        self.n, self.heads, self.d = n, heads, d
+        self.qkv = like.new_zeros(max_len, n, 3 * d)  # (T, n, 3d)
+        self.length = 0
+        self._views: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def reset(self) -> None:
         self.length = 0
 
-    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append (n, heads, L, head_dim) keys and values; return all of them so far."""
-        end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+    def heads_view(self, part: int, start: int, end: int) -> Tensor:
+        """q (part 0), k (1) or v (2) of positions start..end-1 as (n, heads, end - start, head_dim), a view."""
+        h, d = self.heads, self.d
+        return self.qkv[start:end, :, part * d:(part + 1) * d].unflatten(-1, (h, d // h)).permute(1, 2, 0, 3)
+
+    def extend(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the fused (n, L, 3d) rows of L new positions; return all keys and values so far, (n, heads, S,
+        head_dim) each."""
+        end = self.length + qkv.shape[1]
+        self.qkv[self.length:end].copy_(qkv.transpose(0, 1))
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.heads_view(1, 0, end), self.heads_view(2, 0, end)
+
+    def position(self, pos: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(slot (n, 3d) of position pos, its query (n, heads, 1, head_dim), keys and values of 0..pos
+        (n, heads, pos + 1, head_dim)): views, made on first use."""
+        views = self._views.get(pos)
+        if views is None:
+            views = self._views[pos] = (self.qkv[pos], self.heads_view(0, pos, pos + 1),
+                                        self.heads_view(1, 0, pos + 1), self.heads_view(2, 0, pos + 1))
+        return views
 
 
 class Block(nn.Module):
@@ -49,16 +75,33 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         b, length, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (t.reshape(b, length, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        qkv = self.qkv(self.ln1(x))  # (B, L, 3d)
+        q, k, v = (t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2) for t in qkv.split(d, dim=-1))
         p = self.dropout if self.training else 0.0
         if cache is None:
             # softmax(Q K^T / sqrt(d_k)) V with future keys masked, Vaswani et al. Eq. 1; (B, heads, T, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
         else:  # incremental decoding: causal models only
-            k_all, v_all = cache.extend(k, v)  # (n, heads, S, head_dim), S = positions so far
+            k_all, v_all = cache.extend(qkv)  # (n, heads, S, head_dim), S = positions so far
             # One new position sees every cached key: no mask needed (and SDPA is faster without one).
             mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
         return x + self.mlp(self.ln2(x))
+
+    def step(self, x: Tensor, cache: KVCache, pos: int) -> Tensor:
+        """``forward`` of the one position ``pos`` (n, d) -> (n, d), in eval mode, against ``cache`` (which holds
+        positions 0..pos-1 and gains pos): the same maths with no module calls, no split / transpose of q, k, v,
+        no mask (one query may see every cached key) and no allocation but the results, because at batch 1 the
+        cost of a step is its number of operations (see ``KVCache``)."""
+        slot, q, k, v = cache.position(pos)
+        ln1, ln2, fc1, fc2 = self.ln1, self.ln2, self.mlp[0], self.mlp[2]
+        # The fused projection writes q|k|v of this position straight into its cache row (n, 3d).
+        slot.copy_(F.linear(F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps),
+                            self.qkv.weight, self.qkv.bias))
+        cache.length = pos + 1
+        y = F.scaled_dot_product_attention(q, k, v)  # (n, heads, 1, head_dim), contiguous
+        x = x + F.linear(y.reshape(x.shape), self.proj.weight, self.proj.bias)
+        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+        hidden = F.gelu(F.linear(h, fc1.weight, fc1.bias), approximate=self.mlp[1].approximate)  # (n, mlp_ratio d)
+        return x + F.linear(hidden, fc2.weight, fc2.bias)

@@ -1,0 +1,248 @@
+"""Decoding at batch 1 (issue 18 section 3): characters/s of the character transformer per lever, against
+``transformers``' ``GPT2LMHeadModel.generate(use_cache=True)`` of the same shape measured in the same run; the LSTM's
+batch-1 rate against its naive reference; MaskGIT's batch-1 latency against the cached causal model on the same tokens.
+
+    python benchmarks/bench_decode.py [--threads 2] [--chars 63] [--rounds 5] [--compile]
+    python benchmarks/bench_decode.py --quick      # a few seconds: checks the script runs
+
+Shapes: ``configs/gpt_shakespeare_char.yaml`` (4 layers, 4 heads, width 128, context 64; 65 characters, Tiny
+Shakespeare's vocabulary size), ``configs/lstm_shakespeare_char.yaml`` (2 layers of 256) and MaskGIT's
+(``configs/maskgit_mnist.yaml``: width 128, 4 layers, 7x7 = 49 tokens of 256 codes). Weights are untrained: the
+cost of a step does not depend on them (quality figures are bench_text.py's and bench_masked.py's).
+
+Each row generates ``--chars`` characters after a one-character prompt (63: GPT-2's 64 learned positions hold the
+whole text, so both sides run the same positions, none slides a window), batch 1 and batch 16, temperature 1.
+The rows are timed in alternation, ``--rounds`` times, so that whatever else the machine runs slows every row
+alike; the median round is reported, and each row's ratio to GPT-2's median.
+
+Levers, each row adds one to the row above it:
+  uncached            ``sample_naive``: the whole window re-run for every character (nanoGPT's ``generate``);
+  KV cache, module forward  the cache, each step through ``Block.forward`` (split / transpose of q, k, v, a
+                      concatenation, nn.Module calls) and ``torch.multinomial``: how decoding ran before this issue;
+  + exponential-race draw   ``sampling.draw_categorical`` instead of ``torch.multinomial`` (the same draws);
+  + one-token step    ``Block.step``: the fused q|k|v row written in place into the preallocated cache, views made
+                      once, one query without a mask, functional calls (the library's path now), fp32;
+  same, bf16 autocast what ``precision auto`` gives on a CPU with native bf16, without a measured choice;
+  + torch.compile     (``--compile`` only) the one-token step compiled (static shapes: attention over the whole
+                      cache with a mask); its warm-up seconds are reported, and the length past which it pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_common import log, machine, markdown
+
+import genai_cli.sampling as sampling
+from genai_cli.api import build_model
+from genai_cli.models import transformer as transformer_module
+from genai_cli.models.base import ImageSpec
+from genai_cli.nn.masked import MaskedTransformer, fill_tokens
+from genai_cli.registry import MODELS
+from genai_cli.spec import TokenSpec
+
+VOCAB = "".join(sorted(set(string.ascii_letters + " \n.,;:!?'-&$3")))[:65]  # 65 characters, as Tiny Shakespeare
+
+
+def multinomial_draw(probs, generator=None):
+    """The draw before this issue: torch.multinomial over the flattened rows."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+class ModuleForwardStepper(transformer_module._Cached):
+    """The cache, every step through ``Block.forward`` (the generic path) rather than ``Block.step``."""
+
+    def __call__(self, tokens, pos):
+        m = self.model
+        prev = m.token_embedding(tokens[:, max(self.done - 1, 0):pos])
+        if self.done == 0:
+            prev = torch.cat([m.start.expand(tokens.shape[0], 1, -1), prev], dim=1)
+        logits = m._run(prev, self.done, self.caches)
+        self.done = pos + 1
+        return logits[:, -1]
+
+
+class CompiledStepper(transformer_module._Cached):
+    """``Block.step`` over the whole cache with a mask, so that every step has the same shapes, compiled once."""
+
+    compiled = None
+
+    def __call__(self, tokens, pos):
+        if not (self.done == pos and pos > 0):
+            return super().__call__(tokens, pos)
+        m = self.model
+        if CompiledStepper.compiled is None:
+            CompiledStepper.compiled = torch.compile(_static_step, dynamic=False, fullgraph=True)
+        x = m.token_embedding(tokens[:, pos - 1]) + self.positions[pos]
+        logits = CompiledStepper.compiled(m, x, torch.tensor(pos), [c.qkv for c in self.caches])
+        self.done = pos + 1
+        return logits
+
+
+def _static_step(m, x, pos, caches):
+    """One position through every block with static shapes: x (n, d), caches (T, n, 3d) each."""
+    t, n, d3 = caches[0].shape
+    d, heads = d3 // 3, m.config.heads
+    valid = (torch.arange(t) <= pos).view(1, 1, 1, t)  # the keys written so far
+    for block, cache in zip(m.blocks, caches):
+        qkv = block.qkv(block.ln1(x))  # (n, 3d)
+        cache.index_copy_(0, pos.view(1), qkv[None])
+        q = qkv[:, :d].view(n, heads, 1, d // heads)
+        k = cache[:, :, d:2 * d].view(t, n, heads, d // heads).permute(1, 2, 0, 3)
+        v = cache[:, :, 2 * d:].view(t, n, heads, d // heads).permute(1, 2, 0, 3)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid)
+        x = x + block.proj(y.reshape(n, d))
+        x = x + block.mlp(block.ln2(x))
+    return m.out(m.ln_f(x))
+
+
+def ours(model, stepper_cls, draw, bf16: bool):
+    """A sampler of ``model`` with the given stepper class and draw function."""
+
+    def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
+        saved_draw, saved_inc = sampling.draw_categorical, model.incremental
+        sampling.draw_categorical = draw
+        if stepper_cls is not None:
+            model.incremental = lambda n_, *a: stepper_cls(model, n_)
+        try:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if stepper_cls is None:
+                    return model.sample_naive(n, generator=generator, prompt=VOCAB[0], max_new_tokens=chars)
+                return model.sample(n, generator=generator, prompt=VOCAB[0], max_new_tokens=chars)
+        finally:
+            sampling.draw_categorical, model.incremental = saved_draw, saved_inc
+    return run
+
+
+def gpt2(model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    torch.manual_seed(0)
+    peer = GPT2LMHeadModel(GPT2Config(vocab_size=len(VOCAB), n_positions=model.seq_len, n_embd=c.d_model,
+                                      n_layer=c.layers, n_head=c.heads, n_inner=c.mlp_ratio * c.d_model,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                      eos_token_id=None)).eval()
+
+    def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+        with torch.no_grad():
+            return peer.generate(torch.zeros(n, 1, dtype=torch.long), do_sample=True, max_new_tokens=chars,
+                                 min_new_tokens=chars, use_cache=True, top_k=0, pad_token_id=0, eos_token_id=None)
+    return run
+
+
+def alternate(rows: dict, n: int, chars: int, rounds: int) -> dict[str, float]:
+    """Median characters/s (n texts x chars / seconds) of each row, the rows timed in turn ``rounds`` times."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for fn in rows.values():  # warm-up: first calls, lazy initialisation
+        fn(n, min(chars, 8), torch.Generator().manual_seed(0))
+    for r in range(rounds):
+        for name, fn in rows.items():
+            t0 = time.perf_counter()
+            fn(n, chars, torch.Generator().manual_seed(r))
+            times[name].append(time.perf_counter() - t0)
+    return {name: n * chars / sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chars", type=int, default=63, help="characters per text (at most 63: GPT-2's window)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of warm-up)")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.chars, args.rounds = 16, 1
+    torch.set_num_threads(args.threads)
+    spec = TokenSpec(vocab=VOCAB, block_size=64)
+    cls = MODELS.get("transformer")
+    torch.manual_seed(0)
+    model = build_model("transformer", cls.Config(d_model=128, heads=4, layers=4, dropout=0.0), spec).eval()
+    race = sampling.draw_categorical
+    rows = {
+        "GPT2LMHeadModel.generate(use_cache=True)": gpt2(model),
+        "uncached (re-run the window)": ours(model, None, race, False),
+        "KV cache, module forward + multinomial": ours(model, ModuleForwardStepper, multinomial_draw, False),
+        "+ exponential-race draw": ours(model, ModuleForwardStepper, race, False),
+        "+ one-token step (library now), fp32": ours(model, transformer_module._Cached, race, False),
+        "same, bf16 autocast": ours(model, transformer_module._Cached, race, True),
+    }
+    if args.compile:
+        t0 = time.perf_counter()
+        ours(model, CompiledStepper, race, False)(1, 8, torch.Generator().manual_seed(0))
+        warm = time.perf_counter() - t0
+        log(f"torch.compile warm-up: {warm:.0f} s")
+        rows["+ torch.compile of the step, fp32"] = ours(model, CompiledStepper, race, False)
+    # The library's rows must draw what the uncached sampler draws (fp32, same seed).
+    cached, uncached = (ours(model, stepper, race, False)(1, args.chars, torch.Generator().manual_seed(5))
+                        for stepper in (transformer_module._Cached, None))
+    same = torch.equal(cached, uncached)
+    table = []
+    result = {}
+    for n in (1, 16):
+        log(f"transformer, batch {n}: {len(rows)} rows x {args.rounds} rounds")
+        result[n] = alternate(rows, n, args.chars, args.rounds)
+    ref = "GPT2LMHeadModel.generate(use_cache=True)"
+    for name in rows:
+        table.append([name] + [f"{result[n][name]:,.0f}" for n in (1, 16)]
+                     + [f"{result[n][name] / result[n][ref]:.2f}x" for n in (1, 16)])
+
+    # The LSTM: its one-step cell against its naive reference (re-running the sequence for every character).
+    lcls = MODELS.get("lstm")
+    lstm = build_model("lstm", lcls.Config(hidden=256, layers=2, embed=64), spec).eval()
+
+    def lstm_rows(naive: bool):
+        def run(n, chars, g):
+            with torch.no_grad():
+                fn = lstm.sample_naive if naive else lstm.sample
+                return fn(n, generator=g, prompt=VOCAB[0], max_new_tokens=chars)
+        return run
+    log("lstm, batch 1")
+    lstm_rate = alternate({"carried state": lstm_rows(False), "naive": lstm_rows(True)}, 1, args.chars, args.rounds)
+
+    # MaskGIT at batch 1: a 7x7 grid of 256 codes, 8 and 12 steps, against the cached causal transformer of the
+    # same width and depth drawing the same 49 tokens one by one (bench_masked.py gives their FID at batch 64).
+    torch.manual_seed(0)
+    masked = MaskedTransformer(256, 49, 128, 4, 4, 4, 0.0).eval()
+    ar = MODELS.get("transformer")(cls.Config(levels=256, d_model=128, heads=4, layers=4, dropout=0.0),
+                                   ImageSpec(channels=1, size=7, binary=False)).eval()
+
+    def maskgit(steps):
+        def run(n, chars, g):
+            with torch.no_grad():
+                start = torch.full((n, 49), masked.mask_id)
+                return fill_tokens(masked, start, masked.mask_id, steps, choice_temperature=4.5, generator=g)
+        return run
+
+    def ar_tokens(n, chars, g):
+        with torch.no_grad():
+            return ar.sample(n, generator=g)
+    log("maskgit, batch 1")
+    lat = alternate({"maskgit 8 steps": maskgit(8), "maskgit 12 steps": maskgit(12), "cached AR, 49 tokens": ar_tokens},
+                    1, 1, max(args.rounds, 3) if not args.quick else 1)
+    lat = {k: 1000 / v for k, v in lat.items()}  # ms per image (alternate returned images/s)
+
+    print(f"\nDecoding the gpt_shakespeare_char shape (0.8M parameters), {args.chars} characters after a 1-character "
+          f"prompt, median of {args.rounds} alternating rounds, {args.threads} threads; {machine()}\n")
+    print(markdown(["lever", "chars/s, batch 1", "chars/s, batch 16", "/ GPT-2, batch 1", "/ GPT-2, batch 16"], table))
+    print(f"\ncached (library) and uncached samples identical: {'yes' if same else 'NO'}")
+    if args.compile:
+        per_char = {n: 1 / result[n]["+ one-token step (library now), fp32"]
+                    - 1 / result[n]["+ torch.compile of the step, fp32"] for n in (1,)}
+        pays = f"{warm / per_char[1]:,.0f} characters" if per_char[1] > 0 else "never (not faster)"
+        print(f"torch.compile warm-up {warm:.0f} s; at batch 1 it pays off past {pays}")
+    print(f"\nLSTM (2 x 256), batch 1: {lstm_rate['carried state']:,.0f} chars/s carried state, "
+          f"{lstm_rate['naive']:,.0f} naive: {lstm_rate['carried state'] / lstm_rate['naive']:.1f}x\n")
+    print(markdown(["sampler, batch 1, 49 tokens", "ms per image", "AR / this"],
+                   [[k, f"{v:.1f}", f"{lat['cached AR, 49 tokens'] / v:.2f}x"] for k, v in lat.items()]))
+
+
+if __name__ == "__main__":
+    main()
