@@ -52,6 +52,7 @@ from .options import BY_NAME, MODE_KEYS, SWEEPABLE, TEXT_KEYS, flag_of
 DEFAULT_N = 64  # images when neither the request nor the run's ``sample:`` section says
 SWEEP_N = 8  # images per setting of a sweep when the request does not say
 WALK_STEPS = 8  # points per row of a walk (one row of n points when n is smaller)
+PROBE_TOKENS = 8  # tokens of the text a precision probe writes (draw, precision "auto")
 PREFIX_ORIGINALS = 8  # at most this many real images are completed; the n completions are shared among them
 
 REGIONS = ("top", "bottom", "left", "right", "center", "random")
@@ -559,7 +560,7 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
       is moved there; default: where it is). precision: "auto" (what the hardware runs natively; see
       ``genai_cli.hardware``), "fp32" or "bf16". The same seed gives the same images on the same machine.
     """
-    from .hardware import pick_device, resolve_precision
+    from .hardware import measured_precision, pick_device, resolve_precision
 
     request = request or SampleRequest()
     p = plan(model, request)
@@ -580,7 +581,14 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), resolve_precision(precision, dev).autocast(dev):
+        prec = resolve_precision(precision, dev)
+        if model.spec.takes_prompts and isinstance(p.mode, Plain):
+            # Writing a text one token at a time multiplies tiny matrices, where native bf16 can lose to fp32: auto
+            # times a few tokens of this very workload in both and keeps the faster (once per process and shape).
+            probe = {**p.options, "max_new_tokens": PROBE_TOKENS}
+            prec = measured_precision(prec, dev, key=(p.family, p.n, dev.type), probe=lambda: model.sample(
+                p.n, generator=torch.Generator(dev).manual_seed(0), **probe))
+        with torch.no_grad(), prec.autocast(dev):
             samples = DRAWERS[type(p.mode)](model, p, images, dev)
     finally:
         model.train(was_training)

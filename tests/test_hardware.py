@@ -147,3 +147,22 @@ def test_lstm_runs_under_bf16_autocast_on_every_cpu(cpu_bf16, shapes_batch):
 def test_machine_line_names_cpu_and_instruction_set():
     line = hardware.machine_line()
     assert torch.backends.cpu.get_cpu_capability() in line and "native bf16" in line and torch.__version__ in line
+
+
+@pytest.mark.parametrize("slow", ["bf16", "fp32"])
+def test_a_measured_auto_keeps_the_faster_precision(slow, monkeypatch):
+    """Auto chose bf16; a probe of the workload that is (much) slower under ``slow`` makes it keep the other one.
+    The probe sleeps, so the choice does not depend on this machine's arithmetic."""
+    import time
+
+    monkeypatch.setattr(hardware, "_measured", {})
+    auto = hardware.Precision("auto", "bf16", "CPU with AMX")
+
+    def probe():
+        time.sleep(0.02 if torch.is_autocast_enabled("cpu") == (slow == "bf16") else 0.0)
+
+    chosen = hardware.measured_precision(auto, CPU, probe, key=slow, rounds=3)
+    assert chosen.resolved == ("fp32" if slow == "bf16" else "bf16")
+    assert hardware.measured_precision(auto, CPU, lambda: 1 / 0, key=slow) is chosen  # remembered, not re-measured
+    fixed = hardware.Precision("bf16", "bf16", "as requested")
+    assert hardware.measured_precision(fixed, CPU, lambda: 1 / 0, key="x") is fixed  # an explicit request stands
