@@ -309,7 +309,11 @@ def validate(cfg: Config, cls) -> None:
                              f"family '{cfg.family}' has no recurrence: remove it")
         if t.tbptt < 0:
             raise GenaiError(f"config key 'train.tbptt' must be >= 0 (0: full backprop), got {t.tbptt}")
-        cfg.model.tbptt = t.tbptt  # the loop stays family-agnostic: the family reads its own field
+        if cfg.model.tbptt not in (0, t.tbptt):  # 0 is the family's default: nothing was asked of it
+            raise GenaiError(f"train.tbptt = {t.tbptt} and model.tbptt = {cfg.model.tbptt} disagree; set one of them "
+                             f"(train.tbptt is a shorthand for model.tbptt)")
+        # resolved into the family's own field, which the written config.yaml shows: the loop stays family-agnostic
+        cfg.model.tbptt = t.tbptt
     for key, ref in parent_refs(cls.Config).items():
         if ref.required and getattr(cfg.model, key) is None:
             raise GenaiError(f"config key 'model.{key}' is not set: family '{cfg.family}' builds on {ref.expected()}; "

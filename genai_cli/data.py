@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 from .config import DataConfig
 from .errors import GenaiError
@@ -233,6 +232,10 @@ def image_folder(cfg: DataConfig) -> RawData:
 
 # -- the one entry point ------------------------------------------------------------------------
 def _convert(x: Tensor, cfg: DataConfig) -> Tensor:
+    # imported here, not at the top: torchvision pulls in torch._dynamo (seconds), and sample / inspect never
+    # convert images
+    from torchvision.transforms.v2 import functional as TF
+
     if cfg.channels is not None and cfg.channels not in (1, 3):
         raise GenaiError(f"data.channels must be 1 or 3, got {cfg.channels}")
     if cfg.channels == 3 and x.shape[1] == 1:

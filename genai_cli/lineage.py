@@ -24,6 +24,9 @@ parent run is moved or deleted (a resumed run never reads the parent from disk a
 
 A record is itself a minimal checkpoint (family, config, spec, model, parents), so a child of a child
 works the same way. ``resolve_parent`` is the generic resolver (``genai evaluate --evaluator`` uses it).
+
+This module describes, resolves and checks parents; it builds none. ``build.build_parent`` builds one (its family's
+model, with its own parents, through ``build.build_model``), and this module stays below the families.
 """
 
 from __future__ import annotations
@@ -107,26 +110,22 @@ class Parent:
                              f"{parent.hash[:12]}; the checkpoint is corrupt")
         return parent
 
-    def build(self) -> nn.Module:
-        """The parent's model, built once (with its own parents), loaded and frozen."""
-        if self._model is None:
-            from .api import build_model
-            from .config import build_dataclass
-            from .registry import MODELS
+    @property
+    def model(self) -> nn.Module | None:
+        """The frozen model once built (``build.build_parent``), else None."""
+        return self._model
 
-            if self.family not in MODELS:
-                raise GenaiError(f"parent run '{self.name}' is of family '{self.family}', unknown to this version "
-                                 f"of genai; known: {', '.join(MODELS.names())}")
-            cls = MODELS.get(self.family)
-            raw = {k: v for k, v in self.config["model"].items() if k != "family"}
-            model = build_model(self.family, build_dataclass(cls.Config, raw, "model"), self.spec,
-                                parents=self.parents)
-            try:
-                model.load_state_dict(self.weights)
-            except RuntimeError as e:
-                raise GenaiError(f"the weights of parent run '{self.name}' do not fit family '{self.family}' "
-                                 f"({str(e).splitlines()[0][:100]})") from None
-            self._model, self.weights = freeze(model), None
+    def load(self, model: nn.Module) -> nn.Module:
+        """Load this run's weights into ``model`` (built from this record by ``build.build_parent``), freeze it and
+        keep it: the weights then live in the model only."""
+        if self._model is not None:
+            raise ValueError(f"parent run '{self.name}' is already built")
+        try:
+            model.load_state_dict(self.weights)
+        except RuntimeError as e:
+            raise GenaiError(f"the weights of parent run '{self.name}' do not fit family '{self.family}' "
+                             f"({str(e).splitlines()[0][:100]})") from None
+        self._model, self.weights = freeze(model), None
         return self._model
 
     def record(self) -> dict[str, Any]:
@@ -142,15 +141,20 @@ class Parents(Mapping[str, nn.Module]):
 
     Not a Module, so nothing of it is in the child's parameters(), state_dict(), optimizers or EMA;
     ``copy.deepcopy`` (the EMA's copy of the model) shares it rather than copying frozen weights.
+    Every parent is built before (``build.build_model`` builds them first): reading one loads nothing.
     """
 
     def __init__(self, resolved: Mapping[str, Parent]):
+        unbuilt = [key for key, parent in resolved.items() if parent.model is None]
+        if unbuilt:
+            raise ValueError(f"parents {', '.join(unbuilt)} are not built; build.build_parent builds one, "
+                             f"build.build_model builds a model with its parents")
         self.resolved: dict[str, Parent] = dict(resolved)
 
     def __getitem__(self, key: str) -> nn.Module:
         if key not in self.resolved:
             raise KeyError(f"no parent '{key}'; this model builds on: {', '.join(self.resolved) or 'nothing'}")
-        return self.resolved[key].build()
+        return self.resolved[key].model
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.resolved)
@@ -208,12 +212,6 @@ def resolve_parent(ref: str | Path, *, accepts: tuple[str, ...], root: str | Pat
     parent = Parent.from_checkpoint(state, name=name, source=str(ckpt))
     check_parent(parent, accepts, spec, role, str(ref))
     return parent
-
-
-def load_parent(ref: str | Path, *, accepts: tuple[str, ...], root: str | Path | None = None,
-                spec: ImageSpec | None = None, role: str = "parent run") -> nn.Module:
-    """``resolve_parent(...).build()``: the run's model, frozen (keep the Parent when you need its name/step/hash)."""
-    return resolve_parent(ref, accepts=accepts, root=root, spec=spec, role=role).build()
 
 
 def resolve_parents(cls, model_cfg: Any, spec: ImageSpec | None, root: str | Path | None = None) -> dict[str, Parent]:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from .errors import GenaiError
 
@@ -195,29 +194,55 @@ def grid_rows(n: int) -> int:
 TEXT_SEPARATOR = "\n----\n"  # between the texts of a .txt of samples
 
 
-def save_samples(samples: torch.Tensor, spec, stem: Path) -> Path:
-    """What a family's ``sample`` returned, saved as its spec's kind of file: a PNG grid of images, or the texts of
-    token ids (decoded, separated by a rule) in a .txt. ``stem`` is the path without suffix; returns the file."""
-    path = stem.with_suffix(spec.sample_suffix)
-    if spec.kind == "tokens":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(TEXT_SEPARATOR.join(spec.decode(row) for row in samples.tolist()) + "\n", encoding="utf-8")
-    else:
-        save_grid(samples, path)
-    return path
+GRID_PAD_VALUE = 0.5  # grey between the images: both black and white digits stand out against it
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = GRID_PAD_VALUE) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] -> one (C, H', W') picture of ``nrow`` images per row, each framed by ``padding``
+    pixels of ``pad_value`` (the last row's empty cells grey too); gray images (C = 1) become RGB (C = 3).
+
+    The picture torchvision's make_grid draws with the same arguments (one image alone comes back unframed, as
+    there), written here so that sampling and inspecting never import torchvision (seconds of start-up: its
+    models pull in torch._dynamo)."""
+    if images.dim() != 4:
+        raise GenaiError(f"a grid takes images of shape (N, C, H, W), got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    n, c, h, w = images.shape
+    if n == 1:
+        return images[0]
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    cell_h, cell_w = h + padding, w + padding
+    # every image in the bottom-right corner of a cell of (h + padding, w + padding); the grid adds one more
+    # padding strip on the right and at the bottom, so each image has padding on all four sides
+    cells = images.new_full((rows * cols, c, cell_h, cell_w), pad_value)
+    cells[:n, :, padding:, padding:] = images
+    grid = images.new_full((c, rows * cell_h + padding, cols * cell_w + padding), pad_value)
+    grid[:, :rows * cell_h, :cols * cell_w] = (cells.view(rows, cols, c, cell_h, cell_w)
+                                                .permute(2, 0, 3, 1, 4).reshape(c, rows * cell_h, cols * cell_w))
+    return grid
+
+
+def to_pil(picture: torch.Tensor):
+    """(3, H, W) in [0, 1] -> an RGB PIL image, each value rounded to the nearest of 0..255."""
+    from PIL import Image
+
+    pixels = (picture.float().cpu() * 255 + 0.5).clamp(0, 255).to(torch.uint8)  # +0.5 then truncate: rounding
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, padding: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().clamp(0, 1).cpu(), path, nrow=nrow or grid_rows(images.shape[0]), padding=padding,
-               pad_value=0.5)
+    images = images.float().clamp(0, 1).cpu()
+    to_pil(make_grid(images, nrow=nrow or grid_rows(images.shape[0]), padding=padding)).save(path)
 
 
 def labelled_grid(rows: list[torch.Tensor], labels: list[str], path: Path) -> None:
     """One PNG, one labelled row per setting (the sweep grid)."""
     from PIL import Image, ImageDraw
 
-    grids = [make_grid(r.float().clamp(0, 1).cpu(), nrow=r.shape[0], padding=2, pad_value=0.5) for r in rows]
+    grids = [make_grid(r.float().clamp(0, 1).cpu(), nrow=r.shape[0], padding=2) for r in rows]
     scale = max(1, 32 // rows[0].shape[-1])  # small images are enlarged so the labels stay legible
     width_label = 130
     h, w = grids[0].shape[1] * scale, grids[0].shape[2] * scale

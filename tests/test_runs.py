@@ -12,7 +12,7 @@ from genai_cli import load_checkpoint
 from genai_cli.cli import app
 from genai_cli.errors import GenaiError
 from genai_cli.models.diffusion import DDPM
-from genai_cli.runs import load_checkpoint_file, save_checkpoint
+from genai_cli.runs import labelled_grid, load_checkpoint_file, make_grid, save_checkpoint, save_grid
 from genai_cli.train import Trainer
 
 runner = CliRunner()
@@ -132,3 +132,64 @@ def test_a_time_budget_ends_training_early_and_cleanly(tmp_path, config_file):
     state = torch.load(runs / "budget" / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < state["step"] < 100000 and state["summary"]["finished"]
     assert state["elapsed_seconds"] >= 0.5
+
+
+# -- PNG grids (drawn with Pillow: sampling never imports torchvision) ----------------------------
+def test_a_grid_frames_each_image_in_grey_rows_of_nrow_and_rounds_to_the_nearest_byte(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    images = torch.stack([torch.full((1, 2, 3), v) for v in (0.0, 0.25, 1.0)])  # three gray 2x3 images
+    save_grid(images, tmp_path / "g.png", nrow=2)
+    pixels = torch.from_numpy(np.asarray(Image.open(tmp_path / "g.png")).copy())  # (H, W, 3)
+    # 2 columns, 2 rows; each cell is 2 pixels of padding then the image; one more padding strip at the end
+    assert pixels.shape == (2 + 2 + 2 + 2 + 2, 2 + 3 + 2 + 3 + 2, 3)
+    grey, cells = 128, {(0, 0): 0, (0, 1): 64, (1, 0): 255}  # 0.5 -> 128 and 0.25 -> 64: +0.5, then truncated
+    expected = torch.full(pixels.shape, grey, dtype=torch.uint8)
+    for (row, col), value in cells.items():
+        expected[2 + row * 4:2 + row * 4 + 2, 2 + col * 5:2 + col * 5 + 3] = value
+    assert torch.equal(pixels, expected), "the empty fourth cell stays grey"
+    one = make_grid(torch.rand(1, 3, 4, 4), nrow=8)
+    assert one.shape == (3, 4, 4), "a single image is not framed (torchvision's convention, kept)"
+
+
+def test_the_pillow_grid_is_the_picture_torchvision_draws(tmp_path):
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    g = torch.Generator().manual_seed(0)
+    cases = (((7, 1, 5, 4), 3, 2), ((4, 3, 6, 6), 2, 0), ((5, 3, 2, 2), 8, 1), ((1, 1, 3, 3), 4, 2))
+    for shape, nrow, padding in cases:
+        images = torch.rand(shape, generator=g)
+        save_grid(images, tmp_path / "ours.png", nrow=nrow, padding=padding)
+        save_image(images, tmp_path / "theirs.png", nrow=nrow, padding=padding, pad_value=0.5)
+        ours, theirs = Image.open(tmp_path / "ours.png"), Image.open(tmp_path / "theirs.png")
+        assert ours.mode == theirs.mode == "RGB" and ours.tobytes() == theirs.tobytes(), shape
+
+
+def test_a_labelled_grid_has_one_enlarged_row_per_setting(tmp_path):
+    from PIL import Image
+
+    rows = [torch.zeros(3, 1, 8, 8), torch.ones(3, 1, 8, 8)]
+    labelled_grid(rows, ["temperature=0.5", "temperature=1"], tmp_path / "s.png")
+    im = Image.open(tmp_path / "s.png")
+    scale, cell = 4, 8 + 2  # 8-pixel images are drawn 4x so the labels stay legible
+    assert im.size == (130 + (3 * cell + 2) * scale, 2 * (cell + 2) * scale)
+    assert im.getpixel((130 + 2 * scale, 2 * scale)) == (0, 0, 0)
+    assert im.getpixel((130 + 2 * scale, (cell + 2) * scale + 2 * scale)) == (255, 255, 255)
+    assert im.getpixel((130, 0)) == (128, 128, 128)
+
+
+def test_train_tbptt_is_resolved_into_the_model_field_the_run_records_and_a_disagreement_is_refused():
+    from helpers import tiny_config
+
+    from genai_cli.config import from_dict
+
+    raw = tiny_config("pixel_lstm")
+    raw["train"]["tbptt"] = 16
+    assert from_dict(raw).to_dict()["model"]["tbptt"] == 16, "config.yaml shows what the family trains with"
+    raw["model"]["tbptt"] = 16
+    assert from_dict(raw).model.tbptt == 16  # the resolved config.yaml read back (--resume) agrees with itself
+    raw["model"]["tbptt"] = 8
+    with pytest.raises(GenaiError, match=r"^train.tbptt = 16 and model.tbptt = 8 disagree; set one of them"):
+        from_dict(raw)

@@ -94,7 +94,7 @@ def find_evaluator(data_cfg, spec, root: Path) -> Path | None:
 
 def resolve_evaluator(ref: str | None, data_cfg, spec, root: Path, *, train_missing: bool = False,
                       target: str = "RUN", log: Callable[[str], None] = lambda s: None, console=None) -> Parent:
-    """The evaluator run (a checked ``lineage.Parent``; ``.build()`` gives the frozen network) for samples of
+    """The evaluator run (a checked ``lineage.Parent``; ``build.build_parent`` gives the frozen network) for samples of
     ``spec`` drawn by a run trained on ``data_cfg``.
 
     ``ref`` (``--evaluator``) names a run; None looks one up by dataset (``find_evaluator``) and, when there is
@@ -200,7 +200,9 @@ def grid_evaluator(data_cfg, spec, root: Path, device: torch.device) -> tuple[An
 
 def load_evaluator(evaluator: Parent, device: torch.device):
     """(frozen network in eval mode on ``device``, its last validation accuracy or None) of a resolved evaluator."""
-    return evaluator.build().to(device), evaluator.summary.get("last_val_accuracy")
+    from ..build import build_parent
+
+    return build_parent(evaluator).to(device), evaluator.summary.get("last_val_accuracy")
 
 
 @torch.no_grad()
