@@ -176,10 +176,18 @@ def shown(model_or_class: Any) -> list[str]:
 
 
 # -- checking ----------------------------------------------------------------------------------
+def _default_owner(cls: type, method: str) -> type:
+    """The base-most class of ``cls``'s hierarchy that defines ``method`` (GenerativeModel, for a family's default),
+    found without importing models (this module sits below them)."""
+    return next(c for c in reversed(cls.__mro__) if method in vars(c))
+
+
+def _default(cls: type, method: str) -> Any:
+    return getattr(_default_owner(cls, method), method)
+
+
 def problems(model: Any) -> list[str]:
     """What is wrong with a built model's declaration, one line each (empty: nothing)."""
-    from .models.base import GenerativeModel
-
     declared = capabilities(model)
     promised = {m for name in declared for m in CAPABILITIES[name].members}
     out = []
@@ -192,8 +200,8 @@ def problems(model: Any) -> list[str]:
                 fn = getattr(model, method, None)
                 if not callable(fn):
                     out.append(f"declares {name} but has no method {method}")
-                elif cap.hook and getattr(type(model), method) is getattr(GenerativeModel, method):
-                    out.append(f"declares {name} but keeps GenerativeModel's {method}")
+                elif cap.hook and getattr(type(model), method) is _default(type(model), method):
+                    out.append(f"declares {name} but keeps {_default_owner(type(model), method).__name__}'s {method}")
                 else:
                     mismatch = _signature_mismatch(fn, getattr(cap.protocol, method))
                     if mismatch:
@@ -204,7 +212,7 @@ def problems(model: Any) -> list[str]:
                 if method in promised:
                     continue  # another declared capability promises it (tokenize: seq_logits and tokenizer)
                 if cap.hook:
-                    if getattr(type(model), method) is not getattr(GenerativeModel, method):
+                    if getattr(type(model), method) is not _default(type(model), method):
                         out.append(f"overrides {method} but does not declare {name}")
                 elif getattr(model, method, None) is not None:
                     out.append(f"has {method} but does not declare {name}")
