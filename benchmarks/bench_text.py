@@ -3,6 +3,7 @@ beside it, and sampling speed with and without the cache.
 
     python benchmarks/bench_text.py [--seconds 300] [--data tiny_shakespeare|python_docs] [--threads 2]
     python benchmarks/bench_text.py --quick       # a few seconds each: checks the script runs
+    python benchmarks/bench_text.py --precision-table --threads 1   # issue 18: fp32, bf16, auto+probe vs GPT-2
 
 1. Peer. nanoGPT's CPU recipe for Tiny Shakespeare (4 layers, 4 heads, width 128, context 64, batch 12, dropout 0):
    our ``transformer`` trains through the toolkit's loop (``BudgetTrainer``, warm-up + cosine planned to end with
@@ -126,6 +127,54 @@ def throughput(trainer, peer: Peer, rounds: int = 6, steps: int = 10) -> tuple[f
     return sorted(ours_t)[rounds // 2], sorted(peer_t)[rounds // 2]
 
 
+def precision_table(data_name: str, rounds: int, steps: int) -> str:
+    """Issue 18: tokens/s of one training step of ours (the loop's train_batch) in fp32, in bf16 and under
+    ``precision: auto`` with its probe, against GPT2LMHeadModel, in alternating bursts of ``steps`` steps."""
+    import os
+
+    from genai_cli.train import Trainer
+
+    os.environ.pop("GENAI_CPU_NATIVE_BF16", None)  # auto decides from the CPU and its probe
+    os.environ["GENAI_PRECISION_PROBE"] = "1"
+    sides, probe = {}, None
+    for precision in ("fp32", "bf16", "auto"):
+        cfg = load_config(ROOT / "configs" / "gpt_shakespeare_char.yaml", SCHEDULE + [f"data.name={data_name}",
+                                                                                     f"train.precision={precision}"])
+        run = new_run(RUNS, f"bench-text-{precision}", "x", force=True)
+        trainer = Trainer(cfg, run, quiet=True)
+        if precision == "auto":
+            probe = trainer.summary.get("precision_probe")
+            precision = f"auto -> {trainer.precision.describe()}"
+        sides[f"ours {precision}"] = trainer
+    peer = Peer(cfg, trainer.data)
+    tc, g = cfg.train, torch.Generator().manual_seed(1)
+    tokens = tc.batch_size * cfg.data.block_size * steps
+
+    def ours(trainer):
+        def step():
+            idx = torch.randint(0, trainer.data.train_x.shape[0], (tc.batch_size,), generator=g)
+            trainer.train_batch(trainer.data.train_x[idx], trainer.data.train_y[idx])
+            trainer.step += 1
+        return step
+
+    fns = {name: ours(t) for name, t in sides.items()} | {"transformers GPT2LMHeadModel fp32": peer.step}
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            rates[name].append(tokens / (time.perf_counter() - t0))
+    med = {name: sorted(r)[len(r) // 2] for name, r in rates.items()}
+    peer_rate = med["transformers GPT2LMHeadModel fp32"]
+    rows = [[name, f"{v:,.0f}", f"{v / peer_rate:.2f}x"] for name, v in med.items()]
+    probe_line = ("probe: " + ", ".join(f"{k} {v}" for k, v in probe.items())) if probe else "probe: not run"
+    return (f"{rounds} rounds x {steps} steps, {torch.get_num_threads()} threads, {machine()}\n\n"
+            + markdown(["setting", "tokens/s (median)", "vs GPT-2"], rows) + f"\n\n{probe_line}")
+
+
 def sampling_speed(model, chars: int = 300) -> dict[str, float]:
     out = {}
     for name, fn in (("cache", model.sample), ("naive", model.sample_naive)):
@@ -142,7 +191,14 @@ def main() -> None:
     parser.add_argument("--data", default="tiny_shakespeare", help="tiny_shakespeare (download) or python_docs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--precision-table", action="store_true", help="only issue 18's table: fp32, bf16, auto "
+                        "(with its probe) against GPT-2, tokens/s in alternating bursts")
+    parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
+    if args.precision_table:
+        torch.set_num_threads(args.threads)
+        print(precision_table("python_docs", args.rounds, 10))
+        return
     if args.quick:
         args.seconds = 5.0
     torch.set_num_threads(args.threads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -175,6 +176,55 @@ def measured_precision(auto: Precision, device: torch.device, probe, key: object
     median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     _measured[key] = fp32 if median["fp32"] < median["auto"] else auto
     return _measured[key]
+
+
+# Set to 0 to make ``auto`` trust the CPU's report without timing the run's model (probe_training_precision): for
+# the test suite, whose results must not depend on a measurement, and for comparing runs on one machine.
+PROBE_ENV = "GENAI_PRECISION_PROBE"
+
+
+def training_probe_wanted(precision: Precision, device: torch.device) -> bool:
+    """Whether a run's ``auto`` should time its model in fp32 and bf16 before training: only where auto chose bf16
+    because the CPU has bf16 units. There bf16 is fast for large matrix products but can be slower for tiny ones
+    (width 128, batch 12: each autocast cast costs more than the bf16 product saves). An explicit request, a GPU,
+    ``GENAI_CPU_NATIVE_BF16`` (which says what auto must assume) or ``GENAI_PRECISION_PROBE=0`` skip it."""
+    forced = os.environ.get(PROBE_ENV, "").strip()
+    if forced not in ("", "0", "1"):
+        raise GenaiError(f"{PROBE_ENV} must be 1 or 0 (time the model in fp32 and bf16 under precision auto), got "
+                         f"'{forced}'; unset it to probe where it matters")
+    return (precision.requested == "auto" and precision.resolved == "bf16" and device.type == "cpu"
+            and forced != "0" and os.environ.get(NATIVE_BF16_ENV, "").strip() not in ("0", "1"))
+
+
+def probe_training_precision(auto: Precision, run_step, *, rounds: int = 3,
+                             clock=time.perf_counter) -> tuple[Precision, dict[str, float]]:
+    """``auto`` (bf16 on a CPU with bf16 units) or fp32, whichever runs ``run_step`` faster, and the record of why.
+
+    ``run_step(precision)`` runs one training step (forward, backward, optimizer) of the run's model under that
+    precision. Each is run once untimed (first-call allocations), then both are timed in alternation ``rounds``
+    times, so that a neighbour's load hits both alike; the lower median wins, ties to ``auto``. The record gives
+    both medians in ms per step and the probe's cost in seconds (``clock`` is injectable for tests)."""
+    start = clock()
+    fp32 = Precision("auto", "fp32", "")
+    candidates = {auto.resolved: auto, "fp32": fp32}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for p in candidates.values():
+        run_step(p)
+    for _ in range(rounds):
+        for name, p in candidates.items():
+            t0 = clock()
+            run_step(p)
+            times[name].append(clock() - t0)
+    ms = {name: 1000 * sorted(t)[len(t) // 2] for name, t in times.items()}
+    other = auto.resolved
+    measured = f"{other} {ms[other]:.1f} against fp32 {ms['fp32']:.1f} ms/step"
+    if ms["fp32"] < ms[other]:
+        chosen = Precision("auto", "fp32", f"measured faster on this CPU than {other}: {measured}")
+    else:
+        chosen = Precision("auto", other, f"{auto.reason}, measured: {measured}")
+    record = {f"{name}_ms_per_step": round(v, 3) for name, v in ms.items()}
+    record["probe_seconds"] = round(clock() - start, 3)
+    return chosen, record
 
 
 def cpu_bf16_name() -> str:

@@ -3,7 +3,8 @@
 ``start_run`` is what ``genai train CONFIG`` and ``genai evaluate --train-evaluator`` both call: it loads the
 data before touching the disk (a dataset that cannot be had leaves nothing behind), creates ``runs/<name>``
 (``<stem>-<time>`` unless a name is given; an existing name is refused, or moved aside with ``force``), builds
-the Trainer (removing the empty folder again when that fails) and writes ``config.yaml`` atomically, with the
+the run (``train.assemble``: data, model, optimizers, precision, engines) and its loop (``train.Trainer``), removing
+the empty folder again when that fails, and writes ``config.yaml`` atomically, with the
 precision it resolved to as a comment. ``resume_point`` + ``resume_run`` are ``genai train --resume``: the run's
 own config (with ``--set`` overrides), the Trainer reloaded from the checkpoint, and ``config.yaml`` rewritten.
 
@@ -61,7 +62,7 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
     from .data import load_data
     from .hardware import pick_device
     from .runs import new_run, write_text_atomically
-    from .train import Trainer
+    from .train import Trainer, assemble
 
     data = data or load_data(cfg.data)  # before creating the folder: a dataset that cannot be had leaves nothing
     ctx, _ = distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
@@ -76,7 +77,7 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
 
     run = distributed.share_from_main(create)  # rank 0 names and makes the folder
     try:
-        trainer = Trainer(cfg, run, data=data, quiet=quiet, console=console)
+        trainer = Trainer.from_parts(assemble(cfg, run, data=data, console=console), quiet=quiet)
     except GenaiError:
         if ctx.is_main:  # nothing was trained: remove the empty folder just made
             for sub in ("checkpoints", "samples"):
@@ -91,16 +92,20 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
 def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | None = None) -> Trainer:
     """The Trainer of an existing run, loaded from its checkpoint (model, EMA, optimizers, step). Refuses a run
     that has already trained its whole budget. Returns the Trainer."""
-    from .hardware import pick_device
+    from .hardware import pick_device, resolve_precision
     from .lineage import embedded_parents
     from .runs import check_writable, load_checkpoint_file, write_text_atomically
-    from .train import Trainer
+    from .train import Trainer, assemble, started_precision
 
     run, ckpt, cfg = point
-    distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
+    _, device = distributed.setup(pick_device(cfg.train.device))  # joins torchrun's processes, if any
     distributed.share_from_main(lambda: check_writable(run))
     state = load_checkpoint_file(ckpt)  # every rank resumes from the same checkpoint
-    trainer = Trainer(cfg, run, quiet=quiet, console=console, parents=embedded_parents(state, where=str(ckpt)))
+    # The precision the run started with (auto may have chosen it by timing): never probed again, so the resumed
+    # steps are those of an uninterrupted run. Older checkpoints resolve the request as they did then, untimed.
+    precision = started_precision(state, cfg.train.precision) or resolve_precision(cfg.train.precision, device)
+    parts = assemble(cfg, run, console=console, parents=embedded_parents(state, where=str(ckpt)), precision=precision)
+    trainer = Trainer.from_parts(parts, quiet=quiet)
     trainer.load_state_dict(state)
     if trainer.step >= trainer.total_steps:
         raise GenaiError(f"run '{run}' already trained {trainer.step} of {trainer.total_steps} steps; "

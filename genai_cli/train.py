@@ -2,6 +2,11 @@
 ``validation_metrics`` and keeps everything else (schedule, EMA, checkpoints, grids, logs, resume,
 precision, gradient accumulation, torch.compile and data-parallel training over processes).
 
+Two parts. ``assemble`` builds a run before its first step (distribution, data, parents, the model, optimizers,
+EMA, precision, with auto's probe, compile/DDP, the grid evaluator) into ``RunParts``; ``Trainer`` is the loop over
+them, and ``run_steps`` reads: draw a batch, set the learning rate, step, average the EMA, then ``after_step`` logs,
+evaluates, samples and checkpoints on their schedules. ``session`` starts and resumes runs through both.
+
 Exact resume: a run stopped at any step and resumed takes the same steps as one never stopped (bit for
 bit on the CPU). The data order of an epoch depends only on (seed, epoch); the random draws of a step
 only on (seed, rank, step); the learning rate only on the step; weights, EMA, optimizer and grad-scaler
@@ -19,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,14 @@ from .config import Config
 from .data import DataBundle, load_data, model_input, to_float
 from .errors import GenaiError
 from .generate import SampleRequest, draw, plan
-from .hardware import Precision, pick_device, resolve_precision, warn_if_emulated
+from .hardware import (
+    Precision,
+    pick_device,
+    probe_training_precision,
+    resolve_precision,
+    training_probe_wanted,
+    warn_if_emulated,
+)
 from .lineage import Parent, check_frozen, check_same_parents, run_parents
 from .models.base import GenerativeModel, Stepper
 from .runs import (
@@ -181,86 +194,173 @@ def tensorboard_writer_class():
     return SummaryWriter
 
 
+@dataclass
+class RunParts:
+    """Everything a run is made of before its first step: ``assemble`` builds it, the loop (``Trainer``) runs it."""
+
+    cfg: Config
+    run_dir: Path
+    dist: distributed.DistContext
+    device: torch.device
+    console: Console
+    data: DataBundle
+    model: GenerativeModel
+    optimizers: dict[str, torch.optim.Optimizer]
+    ema: EMA | None
+    precision: Precision
+    stepper: LoopStepper
+    ddp: nn.Module | None  # the DDP wrapper, for no_sync while accumulating
+    loss_route: Any  # what model.loss is routed through during a step (DDP, compile), or None
+    tb_class: Any  # TensorBoard's SummaryWriter when train.log asks for it
+    grid_evaluator: tuple[Any, str] | None  # (network, its checkpoint) scoring every grid, rank 0 only
+    precision_probe: dict[str, float] | None = None  # the timings auto chose by (new runs only)
+
+
+def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, console: Console | None = None,
+             parents: dict[str, Parent] | None = None, precision: Precision | None = None) -> RunParts:
+    """Distribution, data, parents, the model on its device, optimizers, EMA, precision, compile/DDP and the evaluator
+    lookup, in the order they depend on each other. ``precision``: the one a resumed run started with (its checkpoint
+    says); None resolves ``train.precision`` here, timing fp32 against bf16 where auto needs it."""
+    t = cfg.train
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    dist, device = distributed.setup(pick_device(t.device))
+    console = (console or Console(stderr=False)) if dist.is_main else Console(quiet=True)  # only rank 0 talks
+    data = data or load_data(cfg.data)
+    if len(data) < t.batch_size:
+        raise GenaiError(f"train.batch_size {t.batch_size} is larger than the training set ({len(data)} "
+                         f"images); lower it, e.g. --set train.batch_size={max(1, len(data) // 2)}")
+    distributed.check_batch(t.batch_size, t.grad_accum, dist.world_size)
+    tb_class = tensorboard_writer_class() if "tensorboard" in t.log else None
+    if parents is None:  # a new run resolves its parents under the runs dir; a resumed one passes its checkpoint's
+        parents = run_parents(cfg.family, cfg.model, data.spec, run_dir)
+    model: GenerativeModel = build_model(cfg.family, cfg.model, data.spec, parents).to(device)
+    if t.channels_last:
+        if not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules()):
+            raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
+                             f"convolution; drop it (--set train.channels_last=false)")
+        model.to(memory_format=torch.channels_last)
+    distributed.broadcast_module(model)
+    optimizers = model.configure_optimizers(t)
+    check_frozen(model, optimizers)
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    probe = None
+    if precision is None:
+        precision = resolve_precision(t.precision, device)
+        if training_probe_wanted(precision, device):
+            # Every rank must train in the same precision: rank 0 measures, all take its answer.
+            precision, probe = distributed.share_from_main(lambda: probe_precision(cfg, model, data, device, precision))
+    if dist.is_main:
+        warn_if_emulated(precision, device, lambda line: console.print(line, markup=False))
+    ema = EMA(model, t.ema_decay) if t.ema_decay and dist.is_main else None
+    stepper = make_stepper(cfg, device, precision)
+    ddp, loss_route = route_loss(cfg, model, dist, device, stepper)
+    grid = None
+    if dist.is_main and model.generative:
+        from .evaluation.network import grid_evaluator
+
+        try:
+            grid = grid_evaluator(cfg.data, data.spec, run_dir.parent, device)
+        except GenaiError as e:  # an evaluator run that cannot be read: train on, unscored, and say so
+            console.print(f"sample grids are not scored: {e}", markup=False, highlight=False)
+    return RunParts(cfg, run_dir, dist, device, console, data, model, optimizers, ema, precision, stepper, ddp,
+                    loss_route, tb_class, grid, probe)
+
+
+def probe_precision(cfg: Config, model: GenerativeModel, data: DataBundle, device: torch.device,
+                    auto: Precision) -> tuple[Precision, dict[str, float]]:
+    """``hardware.probe_training_precision`` on the run's own model: full steps (the family's train_step, its
+    optimizers) of one micro-batch of the first training batch, on a copy, so the run's weights, optimizer state
+    and random draws are untouched (exact resume and the same-seed result do not depend on the probe)."""
+    t = cfg.train
+    share = max(1, t.batch_size // (t.grad_accum * distributed.context().world_size))
+    idx = epoch_order(len(data), t.seed, 0)[:share]
+    x = model_input(data.train_images(idx, step_seed(t.seed, -1, 0)).to(device), data.spec)
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    batch = (x, data.train_y[idx].to(device))
+    copy_ = copy.deepcopy(model).train()
+    optimizers = copy_.configure_optimizers(t)
+
+    def run_step(p: Precision) -> None:
+        copy_.train_step(batch, optimizers, Stepper(grad_clip=t.grad_clip, autocast_dtype=p.dtype,
+                                                   device_type=device.type))
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(t.seed)
+        return probe_training_precision(auto, run_step)
+
+
+def route_loss(cfg: Config, model: GenerativeModel, dist: distributed.DistContext, device: torch.device,
+               stepper: LoopStepper) -> tuple[nn.Module | None, Any]:
+    """DDP and torch.compile: (the DDP wrapper or None, what ``model.loss`` goes through during a step or None).
+    Families with the default train_step have their ``loss`` routed through DDP (gradients averaged in buckets
+    during backward) and/or a compiled graph; families that step their own optimizers (GANs) get their sub-networks
+    compiled and their gradients averaged by the stepper."""
+    t = cfg.train
+    own_step = type(model).train_step is not GenerativeModel.train_step
+    ddp = route = None
+    if not own_step and (dist.enabled or t.compile):
+        route = LossForward(model)
+        if dist.enabled:
+            route = ddp = distributed.wrap_ddp(route, device)
+        if t.compile:
+            route = torch.compile(route)
+    elif t.compile:
+        for child in model.children():
+            child.compile()
+    if dist.enabled and (own_step or t.grad_accum > 1):
+        # Accumulating: DDP stays silent (no_sync) and the summed micro-batch gradients are averaged once.
+        stepper.sync = distributed.average_gradients
+    return ddp, route
+
+
+def started_precision(state: dict[str, Any], requested: str) -> Precision | None:
+    """The precision a checkpointed run started with, when it still answers ``requested`` (train.precision may be
+    changed with --set on resume: then it resolves afresh). None for checkpoints from before it was stored."""
+    saved = state.get("precision")
+    if not isinstance(saved, dict) or saved.get("requested") != requested:
+        return None
+    return Precision(saved["requested"], saved["resolved"], saved["reason"])
+
+
 class Trainer:
+    """The loop over an assembled run. ``Trainer(cfg, run_dir, ...)`` assembles one (``assemble``) and takes it;
+    ``Trainer.from_parts`` takes one already assembled (``session`` does, to pass a resumed run's precision)."""
+
     def __init__(self, cfg: Config, run_dir: Path, *, data: DataBundle | None = None, quiet: bool = False,
-                 console: Console | None = None, parents: dict[str, Parent] | None = None):
-        self.cfg = cfg
-        self.run_dir = run_dir
-        t = cfg.train
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.dist, self.device = distributed.setup(pick_device(t.device))
+                 console: Console | None = None, parents: dict[str, Parent] | None = None,
+                 precision: Precision | None = None, parts: RunParts | None = None):
+        parts = parts or assemble(cfg, run_dir, data=data, console=console, parents=parents, precision=precision)
+        self.cfg, self.run_dir, self.quiet = parts.cfg, parts.run_dir, quiet
+        self.dist, self.device, self.console = parts.dist, parts.device, parts.console
         self.is_main = self.dist.is_main  # only rank 0 writes and talks
-        self.console = (console or Console(stderr=False)) if self.is_main else Console(quiet=True)
-        self.quiet = quiet
-        self.data = data or load_data(cfg.data)
-        if len(self.data) < t.batch_size:
-            raise GenaiError(f"train.batch_size {t.batch_size} is larger than the training set ({len(self.data)} "
-                             f"images); lower it, e.g. --set train.batch_size={max(1, len(self.data) // 2)}")
-        distributed.check_batch(t.batch_size, t.grad_accum, self.dist.world_size)
-        self.tb_class = tensorboard_writer_class() if "tensorboard" in t.log else None
-        if parents is None:  # a new run resolves its parents under the runs dir; a resumed one passes its checkpoint's
-            parents = run_parents(cfg.family, cfg.model, self.data.spec, run_dir)
-        self.model: GenerativeModel = build_model(cfg.family, cfg.model, self.data.spec, parents).to(self.device)
-        if t.channels_last:
-            if not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in self.model.modules()):
-                raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
-                                 f"convolution; drop it (--set train.channels_last=false)")
-            self.model.to(memory_format=torch.channels_last)
-        distributed.broadcast_module(self.model)
-        self.optimizers = self.model.configure_optimizers(t)
-        check_frozen(self.model, self.optimizers)
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay and self.is_main else None
-        self.precision = resolve_precision(t.precision, self.device)
-        if self.is_main:
-            warn_if_emulated(self.precision, self.device, lambda line: self.console.print(line, markup=False))
-        self.stepper = make_stepper(cfg, self.device, self.precision)
-        self.ddp: nn.Module | None = None
-        self.loss_route: Any = None  # what self.model.loss is routed through during a step (DDP, compile)
-        self.setup_engines()
+        self.data, self.model, self.optimizers, self.ema = parts.data, parts.model, parts.optimizers, parts.ema
+        self.precision, self.stepper = parts.precision, parts.stepper
+        self.ddp, self.loss_route = parts.ddp, parts.loss_route
+        self.tb_class, self.grid_evaluator = parts.tb_class, parts.grid_evaluator
+        t = self.cfg.train
         self.steps_per_epoch = len(self.data) // t.batch_size
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.steps_per_epoch
         self.step = 0
         self.elapsed = 0.0
         self.summary: dict[str, Any] = {}
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        if parts.precision_probe is not None:
+            self.summary["precision_probe"] = parts.precision_probe
+        if self.grid_evaluator is not None:
+            self.summary["grid_evaluator"] = self.grid_evaluator[1]
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.tb = None
         self.best_pending = False  # validation improved since the last best.pt
         self.stop_requested = False  # a SIGINT/SIGTERM reached this process
         self.shared_elapsed = 0.0  # training seconds, averaged over ranks (train.max_seconds)
         self.stop_agreed = False  # some rank's stop_requested, as all ranks learnt it in the last step's all-reduce
-        # The evaluator network that scores every grid (class histogram, confidence): found once, rank 0 only.
-        self.grid_evaluator = None
-        if self.is_main and self.model.generative:
-            from .evaluation.evaluator import grid_evaluator
-
-            try:
-                self.grid_evaluator = grid_evaluator(cfg.data, self.data.spec, run_dir.parent, self.device)
-            except GenaiError as e:  # an evaluator run that cannot be read: train on, unscored, and say so
-                self.console.print(f"sample grids are not scored: {e}", markup=False, highlight=False)
-            if self.grid_evaluator is not None:
-                self.summary["grid_evaluator"] = self.grid_evaluator[1]
         self.check_grid_request()
 
-    def setup_engines(self) -> None:
-        """DDP and torch.compile. Families with the default train_step have their ``loss`` routed through
-        DDP (gradients averaged in buckets during backward) and/or a compiled graph; families that step their
-        own optimizers (GANs) get their sub-networks compiled and their gradients averaged by the stepper."""
-        t = self.cfg.train
-        own_step = has(self.model, "manual_step")
-        if not own_step and (self.dist.enabled or t.compile):
-            route: nn.Module = LossForward(self.model)
-            if self.dist.enabled:
-                route = self.ddp = distributed.wrap_ddp(route, self.device)
-            self.loss_route = torch.compile(route) if t.compile else route
-        elif t.compile:
-            for child in self.model.children():
-                child.compile()
-        if self.dist.enabled and (own_step or t.grad_accum > 1):
-            # Accumulating: DDP stays silent (no_sync) and the summed micro-batch gradients are averaged once.
-            self.stepper.sync = distributed.average_gradients
+    @classmethod
+    def from_parts(cls, parts: RunParts, *, quiet: bool = False) -> Trainer:
+        return cls(parts.cfg, parts.run_dir, quiet=quiet, parts=parts)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -279,6 +379,9 @@ class Trainer:
             "parents": self.model.parents.records(),  # frozen, embedded: the checkpoint samples without them on disk
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            # What ran, so that a resumed run keeps it rather than resolving (or probing) auto afresh.
+            "precision": {"requested": self.precision.requested, "resolved": self.precision.resolved,
+                          "reason": self.precision.reason},
             "step": self.step,
             "rng": rng,  # informative: each step reseeds from (seed, rank, step)
             "world_size": self.dist.world_size,
@@ -432,8 +535,8 @@ class Trainer:
         """The evaluator's reading of a grid (N, C, H, W) in [0, 1]: its class histogram (sums to N), classes present
         and mean confidence, logged as split "samples". A generator hopping between modes shows as a histogram that
         changes from grid to grid (``genai inspect`` draws the history)."""
-        from .evaluation.evaluator import evaluator_outputs
         from .evaluation.metrics import grid_statistics
+        from .evaluation.network import evaluator_outputs
 
         network, _ = self.grid_evaluator
         _, probs = evaluator_outputs(network, images.float().clamp(0, 1), self.device)  # (N, K)
@@ -509,6 +612,9 @@ class Trainer:
             self.open_run()
         reporter = Reporter(self.total_steps, self.step, self.quiet, self.console)
         if self.step == 0:
+            if self.is_main and "precision_probe" in self.summary:  # why auto chose what it did (genai inspect)
+                self.log({"step": 0, "split": "precision_probe", "precision": self.precision.resolved,
+                          **self.summary["precision_probe"]})
             self.prepare()
         try:
             with self.stop_signals():
@@ -541,57 +647,61 @@ class Trainer:
         """Steps until train.max_steps/epochs; returns the last step's logs. Raises KeyboardInterrupt at a step
         boundary when a stop was asked for."""
         t = self.cfg.train
-        n = len(self.data)
-        share = t.batch_size // self.dist.world_size
         window_time, window_images = 0.0, 0
         logs: dict[str, float] = {}
+        order_of: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # (epoch, its data order)
         while self.step < self.total_steps:
-            epoch, pos = divmod(self.step, self.steps_per_epoch)
-            order = epoch_order(n, t.seed, epoch)
-            for i in range(pos, self.steps_per_epoch):
-                if self.step >= self.total_steps:
-                    break
-                t0 = time.perf_counter()
-                idx = order[i * t.batch_size:(i + 1) * t.batch_size]
-                # Images drawn afresh at each visit (data.binarize: stochastic) come from a seed of (seed, step) alone,
-                # "rank" -1 being no rank's step draws: the global batch is drawn, then sliced, so a resumed run and
-                # any number of processes see the same pixels.
-                x = self.data.train_images(idx, step_seed(t.seed, -1, self.step))
-                mine = slice(self.dist.rank * share, (self.dist.rank + 1) * share)  # this rank's slice
-                batch = self.batch(x[mine], self.data.train_y[idx[mine]])
-                total = self.total_steps
-                if t.max_seconds is not None and self.shared_elapsed > 0:
-                    # Under a time budget the cosine follows time: the total is the steps the budget allows
-                    # at the rate measured so far.
-                    total = min(total, max(self.step + 1, round(self.step * t.max_seconds / self.shared_elapsed)))
-                for opt in self.optimizers.values():
-                    for group in opt.param_groups:
-                        group["lr"] = group["initial_lr"] * lr_factor(self.step, t.warmup_steps, total,
-                                                                     t.min_lr_ratio)
-                logs = self.train_batch(*batch)
-                if not math.isfinite(logs["loss"]):
-                    raise GenaiError(f"loss became {logs['loss']} at step {self.step + 1}; training stopped, "
-                                     f"the last good checkpoint is kept; lower train.lr or use train.grad_clip "
-                                     f"and --resume {self.run_dir}")
-                if self.ema:
-                    self.ema.update(self.model, self.step)
-                self.step += 1
-                dt = time.perf_counter() - t0
-                self.elapsed += dt
-                window_time += dt
-                window_images += t.batch_size
-                self.summary.setdefault("first_loss", logs["loss"])
-                self.summary["last_loss"] = logs["loss"]
-                self.summary["epoch"] = epoch
-                self.after_step(logs, reporter, window_images / max(window_time, 1e-9))
-                if self.step % t.log_every == 0:
-                    window_time, window_images = 0.0, 0
-                if self.stop_agreed:
-                    raise KeyboardInterrupt
-                if t.max_seconds is not None and self.shared_elapsed >= t.max_seconds:
-                    self.total_steps = self.step  # the budget is spent: finish as if this were the last step
-                    break
+            t0 = time.perf_counter()
+            epoch, i = divmod(self.step, self.steps_per_epoch)
+            if order_of[0] != epoch:
+                order_of = (epoch, epoch_order(len(self.data), t.seed, epoch))
+            batch = self.draw_batch(order_of[1][i * t.batch_size:(i + 1) * t.batch_size])
+            self.set_lr()
+            logs = self.train_batch(*batch)
+            if not math.isfinite(logs["loss"]):
+                raise GenaiError(f"loss became {logs['loss']} at step {self.step + 1}; training stopped, "
+                                 f"the last good checkpoint is kept; lower train.lr or use train.grad_clip "
+                                 f"and --resume {self.run_dir}")
+            if self.ema:
+                self.ema.update(self.model, self.step)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            window_time += dt
+            window_images += t.batch_size
+            self.summary.setdefault("first_loss", logs["loss"])
+            self.summary["last_loss"] = logs["loss"]
+            self.summary["epoch"] = epoch
+            self.after_step(logs, reporter, window_images / max(window_time, 1e-9))  # log, evaluate, sample, save
+            if self.step % t.log_every == 0:
+                window_time, window_images = 0.0, 0
+            if self.stop_agreed:
+                raise KeyboardInterrupt
+            if t.max_seconds is not None and self.shared_elapsed >= t.max_seconds:
+                self.total_steps = self.step  # the budget is spent: finish as if this were the last step
         return logs
+
+    def draw_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the global batch ``idx``, on the device. Images drawn afresh at each visit
+        (data.binarize: stochastic) come from a seed of (seed, step) alone, "rank" -1 being no rank's step draws:
+        the global batch is drawn, then sliced, so a resumed run and any number of processes see the same pixels."""
+        t = self.cfg.train
+        x = self.data.train_images(idx, step_seed(t.seed, -1, self.step))
+        share = t.batch_size // self.dist.world_size
+        mine = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
+        return self.batch(x[mine], self.data.train_y[idx[mine]])
+
+    def set_lr(self) -> None:
+        """Warm-up + cosine at this step. Under a time budget the cosine follows time: its total is the steps the
+        budget allows at the rate measured so far."""
+        t = self.cfg.train
+        total = self.total_steps
+        if t.max_seconds is not None and self.shared_elapsed > 0:
+            total = min(total, max(self.step + 1, round(self.step * t.max_seconds / self.shared_elapsed)))
+        factor = lr_factor(self.step, t.warmup_steps, total, t.min_lr_ratio)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
 
     def close(self) -> None:
         if self.tb is not None:

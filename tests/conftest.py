@@ -34,6 +34,13 @@ def config_file(tmp_path: Path):
     return write
 
 
+@pytest.fixture(autouse=True)
+def no_precision_probe(monkeypatch):
+    """``precision: auto`` resolves from what the CPU reports, untimed: a test's result must not depend on a timing
+    (tests of the probe inject their timings)."""
+    monkeypatch.setenv(hardware.PROBE_ENV, "0")
+
+
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     """Pretend the CPU has (True) or lacks (False) native bf16, whatever this machine is."""

@@ -166,3 +166,77 @@ def test_a_measured_auto_keeps_the_faster_precision(slow, monkeypatch):
     assert hardware.measured_precision(auto, CPU, lambda: 1 / 0, key=slow) is chosen  # remembered, not re-measured
     fixed = hardware.Precision("bf16", "bf16", "as requested")
     assert hardware.measured_precision(fixed, CPU, lambda: 1 / 0, key="x") is fixed  # an explicit request stands
+
+
+def fake_steps(ms: dict[str, float]):
+    """(run_step, clock): each step under precision p advances a fake clock by ms[p.resolved] milliseconds."""
+    now = [0.0]
+
+    def run_step(p):
+        now[0] += ms[p.resolved] / 1000
+
+    return run_step, lambda: now[0]
+
+
+@pytest.mark.parametrize("ms, chosen", [({"bf16": 12.0, "fp32": 20.0}, "bf16"), ({"bf16": 30.0, "fp32": 20.0}, "fp32"),
+                                        ({"bf16": 20.0, "fp32": 20.0}, "bf16")])
+def test_the_probe_keeps_the_faster_precision(ms, chosen):
+    auto = hardware.Precision("auto", "bf16", "CPU with AMX")
+    run_step, clock = fake_steps(ms)
+    p, record = hardware.probe_training_precision(auto, run_step, rounds=3, clock=clock)
+    assert p.resolved == chosen and p.requested == "auto"
+    assert record["bf16_ms_per_step"] == pytest.approx(ms["bf16"]) and record["fp32_ms_per_step"] == pytest.approx(
+        ms["fp32"])
+    assert record["probe_seconds"] == pytest.approx(4 * (ms["bf16"] + ms["fp32"]) / 1000)  # 1 untimed + 3 each
+    assert "measured" in p.reason
+
+
+def test_the_probe_runs_only_where_auto_chose_native_bf16(monkeypatch):
+    monkeypatch.delenv(hardware.PROBE_ENV)
+    monkeypatch.delenv(hardware.NATIVE_BF16_ENV, raising=False)
+    bf16 = hardware.Precision("auto", "bf16", "CPU with AMX")
+    assert hardware.training_probe_wanted(bf16, CPU)
+    assert not hardware.training_probe_wanted(hardware.Precision("bf16", "bf16", "as requested"), CPU)
+    assert not hardware.training_probe_wanted(hardware.Precision("auto", "fp32", "CPU without native bf16"), CPU)
+    assert not hardware.training_probe_wanted(bf16, torch.device("cuda"))
+    monkeypatch.setenv(hardware.NATIVE_BF16_ENV, "1")  # the override says what auto assumes: no timing
+    assert not hardware.training_probe_wanted(bf16, CPU)
+    monkeypatch.delenv(hardware.NATIVE_BF16_ENV)
+    monkeypatch.setenv(hardware.PROBE_ENV, "0")
+    assert not hardware.training_probe_wanted(bf16, CPU)
+    monkeypatch.setenv(hardware.PROBE_ENV, "maybe")
+    with pytest.raises(GenaiError, match="must be 1 or 0"):
+        hardware.training_probe_wanted(bf16, CPU)
+
+
+def test_a_probed_run_records_why_and_resumes_in_its_precision(tmp_path, config_file, cpu_bf16, monkeypatch):
+    """auto on a CPU with bf16 units times the run's model; the probe (here: fp32 measured faster) is in the summary,
+    metrics.jsonl and config.yaml, and a resumed run keeps the precision without probing again."""
+    import json
+
+    cpu_bf16(True, amx=True)
+    monkeypatch.setenv(hardware.PROBE_ENV, "1")
+    calls = []
+    real = hardware.probe_training_precision
+
+    def probe(auto, run_step, **kw):
+        calls.append(auto)
+        run_step(auto)  # the run's real step runs under each precision
+        timed, clock = fake_steps({"bf16": 9.0, "fp32": 3.0})
+        return real(auto, timed, clock=clock)
+
+    monkeypatch.setattr("genai_cli.train.probe_training_precision", probe)
+    cfg = config_file(precision="auto", max_steps=4, checkpoint_every=2)
+    invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r", "--quiet")
+    run = tmp_path / "runs" / "r"
+    assert len(calls) == 1
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["precision"]["resolved"] == "fp32" and state["summary"]["precision_probe"]["fp32_ms_per_step"] == 3.0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["precision"] for r in records if r["split"] == "precision_probe"] == ["fp32"]
+    assert "resolved: fp32 (measured faster" in (run / "config.yaml").read_text()
+    # Resumed on a machine where the probe would now pick bf16: the run goes on in fp32, unprobed.
+    monkeypatch.setattr("genai_cli.train.probe_training_precision", lambda *a, **k: calls.append("again"))
+    invoke("train", "--resume", run, "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs", "--quiet")
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert len(calls) == 1 and state["step"] == 6 and state["precision"]["resolved"] == "fp32"

@@ -119,8 +119,11 @@ class GenerativeModel(nn.Module):
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         """One AdamW over the trainable parameters; the loop adds warm-up + cosine decay to each optimizer."""
         trainable = [p for p in self.parameters() if p.requires_grad]
+        # fused: one kernel over all parameters instead of ~5 ops per tensor (on the CPU the default is the per-tensor
+        # loop): 4.1 -> 1.3 ms per step for the 4-layer character transformer, about 4 % of its step (issue 18).
+        fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") for p in trainable)
         return {"main": torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=tuple(train_cfg.betas),
-                                          weight_decay=train_cfg.weight_decay)}
+                                          weight_decay=train_cfg.weight_decay, fused=fused or None)}
 
     def train_step(self, batch, optimizers: dict[str, torch.optim.Optimizer], stepper: Stepper) -> dict[str, float]:
         """Default step: loss, backward, clip, step. GANs override this (manual optimisation) and declare the
