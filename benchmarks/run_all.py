@@ -33,6 +33,8 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("latent", ["bench_latent.py", "compare"], ["--budget", "30", "--ae-seconds", "10", "--samples", "50"]),
     ("masked", ["bench_masked.py"], ["--quick"]),
     ("text", ["bench_text.py"], ["--quick", "--data", "python_docs"]),
+    ("decode", ["bench_decode.py"], ["--quick"]),
+    ("startup", ["bench_startup.py"], ["--quick"]),
     ("precision", ["bench_precision.py"],
      ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "auto,fp32,bf16", "--matmul-size", "256"]),
 ]

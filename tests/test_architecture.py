@@ -182,13 +182,8 @@ def test_the_graph_reader_sees_function_level_and_relative_imports():
                    Edge("c", "d", 1, False)]) == [["a", "b", "c"]]
 
 
-# Cycles being cut in work of their own (issue 19, section 7); delete an entry when its cycle is gone.
-BEING_CUT = [["genai_cli.evaluation.evaluator", "genai_cli.session", "genai_cli.train"]]
-
-
 def test_no_import_cycles():
-    found = cycles(edges())
-    assert all(c in BEING_CUT for c in found), report()
+    assert not cycles(edges()), report()
 
 
 def test_no_function_level_import_goes_up_a_layer():
