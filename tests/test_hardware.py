@@ -43,6 +43,7 @@ def test_the_environment_overrides_what_the_cpu_reports(monkeypatch, cpu_bf16):
 
 def test_bf16_units_fall_back_to_the_cpu_flags(monkeypatch):
     """Without torch's private queries (renamed or gone in a later torch), /proc/cpuinfo's flags answer."""
+    monkeypatch.delenv(hardware.NATIVE_BF16_ENV, raising=False)  # what the flags say, not an override
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert hardware.cpu_bf16_units() == {"amx": False, "avx512_bf16": True}
