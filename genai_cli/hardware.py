@@ -147,37 +147,6 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, requested, "as requested")
 
 
-_measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process
-
-
-def measured_precision(auto: Precision, device: torch.device, probe, key: object, rounds: int = 3) -> Precision:
-    """``auto`` (what ``resolve_precision("auto", ...)`` chose), or fp32 where a probe of the workload runs faster
-    in it: the rule "bf16 where it is native" holds for large matrix products, not for the tiny ones of decoding
-    one token at a time (batch 1, width 128: a (1, 128) x (128, 384) product), where each autocast cast costs
-    more than the bf16 product saves. ``probe()`` runs a short piece of the workload (a few tokens); it is timed
-    under each precision in alternation, ``rounds`` times, and the faster median wins. No CPU is named: the
-    measurement decides on whatever runs it. The answer is kept per ``key`` (e.g. family, batch, shape)."""
-    if auto.requested != "auto" or auto.resolved == "fp32":
-        return auto
-    if key in _measured:
-        return _measured[key]
-    import time
-
-    fp32 = Precision("auto", "fp32", f"measured faster than {auto.resolved} for this workload")
-    times: dict[str, list[float]] = {"auto": [], "fp32": []}
-    for _ in range(rounds):
-        for name, p in (("auto", auto), ("fp32", fp32)):
-            with torch.no_grad(), p.autocast(device):
-                t0 = time.perf_counter()
-                probe()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(time.perf_counter() - t0)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-    _measured[key] = fp32 if median["fp32"] < median["auto"] else auto
-    return _measured[key]
-
-
 # Set to 0 to make ``auto`` trust the CPU's report without timing the run's model (probe_training_precision): for
 # the test suite, whose results must not depend on a measurement, and for comparing runs on one machine.
 PROBE_ENV = "GENAI_PRECISION_PROBE"
@@ -225,6 +194,25 @@ def probe_training_precision(auto: Precision, run_step, *, rounds: int = 3,
     record = {f"{name}_ms_per_step": round(v, 3) for name, v in ms.items()}
     record["probe_seconds"] = round(clock() - start, 3)
     return chosen, record
+
+
+_measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process
+
+
+def measured_precision(auto: Precision, device: torch.device, probe, key: object, rounds: int = 3) -> Precision:
+    """``auto`` (what ``resolve_precision("auto", ...)`` chose), or fp32 where a short piece of the workload,
+    ``probe()``, runs faster in it: ``probe_training_precision``'s rule for any workload, e.g. decoding a text one
+    token at a time, whose tiny matrix products (batch 1, width 128) lose more to autocast's casts than bf16 saves.
+    Only where ``training_probe_wanted`` says a probe is due; the answer is kept per ``key`` (family, batch, ...)."""
+    if not training_probe_wanted(auto, device):
+        return auto
+    if key not in _measured:
+        def run(p: Precision) -> None:
+            with torch.no_grad(), p.autocast(device):
+                probe()
+
+        _measured[key] = probe_training_precision(auto, run, rounds=rounds)[0]
+    return _measured[key]
 
 
 def cpu_bf16_name() -> str:

@@ -157,6 +157,7 @@ def test_a_measured_auto_keeps_the_faster_precision(slow, monkeypatch):
     import time
 
     monkeypatch.setattr(hardware, "_measured", {})
+    monkeypatch.setenv(hardware.PROBE_ENV, "1")  # the suite turns probes off (conftest); this test is of one
     auto = hardware.Precision("auto", "bf16", "CPU with AMX")
 
     def probe():
