@@ -239,6 +239,8 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
             raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
                              f"convolution; drop it (--set train.channels_last=false)")
         model.to(memory_format=torch.channels_last)
+    if model.generative:  # options the first grid would refuse fail now, not after minutes of training
+        plan(model, grid_request(cfg))
     distributed.broadcast_module(model)
     optimizers = model.configure_optimizers(t)
     check_frozen(model, optimizers)
@@ -266,6 +268,12 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
             console.print(f"sample grids are not scored: {e}", markup=False, highlight=False)
     return RunParts(cfg, run_dir, dist, device, console, data, model, optimizers, ema, precision, stepper, ddp,
                     loss_route, tb_class, grid, probe)
+
+
+def grid_request(cfg: Config) -> SampleRequest:
+    """What every training grid draws: train.sample_n samples from train.sample_seed with the config's sample:
+    options, as ``genai sample`` would (one path: ``generate.plan`` checks it, ``generate.draw`` draws it)."""
+    return SampleRequest(n=cfg.train.sample_n, seed=cfg.train.sample_seed, options=cfg.sample.options())
 
 
 def probe_precision(cfg: Config, model: GenerativeModel, data: DataBundle, device: torch.device,
@@ -356,7 +364,6 @@ class Trainer:
         self.stop_requested = False  # a SIGINT/SIGTERM reached this process
         self.shared_elapsed = 0.0  # training seconds, averaged over ranks (train.max_seconds)
         self.stop_agreed = False  # some rank's stop_requested, as all ranks learnt it in the last step's all-reduce
-        self.check_grid_request()
 
     @classmethod
     def from_parts(cls, parts: RunParts, *, quiet: bool = False) -> Trainer:
@@ -495,23 +502,11 @@ class Trainer:
             metrics = model.validation_metrics(batches)
         return {f"val_{k}": v for k, v in metrics.items()}
 
-    def grid_request(self) -> SampleRequest:
-        """What every training grid draws: train.sample_n samples from train.sample_seed with the config's sample:
-        options, as ``genai sample`` would (one path: ``generate.plan`` checks it, ``generate.draw`` draws it)."""
-        t = self.cfg.train
-        return SampleRequest(n=t.sample_n, seed=t.sample_seed, options=self.cfg.sample.options())
-
-    def check_grid_request(self) -> None:
-        """Refuse, before the first step, options the first grid would refuse (a guidance left in sample: for a model
-        trained without classes): minutes of training must not end in that error."""
-        if self.model.generative:
-            plan(self.model, self.grid_request())
-
     def write_grid(self) -> Path | None:
         model = self.sampling_model()
         if not model.generative:
             return None
-        samples = draw(model, self.grid_request(), precision=self.precision.resolved)
+        samples = draw(model, grid_request(self.cfg), precision=self.precision.resolved)
         path = samples.save(self.run_dir / "samples" / f"step_{self.step:06d}{self.data.spec.sample_suffix}")
         if samples.texts is not None:
             if self.tb is not None:
