@@ -615,11 +615,6 @@ def _cpu(images: Tensor) -> Tensor:
     return images.float().cpu()
 
 
-def _texts(model, tokens: Tensor) -> list[str] | None:
-    """What ``sample`` returned as texts, where the model's data are texts (its spec decodes them); else None."""
-    return model.spec.decode_samples(tokens)
-
-
 def _draw_plain(model, p: Plan, images, dev) -> Samples:
     from .runs import grid_rows
 
@@ -630,7 +625,7 @@ def _draw_plain(model, p: Plan, images, dev) -> Samples:
              for i in range(0, p.n, size)]
     out = torch.cat(parts) if len(parts) > 1 else parts[0]
     nrow = model.spec.num_classes if labels is not None and p.labels is None else grid_rows(p.n)
-    return Samples(_cpu(out), None if labels is None else labels.cpu(), nrow, texts=_texts(model, out))
+    return Samples(_cpu(out), None if labels is None else labels.cpu(), nrow, texts=model.spec.decode_samples(out))
 
 
 def _draw_sweep(model, p: Plan, images, dev) -> Samples:
@@ -639,7 +634,7 @@ def _draw_sweep(model, p: Plan, images, dev) -> Samples:
     rows = [model.sample(p.n, generator=_generator(p, dev), **s, **extra).cpu() for s in p.settings]
     axes = [key for key, _ in p.mode.axes]
     names = [" ".join(f"{k}={s[k]}" for k in axes) for s in p.settings]
-    texts = [_texts(model, row) for row in rows]
+    texts = [model.spec.decode_samples(row) for row in rows]
     if texts[0] is not None:  # texts of different lengths are fine in a .txt; the ids keep the first's
         texts = [t for row in texts for t in row]
         return Samples(rows[0], None, p.n, names, texts=texts)
