@@ -74,20 +74,31 @@ class Block(nn.Module):
                                  nn.Dropout(dropout))
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        if cache is None:
+            x = x + self.attention(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
         b, length, d = x.shape
         qkv = self.qkv(self.ln1(x))  # (B, L, 3d)
-        q, k, v = (t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2) for t in qkv.split(d, dim=-1))
+        q = qkv[..., :d].unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2)  # (B, heads, L, head_dim)
         p = self.dropout if self.training else 0.0
-        if cache is None:
-            # softmax(Q K^T / sqrt(d_k)) V with future keys masked, Vaswani et al. Eq. 1; (B, heads, T, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
-        else:  # incremental decoding: causal models only
-            k_all, v_all = cache.extend(qkv)  # (n, heads, S, head_dim), S = positions so far
-            # One new position sees every cached key: no mask needed (and SDPA is faster without one).
-            mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
+        # Incremental decoding (causal models only): every key and value so far, (n, heads, S, head_dim).
+        k_all, v_all = cache.extend(qkv)
+        # One new position sees every cached key: no mask needed (and SDPA is faster without one).
+        mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
         return x + self.mlp(self.ln2(x))
+
+    def attention(self, h: Tensor) -> Tensor:
+        """The attention branch on already normalised tokens h (B, L, d) -> (B, L, d), projection and dropout
+        included, without the residual: ``forward`` adds it to x, the DiT block (nn/dit.py) gates it first."""
+        b, length, d = h.shape
+        qkv = self.qkv(h)  # (B, L, 3d)
+        q, k, v = (t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2) for t in qkv.split(d, dim=-1))
+        p = self.dropout if self.training else 0.0
+        # softmax(Q K^T / sqrt(d_k)) V with future keys masked, Vaswani et al. Eq. 1; (B, heads, L, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
+        return F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
 
     def step(self, x: Tensor, cache: KVCache, pos: int) -> Tensor:
         """``forward`` of the one position ``pos`` (n, d) -> (n, d), in eval mode, against ``cache`` (which holds
