@@ -353,17 +353,30 @@ def resolve_size(config: Any, presets: dict[str, dict[str, Any]], default: str =
 
 
 @dataclass
-class Config:
+class NetworkConfig:
+    """The fields every family built on ``DenoisingFamily`` shares (ddpm, flow and their latent variants): the
+    network's size preset and widths, and the class conditioning (label dropout trains the unconditional model
+    that classifier-free guidance needs)."""
+
     size: Literal["S", "M", "L"] | None = None  # UNet preset (UNET_PRESETS); the four fields below, when set, win
     base_channels: int | None = None  # None: from the preset (S: 32)
     channel_mults: list[int] | None = None  # None: from the preset (S: [1, 2, 2])
     num_res_blocks: int | None = None  # None: from the preset (S: 1)
     attention_levels: list[int] | None = None  # extra levels; the bottleneck always attends. None: from the preset
     dropout: float = 0.0
-    timesteps: int = 1000
-    schedule: Literal["linear", "cosine"] = "linear"
     class_conditional: bool = False
     cond_drop_prob: float = 0.1  # label dropout, trains the unconditional model for classifier-free guidance
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = UNET_PRESETS
+
+    def __post_init__(self) -> None:
+        resolve_size(self, self.PRESETS)
+
+
+@dataclass
+class Config(NetworkConfig):
+    timesteps: int = 1000
+    schedule: Literal["linear", "cosine"] = "linear"
     prediction: Literal["eps", "v", "x0"] = "eps"  # the UNet's target: the noise, v (Salimans & Ho), or x_0
     loss_weighting: Literal["none", "min_snr"] = "none"  # min_snr: Min-SNR-gamma (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # gamma of min_snr (the paper's default)
@@ -373,45 +386,25 @@ class Config:
     guidance: float = 1.0  # classifier-free guidance weight w (class_conditional only); 1 = plain conditional
     clip_x0: bool = True  # clamp each step's predicted x_0 to [-1, 1] while sampling (steadier early in training)
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = UNET_PRESETS
 
-    def __post_init__(self) -> None:
-        resolve_size(self, self.PRESETS)
+class DenoisingFamily(GenerativeModel):
+    """What the diffusion and flow families share: a network over a pluggable space, conditioned on a (continuous
+    or integer) time and, optionally, a class label with label dropout, a null label and classifier-free guidance.
 
-
-@register_model("ddpm", "Denoising diffusion with a UNet (DDPM, DDIM, DPM-Solver++, Heun samplers)")
-class DDPM(GenerativeModel):
-    """Diffusion with an eps-, v- or x_0-predicting UNet: loss is Ho et al.'s L_simple (optionally Min-SNR weighted),
-    sampling is DDPM (Algorithm 2), DDIM, DPM-Solver++(2M) or Heun, all through ``denoise``.
-
-    The space it denoises is pluggable: ``model_shape`` is the shape of one point there, ``to_model_space`` maps
-    images in [0, 1] into it and ``from_model_space`` maps back. Here that is pixel space scaled to [-1, 1];
-    latent diffusion (``latent_diffusion.LatentDDPM``) subclasses this with an autoencoder's latent grid and
-    reuses the schedule, objectives, samplers, labels and guidance unchanged.
+    The space is pluggable: ``model_shape`` is the shape of one point there, ``to_model_space`` maps images in
+    [0, 1] into it and ``from_model_space`` maps back. Here that is pixel space scaled to [-1, 1]; the latent
+    families (``latent_diffusion.LatentSpace``) swap in an autoencoder's latent grid and keep the rest.
+    ``network_evaluations`` counts the calls of ``network`` (a guided call, one batch of 2n, counts once):
+    ``generate.draw`` reports how many a draw took.
     """
 
-    Config = Config
-    tiny = {"base_channels": 8, "channel_mults": [1, 2], "timesteps": 20}
-    sample_options = frozenset({"sampler", "steps", "eta", "guidance", "labels"})
-    capabilities = frozenset({"variational_bound"})
-    bound_strata = 10  # stratified timesteps per image genai evaluate draws for the bound (k + 1 network passes)
-
-    def __init__(self, config: Config, spec: ImageSpec, parents=None):
+    def __init__(self, config: NetworkConfig, spec: ImageSpec, parents=None):
         super().__init__(config, spec, parents)
         if config.class_conditional and spec.num_classes <= 0:
             raise GenaiError("class_conditional: true needs a labelled dataset (this one has no classes); "
                              "set model.class_conditional=false or use a dataset with labels")
         if not 0.0 <= config.cond_drop_prob < 1.0:
             raise GenaiError(f"cond_drop_prob must be in [0, 1), got {config.cond_drop_prob}")
-        # The Literal types catch these in a YAML file; a Config built in Python is checked here.
-        if config.prediction not in PREDICTIONS:
-            raise GenaiError(f"unknown model.prediction '{config.prediction}'; valid: {', '.join(PREDICTIONS)}")
-        if config.loss_weighting not in LOSS_WEIGHTINGS:
-            raise GenaiError(f"unknown model.loss_weighting '{config.loss_weighting}'; "
-                             f"valid: {', '.join(LOSS_WEIGHTINGS)}")
-        if not config.min_snr_gamma > 0:
-            raise GenaiError(f"model.min_snr_gamma must be > 0, got {config.min_snr_gamma}; the paper uses 5")
-        self.schedule = NoiseSchedule(config.timesteps, config.schedule)
         channels, height, width = self.model_shape
         self.unet = UNet(in_channels=channels, base_channels=config.base_channels,
                          channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks,
@@ -419,17 +412,16 @@ class DDPM(GenerativeModel):
                          num_classes=spec.num_classes if config.class_conditional else 0)
         self.check_model_shape(height, width)
         self.null_label = spec.num_classes  # the UNet's "no label" row
-        # Check the config's sampling defaults now, so a bad YAML fails at load time, not after training.
-        self._resolve_options(config.sampler, config.steps, config.eta, config.guidance, explicit=False)
+        self.network_evaluations = 0
 
     @property
     def conditional(self) -> bool:
         return self.config.class_conditional
 
-    # -- the space being denoised: pixels here, a latent grid in LatentDDPM -------------------------
+    # -- the space being denoised: pixels here, a latent grid in the latent families -------------------
     @property
     def model_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one point of the space the UNet denoises: the image itself."""
+        """(C, H, W) of one point of the space the network works in: the image itself."""
         return self.spec.shape
 
     def check_model_shape(self, height: int, width: int) -> None:
@@ -445,6 +437,60 @@ class DDPM(GenerativeModel):
         """x_0 (B, *model_shape) -> images (B, C, H, W) in [0, 1]."""
         return ((x0 + 1) / 2).clamp(0, 1)
 
+    # -- labels and the network --------------------------------------------------------------------
+    def training_labels(self, y: Tensor) -> Tensor | None:
+        """The labels a training batch is conditioned on: None for an unconditional model; otherwise y with a
+        ``cond_drop_prob`` share replaced by the null label, so the network also learns the unconditional model
+        (Ho & Salimans 2022, Algorithm 1)."""
+        if not self.config.class_conditional:
+            return None
+        drop = torch.rand(y.shape[0], device=y.device) < self.config.cond_drop_prob
+        return torch.where(drop, torch.full_like(y, self.null_label), y)
+
+    def network(self, x: Tensor, t: Tensor, labels: Tensor | None = None, guidance: float = 1.0) -> Tensor:
+        """The network's output (float32) at (x, t (B,)), guided: out_uncond + w (out_cond - out_uncond), Ho &
+        Salimans 2022 eq. 6, in one batch of 2n (w = 1: the conditional output, w = 0: the unconditional)."""
+        self.network_evaluations += 1
+        if labels is None or guidance == 1.0:
+            return self.unet(x, t, labels).float()
+        if guidance == 0.0:
+            return self.unet(x, t, torch.full_like(labels, self.null_label)).float()
+        null = torch.full_like(labels, self.null_label)
+        out_cond, out_uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])) \
+            .float().chunk(2)
+        return out_uncond + guidance * (out_cond - out_uncond)
+
+
+@register_model("ddpm", "Denoising diffusion with a UNet (DDPM, DDIM, DPM-Solver++, Heun samplers)")
+class DDPM(DenoisingFamily):
+    """Diffusion with an eps-, v- or x_0-predicting UNet: loss is Ho et al.'s L_simple (optionally Min-SNR weighted),
+    sampling is DDPM (Algorithm 2), DDIM, DPM-Solver++(2M) or Heun, all through ``denoise``.
+
+    The space it denoises is pluggable (``DenoisingFamily``): pixel space scaled to [-1, 1] here; latent diffusion
+    (``latent_diffusion.LatentDDPM``) swaps in an autoencoder's latent grid and reuses the schedule, objectives,
+    samplers, labels and guidance unchanged.
+    """
+
+    Config = Config
+    tiny = {"base_channels": 8, "channel_mults": [1, 2], "timesteps": 20}
+    sample_options = frozenset({"sampler", "steps", "eta", "guidance", "labels"})
+    capabilities = frozenset({"variational_bound"})
+    bound_strata = 10  # stratified timesteps per image genai evaluate draws for the bound (k + 1 network passes)
+
+    def __init__(self, config: Config, spec: ImageSpec, parents=None):
+        super().__init__(config, spec, parents)
+        # The Literal types catch these in a YAML file; a Config built in Python is checked here.
+        if config.prediction not in PREDICTIONS:
+            raise GenaiError(f"unknown model.prediction '{config.prediction}'; valid: {', '.join(PREDICTIONS)}")
+        if config.loss_weighting not in LOSS_WEIGHTINGS:
+            raise GenaiError(f"unknown model.loss_weighting '{config.loss_weighting}'; "
+                             f"valid: {', '.join(LOSS_WEIGHTINGS)}")
+        if not config.min_snr_gamma > 0:
+            raise GenaiError(f"model.min_snr_gamma must be > 0, got {config.min_snr_gamma}; the paper uses 5")
+        self.schedule = NoiseSchedule(config.timesteps, config.schedule)
+        # Check the config's sampling defaults now, so a bad YAML fails at load time, not after training.
+        self._resolve_options(config.sampler, config.steps, config.eta, config.guidance, explicit=False)
+
     # -- training -------------------------------------------------------------------------------
     def loss(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Ho Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), || target - net(x_t, t) ||^2 (L_simple, eq. 14, for eps).
@@ -459,11 +505,7 @@ class DDPM(GenerativeModel):
         t = torch.randint(0, cfg.timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)  # eq. 4
-        labels = None
-        if cfg.class_conditional:
-            # Label dropout: a fraction of the batch learns the unconditional model (Ho & Salimans 2022, Alg. 1).
-            drop = torch.rand(b, device=x0.device) < cfg.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(y, self.null_label), y)
+        labels = self.training_labels(y)  # label dropout: a share learns the unconditional model
         output = self.unet(x_t, t, labels).float()
         target = self.schedule.target(x0.float(), noise.float(), t, cfg.prediction)
         weight = self.schedule.loss_weight(t, target, cfg.prediction, cfg.loss_weighting, cfg.min_snr_gamma)
@@ -529,15 +571,7 @@ class DDPM(GenerativeModel):
         contradicts it, and with guidance w >= 2 that wrecked 50-step samples.
         """
         tt = t if isinstance(t, Tensor) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        if labels is None or guidance == 1.0:
-            out = self.unet(x, tt, labels).float()
-        elif guidance == 0.0:
-            out = self.unet(x, tt, torch.full_like(labels, self.null_label)).float()
-        else:  # one batch of 2n: conditional and unconditional halves share the forward pass
-            null = torch.full_like(labels, self.null_label)
-            out_cond, out_uncond = self.unet(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])) \
-                .float().chunk(2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
+        out = self.network(x, tt, labels, guidance)  # guided: the same mix of raw outputs for every target
         eps, x0 = self.schedule.eps_and_x0(out, x, t, self.config.prediction)
         if clip:
             x0 = x0.clamp(-1.0, 1.0)

@@ -55,20 +55,15 @@ class Config(DDPMConfig):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = LATENT_PRESETS
 
 
-@register_model("latent_ddpm", "DDPM in a frozen autoencoder's latent grid (latent diffusion); model.autoencoder: RUN")
-class LatentDDPM(DDPM):
-    """The DDPM family on ``scale * autoencoder.encode_latent(x)``; samples decode through the frozen autoencoder."""
+class LatentSpace:
+    """The latent space of a frozen autoencoder, for a family built on ``diffusion.DenoisingFamily`` (latent_ddpm,
+    latent_flow): list it before the family, ``class LatentDDPM(LatentSpace, DDPM)``, and give the config an
+    ``autoencoder`` run reference. It replaces the pixel space's ``model_shape``, ``to_model_space`` and
+    ``from_model_space`` with the scaled latent grid, and brings ``reconstruct`` and ``prepare`` (the scale)."""
 
-    Config = Config
-    tiny = {"base_channels": 8, "channel_mults": [1], "timesteps": 20}
-    # Not DDPM's variational_bound: a bound over latents says nothing about the pixels' likelihood (withdrawn).
     capabilities = frozenset({"reconstruct", "prepare"})
-    variational_bound = None
 
-    def __init__(self, config: Config, spec: ImageSpec, parents):
-        if config.clip_x0:
-            raise GenaiError("model.clip_x0 clamps x_0 to the pixel range [-1, 1]; latents are unbounded: "
-                             "set model.clip_x0=false for latent_ddpm")
+    def __init__(self, config, spec: ImageSpec, parents):
         super().__init__(config, spec, parents)
         # 1 / std of the training latents, measured by prepare() before the first step; persistent, so a checkpoint
         # (and a resumed run) keeps the factor it was trained with. 1 until measured.
@@ -115,7 +110,7 @@ class LatentDDPM(DDPM):
         z = torch.cat([self.autoencoder.encode_latent(chunk).float()
                        for chunk in train_images.split(PREPARE_CHUNK)])  # (N, c, s, s)
         if z.shape[0] < 2:
-            raise GenaiError(f"latent_ddpm measures its latent scale on the training images, got {z.shape[0]}; "
+            raise GenaiError(f"a latent family measures its latent scale on the training images, got {z.shape[0]}; "
                              f"use a dataset of at least 2 images")
         var = float(z.var())
         if not var > 0 or not torch.isfinite(z).all():
@@ -124,3 +119,20 @@ class LatentDDPM(DDPM):
         self.latent_scale.fill_(var ** -0.5)
         return {"latent_images": z.shape[0], "latent_mean": float(z.mean()), "latent_var": var,
                 "latent_scale": float(self.latent_scale), "latent_var_scaled": float((z * self.latent_scale).var())}
+
+
+@register_model("latent_ddpm", "DDPM in a frozen autoencoder's latent grid (latent diffusion); model.autoencoder: RUN")
+class LatentDDPM(LatentSpace, DDPM):
+    """The DDPM family on ``scale * autoencoder.encode_latent(x)``; samples decode through the frozen autoencoder."""
+
+    Config = Config
+    tiny = {"base_channels": 8, "channel_mults": [1], "timesteps": 20}
+    # Not DDPM's variational_bound: a bound over latents says nothing about the pixels' likelihood (withdrawn).
+    capabilities = LatentSpace.capabilities
+    variational_bound = None
+
+    def __init__(self, config: Config, spec: ImageSpec, parents):
+        if config.clip_x0:
+            raise GenaiError("model.clip_x0 clamps x_0 to the pixel range [-1, 1]; latents are unbounded: "
+                             "set model.clip_x0=false for latent_ddpm")
+        super().__init__(config, spec, parents)
