@@ -14,16 +14,17 @@ __version__ = "0.1.0"
 # name -> the submodule that defines it
 _API = {
     "create_model": "api", "list_models": "api", "load_checkpoint": "api",
+    "load_pretrained": "api",
     "draw": "generate", "SampleRequest": "generate", "Samples": "generate", "Plain": "generate",
     "Sweep": "generate", "Prefix": "generate", "Walk": "generate", "Inpaint": "generate",
     "validation_images": "generate",
 }
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "draw", "SampleRequest", "Samples", "Plain", "Sweep",
-           "Prefix", "Walk", "Inpaint", "validation_images", "__version__"]
+__all__ = ["create_model", "list_models", "load_checkpoint", "load_pretrained", "draw", "SampleRequest", "Samples",
+           "Plain", "Sweep", "Prefix", "Walk", "Inpaint", "validation_images", "__version__"]
 
 if TYPE_CHECKING:
-    from .api import create_model, list_models, load_checkpoint
+    from .api import create_model, list_models, load_checkpoint, load_pretrained
     from .generate import Inpaint, Plain, Prefix, SampleRequest, Samples, Sweep, Walk, draw, validation_images
 
 

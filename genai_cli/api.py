@@ -1,4 +1,4 @@
-"""The Python API: create_model, load_checkpoint, list_models, and drawing (re-exported by genai_cli).
+"""The Python API: create_model, load_checkpoint, load_pretrained, list_models, and drawing (re-exported by genai_cli).
 
 Drawing lives in ``genai_cli.generate``: ``draw(model, SampleRequest(mode=..., n=..., options=...))`` with one
 mode of ``Plain``, ``Sweep``, ``Prefix``, ``Walk`` (``Inpaint`` is reserved), returning ``Samples``.
@@ -12,6 +12,7 @@ from typing import Any
 from . import models  # noqa: F401  (importing the package registers every family)
 from .build import build_model, model_from_state  # noqa: F401  (the one way a model is built, re-exported)
 from .config import build_dataclass
+from .export import load_pretrained  # noqa: F401  (a genai export folder -> its model, re-exported)
 from .generate import (  # noqa: F401  (the drawing API, re-exported)
     Inpaint,
     Plain,

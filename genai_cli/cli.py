@@ -194,12 +194,12 @@ def sample(
     from . import generate as gen
     from .api import model_from_state
     from .config import from_dict
+    from .export import load_target
     from .hardware import pick_device
-    from .runs import load_checkpoint_file, resolve_checkpoint, run_of_checkpoint
+    from .runs import run_of_checkpoint
     from .runs import runs_dir as resolve_runs_dir
 
-    ckpt = resolve_checkpoint(target, resolve_runs_dir(runs_dir))
-    state = load_checkpoint_file(ckpt)
+    ckpt, state = load_target(target, resolve_runs_dir(runs_dir), use_ema=not no_ema)  # a run, checkpoint or export
     model = model_from_state(state, use_ema=not no_ema)
     cfg = from_dict(state["config"], source=str(ckpt))
 
@@ -229,6 +229,32 @@ def sample(
         if samples.texts is not None:
             out.print(samples.text(), markup=False, highlight=False, soft_wrap=True)
         out.print(f"wrote {out_file} ({samples.describe()}, seed {plan.seed})", markup=False)
+
+
+# -- export -------------------------------------------------------------------------------------
+@app.command()
+@one_line_errors
+def export(
+    target: Optional[str] = typer.Argument(None, help="Run folder, run name or checkpoint (default: newest run)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="The folder to write (new or empty)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export in --out."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+):
+    """Write a run as a model folder anyone can load: model.safetensors (the EMA weights, no optimizer, no pickle),
+    config.json (config, data spec, lineage, sha256 of every file), its parents' weights and a README.md model card.
+    genai sample DIR and genai_cli.load_pretrained(DIR) load it."""
+    from .export import export_run
+    from .runs import runs_dir as resolve_runs_dir
+
+    if out_dir is None:
+        raise GenaiError("give the folder to write: genai export RUN --out DIR")
+    done = export_run(target, out_dir, root=resolve_runs_dir(runs_dir), force=force)
+    if not quiet:
+        lineage = f", {done.parents} parent run(s) under parents/" if done.parents else ""
+        shown = f", samples {done.sample}" if done.sample else ""
+        out.print(f"wrote {done.path}: {len(done.files)} files checked by sha256{lineage}, README.md{shown} | "
+                  f"next: genai sample {done.path}", markup=False)
 
 
 # -- inspect ------------------------------------------------------------------------------------

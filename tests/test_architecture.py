@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hardware", "sampling", "distributed", "nn"),  # torch, no knowledge of runs or families
     ("lineage", "runs", "data", "build"),  # runs on disk, datasets, building a model from its record
     ("models",),  # one family per file
-    ("generate", "api", "train", "session", "evaluation"),  # what the commands do
+    ("generate", "export", "api", "train", "session", "evaluation"),  # what the commands do
     ("cli", "__main__"),  # the command line
 ]
 
