@@ -26,7 +26,6 @@ from .lineage import (
     check_not_submodules,
     check_parent,
     embedded_parents,
-    resolve_parent,
     resolve_parents,
 )
 from .registry import MODELS
@@ -43,6 +42,10 @@ def build_model(family: str, model_cfg: Any, spec: Spec, parents: Mapping[str, P
     A family whose Config has run_ref fields gets those runs built and frozen, as ``parents`` in its
     ``__init__``. ``parents`` maps the fields to resolved runs (embedded in a checkpoint, or from
     ``lineage.resolve_parent``); None resolves the config's references from disk, under ``root`` (the runs dir).
+
+    The walk of a reference (``model.tokenizer: RUN``): ``lineage.resolve_parents`` reads and checks each run,
+    ``build_parent`` builds it (this function again, for its own parents) and ``Parent.load`` freezes it, then the
+    family gets them all in ``Parents``.
     """
     cls = MODELS.get(family)
     if spec.kind not in cls.modalities:
@@ -54,8 +57,20 @@ def build_model(family: str, model_cfg: Any, spec: Spec, parents: Mapping[str, P
         if parents:
             raise GenaiError(f"family '{family}' builds on no other run, but was given parents {', '.join(parents)}")
         return cls(model_cfg, spec)
-    if parents is None:
+    if parents is None:  # from disk: resolve_parent checks each run as it reads it
         parents = resolve_parents(cls, model_cfg, spec, root=root)
+    else:  # handed in (embedded in a checkpoint, or resolved elsewhere): checked against this family here
+        check_parents(family, refs, parents, spec)
+    for parent in parents.values():
+        build_parent(parent)
+    model = cls(model_cfg, spec, parents=Parents(parents))
+    check_not_submodules(model)
+    return model
+
+
+def check_parents(family: str, refs: Mapping[str, Any], parents: Mapping[str, Parent], spec: Spec) -> None:
+    """Parents handed to ``build_model`` fit the family's run_ref fields: no unknown field, every required one
+    given, each of an accepted family and trained on the same data shape."""
     for key in parents:
         if key not in refs:
             raise GenaiError(f"family '{family}' has no parent field '{key}'; its parents: {', '.join(refs)}")
@@ -65,44 +80,35 @@ def build_model(family: str, model_cfg: Any, spec: Spec, parents: Mapping[str, P
         elif ref.required:
             raise GenaiError(f"model.{key}: family '{family}' builds on {ref.expected()} and none was given "
                              f"(a checkpoint of it must embed its parents)")
-    for parent in parents.values():
-        build_parent(parent)
-    model = cls(model_cfg, spec, parents=Parents(parents))
-    check_not_submodules(model)
-    return model
 
 
 def build_parent(parent: Parent) -> nn.Module:
     """The parent's model, built once (with its own parents), its weights loaded and frozen; kept on the Parent,
     so every model that builds on it (a child and its EMA copy) shares the one frozen copy."""
     if parent.model is None:
-        if parent.family not in MODELS:
-            raise GenaiError(f"parent run '{parent.name}' is of family '{parent.family}', unknown to this version "
-                             f"of genai; known: {', '.join(MODELS.names())}")
-        cls = MODELS.get(parent.family)
-        raw = {k: v for k, v in parent.config["model"].items() if k != "family"}
-        parent.load(build_model(parent.family, build_dataclass(cls.Config, raw, "model"), parent.spec,
-                                parents=parent.parents))
+        parent.load(model_from_record(parent.family, parent.config, parent.spec, parent.parents,
+                                      what=f"parent run '{parent.name}'"))
     return parent.model
 
 
-def load_parent(ref: str | Path, *, accepts: tuple[str, ...], root: str | Path | None = None,
-                spec: Spec | None = None, role: str = "parent run") -> nn.Module:
-    """``build_parent(resolve_parent(...))``: the run's model, frozen (keep the Parent for its name, step, hash)."""
-    return build_parent(resolve_parent(ref, accepts=accepts, root=root, spec=spec, role=role))
+def model_from_record(family: str, config: dict[str, Any], spec: Spec, parents: Mapping[str, Parent], *,
+                      what: str, upgrade: str = "") -> GenerativeModel:
+    """The model a record describes (a checkpoint, or a parent embedded in one), built without weights: its family
+    looked up by name, its saved ``config["model"]`` section typed, its parents built."""
+    if family not in MODELS:
+        raise GenaiError(f"{what} is of family '{family}', unknown to this version of genai; "
+                         f"known: {', '.join(MODELS.names())}{upgrade}")
+    cls = MODELS.get(family)
+    raw = {k: v for k, v in config["model"].items() if k != "family"}
+    return build_model(family, build_dataclass(cls.Config, raw, "model"), spec, parents=parents)
 
 
 def model_from_state(state: dict[str, Any], use_ema: bool = True) -> GenerativeModel:
     """A checkpoint's model (runs.load_checkpoint_file), in eval mode: its EMA weights unless ``use_ema`` is off."""
     family = state["family"]
-    if family not in MODELS:
-        raise GenaiError(f"checkpoint family '{family}' is unknown to this version of genai; "
-                         f"known: {', '.join(MODELS.names())}; upgrade genai to load it")
-    cls = MODELS.get(family)
-    model_raw = {k: v for k, v in state["config"]["model"].items() if k != "family"}
     # The parents come from the checkpoint itself (hash-checked), never from disk: it samples alone.
-    model = build_model(family, build_dataclass(cls.Config, model_raw, "model"), spec_from_dict(state["spec"]),
-                        parents=embedded_parents(state))
+    model = model_from_record(family, state["config"], spec_from_dict(state["spec"]), embedded_parents(state),
+                              what="the checkpoint", upgrade="; upgrade genai to load it")
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     try:
         model.load_state_dict(weights)

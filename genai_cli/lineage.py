@@ -236,15 +236,6 @@ def embedded_parents(state: dict[str, Any], where: str = "checkpoint") -> dict[s
     return {k: Parent.from_record(r, where=f"{where}: parent '{k}'") for k, r in records.items()}
 
 
-def run_parents(family: str, model_cfg: Any, spec: ImageSpec, run_dir: Path) -> dict[str, Parent]:
-    """The parents of a new training run, resolved from its config under the runs dir (``run_dir``'s folder).
-    A resumed run takes them from its checkpoint instead (``embedded_parents``): it never reads them from disk."""
-    from .registry import MODELS
-
-    cls = MODELS.get(family)
-    return resolve_parents(cls, model_cfg, spec, root=run_dir.parent) if parent_refs(cls.Config) else {}
-
-
 def ancestors(model: nn.Module) -> list[nn.Module]:
     """Every frozen model a model builds on: its parents, their parents, and so on."""
     found = []

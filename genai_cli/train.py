@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from . import __version__, distributed
-from .api import build_model
+from .build import build_model
 from .capabilities import has
 from .config import Config
 from .data import DataBundle, load_data, model_input, to_float
@@ -48,7 +48,7 @@ from .hardware import (
     training_probe_wanted,
     warn_if_emulated,
 )
-from .lineage import Parent, check_frozen, check_same_parents, run_parents
+from .lineage import Parent, check_frozen, check_same_parents
 from .models.base import GenerativeModel, Stepper
 from .runs import (
     CHECKPOINT_FORMAT,
@@ -231,9 +231,8 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
                          f"images); lower it, e.g. --set train.batch_size={max(1, len(data) // 2)}")
     distributed.check_batch(t.batch_size, t.grad_accum, dist.world_size)
     tb_class = tensorboard_writer_class() if "tensorboard" in t.log else None
-    if parents is None:  # a new run resolves its parents under the runs dir; a resumed one passes its checkpoint's
-        parents = run_parents(cfg.family, cfg.model, data.spec, run_dir)
-    model: GenerativeModel = build_model(cfg.family, cfg.model, data.spec, parents).to(device)
+    # A new run's parents (model.<field>: RUN) are resolved under the runs dir; a resumed run passes its checkpoint's.
+    model = build_model(cfg.family, cfg.model, data.spec, parents, root=run_dir.parent).to(device)
     if t.channels_last:
         if not any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules()):
             raise GenaiError(f"train.channels_last is for convolutional families; '{cfg.family}' has no 2-D "
