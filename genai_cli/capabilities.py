@@ -100,6 +100,24 @@ class LatentGrid(Protocol):
         """Latents (B, D, s, s) -> images (B, C, H, W) in [0, 1]."""
 
 
+class OdeSolve(Protocol):
+    model_shape: tuple[int, ...]  # one point of the space the ODE runs in (pixels in [-1, 1], or a latent grid)
+    conditional: bool  # whether labels (and guidance) mean something
+    null_label: int  # the "no label" class index of its network
+
+    def ode_solve(self, noise: Tensor, *, labels: Tensor | None = None, guidance: float | None = None,
+                  sampler: str | None = None, steps: int | None = None) -> Tensor:
+        """Deterministic: integrates the model's probability-flow ODE from ``noise`` (B, *model_shape) to x_0 in
+        model space (not decoded), with its sampling defaults for the options not given (a stochastic sampler is
+        refused). Read by the distill family: a teacher's (noise, endpoint) pairs."""
+
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> points (B, *model_shape) of the space the ODE runs in."""
+
+    def from_model_space(self, x0: Tensor) -> Tensor:
+        """Points (B, *model_shape) -> images (B, C, H, W) in [0, 1] (a latent model decodes here)."""
+
+
 class Prepare(Protocol):
     def prepare(self, train_images: Tensor) -> dict[str, float]:
         """Measures the training data (N, C, H, W) once, before the first step of a new run (latent diffusion's
@@ -145,6 +163,7 @@ CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("walk", Walk, "latent walks: genai sample --interpolate / --traverse / --traverse-dim"),
     Capability("tokenizer", Tokenizer, "images to tokens and back: a parent run for maskgit"),
     Capability("latent_grid", LatentGrid, "images to a latent grid and back: a parent run for latent_ddpm"),
+    Capability("ode_solve", OdeSolve, "a deterministic probability-flow ODE: a teacher run for distill"),
     Capability("prepare", Prepare, "measures its training data before the first step", hook=True),
     Capability("manual_step", ManualStep, "steps its own optimizers", hook=True),
 )}

@@ -57,7 +57,7 @@ def test_the_runs_a_family_builds_on_declare_what_it_reads(family):
 
 def test_hooks_are_left_out_of_what_a_user_is_shown():
     assert shown(MODELS.get("dcgan")) == ["walk"] and has(MODELS.get("dcgan"), "manual_step")
-    assert shown(MODELS.get("latent_ddpm")) == ["reconstruct"] and has(MODELS.get("latent_ddpm"), "prepare")
+    assert shown(MODELS.get("latent_ddpm")) == ["reconstruct", "ode_solve"] and has(MODELS.get("latent_ddpm"), "prepare")
 
 
 # -- the checker catches each mismatch --------------------------------------------------------------

@@ -474,7 +474,7 @@ class DDPM(DenoisingFamily):
     Config = Config
     tiny = {"base_channels": 8, "channel_mults": [1, 2], "timesteps": 20}
     sample_options = frozenset({"sampler", "steps", "eta", "guidance", "labels"})
-    capabilities = frozenset({"variational_bound"})
+    capabilities = frozenset({"variational_bound", "ode_solve"})
     bound_strata = 10  # stratified timesteps per image genai evaluate draws for the bound (k + 1 network passes)
 
     def __init__(self, config: Config, spec: ImageSpec, parents=None):
@@ -590,41 +590,67 @@ class DDPM(DenoisingFamily):
         labels: a (n,) LongTensor (or one int for all) of classes, conditional models only; by default
         image i gets class i % num_classes. guidance: w in out_uncond + w (out_cond - out_uncond).
         """
-        cfg = self.config
         sampler, steps, eta, guidance = self.sample_settings(sampler, steps, eta, guidance)
-        device = self.device
         labels = self.class_labels(labels, n)
-        s = self.schedule
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            x = torch.randn((n, *self.model_shape), generator=generator, device=self.device)  # x_T ~ N(0, I)
+            x = self._integrate(x, labels, sampler, steps, eta, guidance, generator)
+            return self.from_model_space(x)  # latent diffusion decodes here, still in eval mode
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def ode_solve(self, noise: Tensor, *, labels: Tensor | None = None, guidance: float | None = None,
+                  sampler: str | None = None, steps: int | None = None) -> Tensor:
+        """x_0 (B, *model_shape) in model space (not decoded) from x_T = ``noise``, deterministically: the
+        probability-flow ODE by ddim (eta = 0), dpm++2m or heun; options default to the run's (a ddpm default
+        becomes dpm++2m). The ancestral ddpm sampler draws noise at every step, so it is refused here.
+        labels: (B,) classes of a conditional model (None: class i % K); guidance as in ``sample``."""
+        if sampler is None and self.config.sampler == "ddpm":
+            sampler = "dpm++2m"
+        if sampler == "ddpm":
+            raise GenaiError("the ddpm sampler is stochastic (fresh noise at every step); an ODE solve needs "
+                             "ddim, dpm++2m or heun")
+        sampler, steps, _, guidance = self.sample_settings(sampler, steps, None, guidance)
+        labels = self.class_labels(labels, noise.shape[0])
+        was_training = self.training
+        self.eval()
+        try:
+            return self._integrate(noise.to(self.device), labels, sampler, steps, 0.0, guidance, None)
+        finally:
+            self.train(was_training)
+
+    def _integrate(self, x: Tensor, labels: Tensor | None, sampler: str, steps: int, eta: float, guidance: float,
+                   generator: torch.Generator | None) -> Tensor:
+        """x_T (B, *model_shape) -> x_0 by ``sampler`` (checked options), in model space: ``sample``'s and
+        ``ode_solve``'s one loop."""
+        cfg, s = self.config, self.schedule
 
         def denoise(x: Tensor, t: int) -> tuple[Tensor, Tensor]:
             return self.denoise(x, t, labels, guidance, cfg.clip_x0)
 
-        was_training = self.training
-        self.eval()  # no dropout while sampling
-        try:
-            x = torch.randn((n, *self.model_shape), generator=generator, device=device)  # x_T ~ N(0, I)
-            if sampler == "ddpm":
-                for t in reversed(range(cfg.timesteps)):
-                    x = s.ddpm_step(denoise(x, t)[1], t, x, generator)
-            else:
-                ts = s.dpm_solver_timesteps(steps) if sampler == "dpm++2m" else s.ddim_timesteps(steps)
-                last = None  # dpm++2m: (t, x0_hat) of the step before
-                for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
-                    eps, x0 = denoise(x, t)
-                    if sampler == "ddim":
-                        x = s.ddim_step(eps, x0, t, t_prev, x, eta, generator)
-                    elif sampler == "dpm++2m":
-                        x, last = s.dpm_solver_step(x0, t, t_prev, x, last), (t, x0)
-                    else:  # heun: Karras et al. Algorithm 1
-                        x_euler = s.edm_step(eps, t, t_prev, x)  # line 5
-                        if t_prev == -1:  # line 6: no correction at sigma = 0
-                            x = x_euler
-                        else:
-                            eps_next, _ = denoise(x_euler, t_prev)  # line 7
-                            x = s.edm_step((eps + eps_next) / 2, t, t_prev, x)  # line 8
-            return self.from_model_space(x)  # latent diffusion decodes here, still in eval mode
-        finally:
-            self.train(was_training)
+        if sampler == "ddpm":
+            for t in reversed(range(cfg.timesteps)):
+                x = s.ddpm_step(denoise(x, t)[1], t, x, generator)
+            return x
+        ts = s.dpm_solver_timesteps(steps) if sampler == "dpm++2m" else s.ddim_timesteps(steps)
+        last = None  # dpm++2m: (t, x0_hat) of the step before
+        for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
+            eps, x0 = denoise(x, t)
+            if sampler == "ddim":
+                x = s.ddim_step(eps, x0, t, t_prev, x, eta, generator)
+            elif sampler == "dpm++2m":
+                x, last = s.dpm_solver_step(x0, t, t_prev, x, last), (t, x0)
+            else:  # heun: Karras et al. Algorithm 1
+                x_euler = s.edm_step(eps, t, t_prev, x)  # line 5
+                if t_prev == -1:  # line 6: no correction at sigma = 0
+                    x = x_euler
+                else:
+                    eps_next, _ = denoise(x_euler, t_prev)  # line 7
+                    x = s.edm_step((eps + eps_next) / 2, t, t_prev, x)  # line 8
+        return x
 
     # -- likelihood: the variational bound (read by genai evaluate, not by the training loop) -------------
     @torch.no_grad()

@@ -128,7 +128,7 @@ class LatentDDPM(LatentSpace, DDPM):
     Config = Config
     tiny = {"base_channels": 8, "channel_mults": [1], "timesteps": 20}
     # Not DDPM's variational_bound: a bound over latents says nothing about the pixels' likelihood (withdrawn).
-    capabilities = LatentSpace.capabilities
+    capabilities = LatentSpace.capabilities | {"ode_solve"}  # DDPM's ODE, in the latent grid
     variational_bound = None
 
     def __init__(self, config: Config, spec: ImageSpec, parents):
