@@ -59,6 +59,17 @@ def train_losses(run):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+def stop_then_resume(monkeypatch, cfg, run, *, code: int, message: str, saved_step: int) -> None:
+    """Train ``cfg`` into ``run`` with what ``monkeypatch`` broke: it stops with exit ``code`` and ``message``, its
+    last.pt at ``saved_step``; with the patch undone, ``--resume`` finishes it."""
+    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(run.parent), "--name", run.name, "-q"])
+    assert r.exit_code == code and message in r.stderr, r.stderr
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == saved_step
+    monkeypatch.undo()
+    r = runner.invoke(app, ["train", "--resume", str(run), "--runs-dir", str(run.parent), "-q"])
+    assert r.exit_code == 0, r.stderr
+
+
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, config_file, monkeypatch):
     cfg = config_file(max_steps=6, log_every=1, eval_every=2, checkpoint_every=100, sample_every=4)
     runs = tmp_path / "runs"
@@ -72,12 +83,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tmp_path, conf
             raise KeyboardInterrupt  # what Ctrl-C does
 
     monkeypatch.setattr(Trainer, "after_step", interrupt_at_3)
-    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "cut", "-q"])
-    assert r.exit_code == 130 and "checkpoint saved" in r.stderr
-    assert torch.load(runs / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
-    monkeypatch.undo()
-    r = runner.invoke(app, ["train", "--resume", str(runs / "cut"), "--runs-dir", str(runs), "-q"])
-    assert r.exit_code == 0, r.stderr
+    stop_then_resume(monkeypatch, cfg, runs / "cut", code=130, message="checkpoint saved", saved_step=3)
     assert train_losses(runs / "straight") == train_losses(runs / "cut"), "resume must reproduce the losses exactly"
     a = torch.load(runs / "straight" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(runs / "cut" / "checkpoints" / "last.pt", weights_only=True)
@@ -97,12 +103,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
         return {**logs, "loss": float("nan")} if self.current_step >= 3 else logs
 
     monkeypatch.setattr(DDPM, "train_step", poisoned)
-    r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "--name", "nan", "-q"])
-    assert r.exit_code == 2 and "loss became nan at step 4" in r.stderr
-    assert torch.load(runs / "nan" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
-    monkeypatch.undo()
-    r = runner.invoke(app, ["train", "--resume", str(runs / "nan"), "--runs-dir", str(runs), "-q"])
-    assert r.exit_code == 0, r.stderr
+    stop_then_resume(monkeypatch, cfg, runs / "nan", code=2, message="loss became nan at step 4", saved_step=2)
 
 
 def test_force_moves_the_old_run_aside(tmp_path, config_file):
