@@ -76,6 +76,12 @@ class DataConfig:
     path: str | None = None  # image_folder: the folder of images (sub-folders = classes)
     download: bool = True  # torchvision datasets: try to download when missing
     block_size: int = 64  # text datasets: characters per training sequence (the context of the models)
+    # Data larger than memory (genai_cli/streaming.py). auto: an image_folder whose decoded images, or a text_file
+    # whose in-memory tokenisation, would pass memory_budget_mb is streamed (images decoded in DataLoader workers as
+    # the loop draws them; text read as token ids from a memory map beside the file); true/false force it.
+    stream: Literal["auto"] | bool = "auto"
+    memory_budget_mb: int = 2048
+    workers: int | None = None  # DataLoader processes decoding streamed images (None: one per spare CPU core, 1-8)
 
 
 @dataclass
@@ -333,6 +339,11 @@ def validate(cfg: Config, cls) -> None:
         raise GenaiError(f"config key 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     if cfg.data.image_size is not None and cfg.data.image_size < 2:
         raise GenaiError(f"config key 'data.image_size' must be at least 2, got {cfg.data.image_size}")
+    if cfg.data.memory_budget_mb < 1:
+        raise GenaiError(f"config key 'data.memory_budget_mb' must be at least 1, got {cfg.data.memory_budget_mb}")
+    if cfg.data.workers is not None and cfg.data.workers < 0:
+        raise GenaiError(f"config key 'data.workers' must be 0 (decode in the training process) or more, got "
+                         f"{cfg.data.workers}")
     if not 0 < cfg.data.val_fraction < 1:
         raise GenaiError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     for key in cfg.sample.options():

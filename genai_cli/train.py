@@ -37,7 +37,7 @@ from . import __version__, distributed
 from .build import build_model
 from .capabilities import has
 from .config import Config
-from .data import DataBundle, load_data, model_input, to_float
+from .data import DataBundle, binarize_share, epoch_order, load_data, model_input, to_float
 from .errors import GenaiError
 from .generate import SampleRequest, draw, plan
 from .hardware import (
@@ -136,12 +136,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of an epoch depends only on (seed, epoch): resume needs no sampler state, and every
-    rank of a data-parallel run walks the same order (each takes its own slice of every batch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 class LossForward(nn.Module):
@@ -348,7 +342,7 @@ class Trainer:
         self.ddp, self.loss_route = parts.ddp, parts.loss_route
         self.tb_class, self.grid_evaluator = parts.tb_class, parts.grid_evaluator
         t = self.cfg.train
-        self.steps_per_epoch = len(self.data) // t.batch_size
+        self.steps_per_epoch = self.data.steps_per_epoch(t.batch_size, self.dist.world_size)
         self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.steps_per_epoch
         self.step = 0
         self.elapsed = 0.0
@@ -643,13 +637,15 @@ class Trainer:
         t = self.cfg.train
         window_time, window_images = 0.0, 0
         logs: dict[str, float] = {}
-        order_of: tuple[int, torch.Tensor] = (-1, torch.empty(0))  # (epoch, its data order)
+        batches, batches_epoch = iter(()), -1  # this rank's batches of the epoch (read ahead when streamed)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             epoch, i = divmod(self.step, self.steps_per_epoch)
-            if order_of[0] != epoch:
-                order_of = (epoch, epoch_order(len(self.data), t.seed, epoch))
-            batch = self.draw_batch(order_of[1][i * t.batch_size:(i + 1) * t.batch_size])
+            if batches_epoch != epoch:
+                batches_epoch = epoch
+                batches = self.data.epoch_batches(t.seed, epoch, i, t.batch_size, self.dist.rank, self.dist.world_size,
+                                                  pin_memory=self.device.type == "cuda")
+            batch = self.draw_batch(*next(batches))
             self.set_lr()
             logs = self.train_batch(*batch)
             if not math.isfinite(logs["loss"]):
@@ -675,15 +671,15 @@ class Trainer:
                 self.total_steps = self.step  # the budget is spent: finish as if this were the last step
         return logs
 
-    def draw_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the global batch ``idx``, on the device. Images drawn afresh at each visit
-        (data.binarize: stochastic) come from a seed of (seed, step) alone, "rank" -1 being no rank's step draws:
-        the global batch is drawn, then sliced, so a resumed run and any number of processes see the same pixels."""
+    def draw_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share (x, y) of the global batch (``DataBundle.epoch_batches``), on the device. Images drawn
+        afresh at each visit (data.binarize: stochastic) come from a seed of (seed, step) alone, "rank" -1 being no
+        rank's step draws: the global batch's draw is sliced, so a resumed run and any number of processes see the
+        same pixels."""
         t = self.cfg.train
-        x = self.data.train_images(idx, step_seed(t.seed, -1, self.step))
-        share = t.batch_size // self.dist.world_size
-        mine = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
-        return self.batch(x[mine], self.data.train_y[idx[mine]])
+        if self.data.train_levels is not None:
+            x = binarize_share(x, step_seed(t.seed, -1, self.step), t.batch_size, self.dist.rank)
+        return self.batch(x, y)
 
     def set_lr(self) -> None:
         """Warm-up + cosine at this step. Under a time budget the cosine follows time: its total is the steps the

@@ -19,9 +19,9 @@ LAYERS: list[tuple[str, ...]] = [
     # plain Python, no torch; "" is the package root: __version__, and the API names it loads lazily, by name
     ("errors", "spec", "options", "capabilities", "config", "registry", ""),
     ("hardware", "sampling", "distributed", "nn"),  # torch, no knowledge of runs or families
-    ("lineage", "runs", "data", "build"),  # runs on disk, datasets, building a model from its record
+    ("lineage", "runs", "data", "streaming", "build"),  # runs on disk, datasets (streamed ones too), building a model
     ("models",),  # one family per file
-    ("generate", "export", "api", "train", "session", "evaluation"),  # what the commands do
+    ("generate", "export", "api", "train", "session", "evaluation", "compare"),  # what the commands do
     ("cli", "__main__"),  # the command line
 ]
 
