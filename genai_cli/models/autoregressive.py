@@ -104,6 +104,14 @@ class AutoregressiveImageModel:
                             greedy=greedy, noise_std=noise_std, noise_on=noise_on, prefix_rows=prefix_rows,
                             prefix=prefix, prompt=prompt, max_new_tokens=max_new_tokens)
 
+    def network_evaluations(self, options) -> int:
+        """One incremental pass per drawn token: every position of an image (fewer after a prefix), or a text's
+        new tokens."""
+        if self.spec.kind == "tokens":
+            new = options.get("max_new_tokens")
+            return DEFAULT_NEW_TOKENS if new is None else int(new)
+        return self.seq_len - (options.get("prefix_rows") or 0) * self.spec.size * self.spec.channels
+
     @torch.no_grad()
     def sample_naive(self, n: int, *, generator: torch.Generator | None = None, **options) -> Tensor:
         """As ``sample``, but re-running the full forward for every token (the reference; slow)."""
@@ -200,7 +208,8 @@ class PixelStepper:
     (i, j)), so once computed it is final and can be cached in per-layer buffers; the next pixel reads
     its neighbours from them (the idea of Ramachandran et al. 2017, "Fast Generation for Convolutional
     Autoregressive Models"). A family subclasses this and implements ``write`` (store a known token in
-    its input buffers) and ``compute`` (one pixel through the network, returning (n, C, K) logits).
+    its input buffers) and ``compute`` (one pixel through the network, returning (n, C, K) logits), and may
+    implement ``start_row`` (what a row needs once, from the finished rows above, before its first pixel).
     With RGB, a pixel is computed again for each channel, as each sampled channel unlocks the next.
     """
 
@@ -208,13 +217,24 @@ class PixelStepper:
         self.spec = spec
         self.written = 0  # tokens already stored in the input buffers
         self.next_pixel = 0  # first pixel whose activations are not final yet
+        self.row = -1  # the row start_row last ran for
 
     def write(self, pos: int, values: Tensor) -> None:
         raise NotImplementedError
 
-    def compute(self, pixel: int, last: bool) -> Tensor:
-        """Pixel ``pixel`` through all layers -> (n, C, K); ``last``: the pixel being sampled (not catch-up)."""
+    def start_row(self, i: int) -> None:
+        """Before the first pixel of row ``i`` (rows come in order): nothing unless a family needs it."""
+
+    def compute(self, i: int, j: int, last: bool) -> Tensor:
+        """Pixel (i, j) through all layers -> (n, C, K); ``last``: the pixel being sampled (not catch-up)."""
         raise NotImplementedError
+
+    def _pixel(self, pixel: int, last: bool) -> Tensor:
+        i, j = divmod(pixel, self.spec.size)
+        if self.row != i:
+            self.start_row(i)
+            self.row = i
+        return self.compute(i, j, last)
 
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         for t in range(self.written, pos):
@@ -222,8 +242,8 @@ class PixelStepper:
         self.written = pos
         pixel, channel = divmod(pos, self.spec.channels)
         for p in range(self.next_pixel, pixel):  # pixels given by a prefix: computed once, all channels known
-            self.compute(p, last=False)
-        logits = self.compute(pixel, last=True)
+            self._pixel(p, last=False)
+        logits = self._pixel(pixel, last=True)
         # The pixel is final once every channel but the last is known: the last channel is read by no layer here.
         self.next_pixel = pixel + 1 if channel == self.spec.channels - 1 else pixel
         return logits[:, channel]

@@ -203,6 +203,13 @@ class GenerativeModel(nn.Module):
         """Draw n images, (n, C, H, W) float in [0, 1]. Every random draw takes ``generator``."""
         raise NotImplementedError
 
+    def network_evaluations(self, options: dict[str, Any]) -> int:
+        """How many passes through the family's networks one ``sample`` call takes at these options (a run's
+        ``sample:`` defaults merged in, as ``generate.plan`` merges them). A batch shares them, so this is the
+        network evaluations per sample that ``genai compare`` reports: here one, a generator's or a decoder's pass.
+        Families that draw in several passes (diffusion steps, tokens, filling steps) override it."""
+        return 1
+
     # log_likelihood, variational_bound, encode, reconstruct, walk...: no placeholders here. A family that gives
     # one declares it in ``capabilities`` (see genai_cli.capabilities for each signature and meaning).
 

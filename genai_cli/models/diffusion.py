@@ -557,6 +557,12 @@ class DDPM(DenoisingFamily):
     def check_sample_options(self, options) -> None:
         self.sample_settings(*(options.get(k) for k in ("sampler", "steps", "eta", "guidance")))
 
+    def network_evaluations(self, options) -> int:
+        """UNet passes per ``sample``: T for ddpm, ``steps`` for ddim and dpm++2m, 2 steps - 1 for heun (no
+        correction into sigma = 0). A guided step is one pass over a batch of 2n."""
+        sampler, steps, _, _ = self.sample_settings(*(options.get(k) for k in ("sampler", "steps", "eta", "guidance")))
+        return 2 * steps - 1 if sampler == "heun" else steps
+
     def denoise(self, x: Tensor, t: int | Tensor, labels: Tensor | None = None, guidance: float = 1.0,
                 clip: bool = False) -> tuple[Tensor, Tensor]:
         """The model's (eps, x_0) estimate at (x_t, t), whichever target the UNet predicts: every sampler and

@@ -96,6 +96,9 @@ class LatentSpace:
         """Scaled latents (B, c, s, s) -> images (B, C, S, S) in [0, 1], through the frozen decoder."""
         return self.autoencoder.decode_latent(z0.float() / self.latent_scale).float().clamp(0, 1)
 
+    def network_evaluations(self, options) -> int:
+        return super().network_evaluations(options) + 1  # the denoiser's steps, then the decoder once
+
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Images through the latent path and back, no diffusion: the ceiling the autoencoder sets on sample

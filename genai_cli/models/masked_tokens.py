@@ -120,6 +120,11 @@ class MaskedTokenModel:
     def check_sample_options(self, options) -> None:
         self.check_fill_options(*(options.get(k) for k in ("fill", "steps", "choice_temperature", "guidance")))
 
+    def network_evaluations(self, options) -> int:
+        """One pass per filling step (one-shot: one); a guided step is one pass over a batch of 2n."""
+        return self.check_fill_options(*(options.get(k) for k in ("fill", "steps", "choice_temperature",
+                                                                   "guidance")))[0]
+
     def check_fill_options(self, fill_mode: str | None, steps: int | None, choice_temperature: float | None,
                            guidance: float | None) -> tuple[int, float, float]:
         cfg = self.config

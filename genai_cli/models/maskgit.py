@@ -63,3 +63,6 @@ class MaskGIT(MaskedTokenModel, GenerativeModel):
 
     def images_of(self, tokens: Tensor) -> Tensor:
         return self.parents["tokenizer"].detokenize(tokens).float()
+
+    def network_evaluations(self, options) -> int:
+        return super().network_evaluations(options) + 1  # the filling steps, then the tokenizer's decoder once

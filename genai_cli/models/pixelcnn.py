@@ -137,9 +137,8 @@ class _PlainPixels(PixelStepper):
         i, j = divmod(pos // self.spec.channels, self.spec.size)
         self.m.first.put(self.data, i, j, self.m.embed(values), channel=pos % self.spec.channels)
 
-    def compute(self, pixel: int, last: bool) -> Tensor:
+    def compute(self, i: int, j: int, last: bool) -> Tensor:
         m = self.m
-        i, j = divmod(pixel, self.spec.size)
         h = m.first.at(self.data, i, j)  # (n, F)
         for conv, mix, buf in zip(m.convs, m.mixes, self.inputs, strict=True):
             conv.put(buf, i, j, F.relu(h))
@@ -158,7 +157,6 @@ class _GatedPixels(PixelStepper):
         self.v_in = [conv.input_buffer(n, size, size, like) for conv in model.v_convs]
         self.h_in = [conv.input_buffer(n, size, size, like) for conv in model.h_convs]
         self.v_pre: list[Tensor] = []  # per layer, (n, 2F, W): the current row's vertical pre-activations
-        self.row = -1
 
     def write(self, pos: int, values: Tensor) -> None:
         i, j = divmod(pos // self.spec.channels, self.spec.size)
@@ -166,7 +164,7 @@ class _GatedPixels(PixelStepper):
         self.m.v_convs[0].put(self.v_in[0], i, j, value, channel=pos % self.spec.channels)
         self.m.h_convs[0].put(self.h_in[0], i, j, value, channel=pos % self.spec.channels)
 
-    def _start_row(self, i: int) -> None:
+    def start_row(self, i: int) -> None:
         m = self.m
         self.v_pre = []
         for layer, conv in enumerate(m.v_convs):
@@ -175,13 +173,9 @@ class _GatedPixels(PixelStepper):
             if layer + 1 < len(m.v_convs):
                 left, _, top, _ = m.v_convs[layer + 1].pads
                 self.v_in[layer + 1][:, :, i + top, left:left + self.spec.size] = gate(v_pre)
-        self.row = i
 
-    def compute(self, pixel: int, last: bool) -> Tensor:
+    def compute(self, i: int, j: int, last: bool) -> Tensor:
         m = self.m
-        i, j = divmod(pixel, self.spec.size)
-        if self.row != i:
-            self._start_row(i)
         h = None
         for layer, conv in enumerate(m.h_convs):
             if layer > 0:

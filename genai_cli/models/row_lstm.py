@@ -127,22 +127,17 @@ class _RowPixels(PixelStepper):
         self.h = [like.new_zeros(n, states, size, size) for _ in model.input_to_state]
         self.c = [like.new_zeros(n, states, size, size) for _ in model.input_to_state]
         self.s2s: list[Tensor] = []  # per layer, K_ss (*) h_{i-1}: (n, 4h, W)
-        self.row = -1
 
     def write(self, pos: int, values: Tensor) -> None:
         i, j = divmod(pos // self.spec.channels, self.spec.size)
         self.m.first.put(self.data, i, j, self.m.embed(values), channel=pos % self.spec.channels)
 
-    def _start_row(self, i: int) -> None:
+    def start_row(self, i: int) -> None:
         above = [h[:, :, i - 1] if i else torch.zeros_like(h[:, :, 0]) for h in self.h]
         self.s2s = [conv(h) for conv, h in zip(self.m.state_to_state, above, strict=True)]
-        self.row = i
 
-    def compute(self, pixel: int, last: bool) -> Tensor:
+    def compute(self, i: int, j: int, last: bool) -> Tensor:
         m = self.m
-        i, j = divmod(pixel, self.spec.size)
-        if self.row != i:
-            self._start_row(i)
         feats = m.first.at(self.data, i, j)  # (n, h)
         for layer, conv in enumerate(m.input_to_state):
             conv.put(self.inputs[layer], i, j, feats)
