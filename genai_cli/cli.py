@@ -515,6 +515,46 @@ def evaluate(
         out.print(f"bar chart: {chart_path}", markup=False)
 
 
+# -- compare ------------------------------------------------------------------------------------
+@app.command()
+@one_line_errors
+def compare(
+    targets: list[str] = typer.Argument(..., help="Configs (.yaml, trained here) and runs (taken as they are)."),
+    budget: str = typer.Option(..., "--budget", help="Training time per config: 90s, 3m, 1h (seconds of training "
+                               "steps on the run's device)."),
+    seeds: int = typer.Option(1, "--seeds", help="Training seeds per config (the spread over them: error bars, "
+                              "collapsed and diverged shares)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Folder of the comparison under the runs folder (default: "
+                                       "compare-<budget>); the same name resumes it."),
+    n: int = typer.Option(500, "-n", help="Samples drawn per run to measure."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key of every config: --set data.limit=1000"),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of a table."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " Where members are measured."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+):
+    """Train every config for the same budget (or take finished runs), measure them with one evaluator and write
+    runs/<name>/report.md: quality, likelihood, sampling and training speed, stability over seeds."""
+    from .compare import TABLE, parse_budget, run_comparison, table_rows, to_json
+    from .runs import runs_dir as resolve_runs_dir
+
+    log = (lambda text: None) if quiet else (lambda text: err.print(text, markup=False))
+    report = run_comparison(targets, budget=parse_budget(budget), root=resolve_runs_dir(runs_dir), seeds=seeds,
+                            name=name, n=n, overrides=set_, device=device, log=log)
+    if json_out:
+        typer.echo(to_json(report))
+        return
+    table = Table(title=f"genai compare {report['name']}: {report['dataset']}")
+    for col in TABLE:
+        table.add_column(col, justify="left" if col in ("member", "family") else "right")
+    for row in table_rows(report):
+        table.add_row(*row)
+    out.print(table)
+    for why in report["left_out"]:
+        out.print(f"left out: {why}", markup=False)
+    out.print(f"report: {report['report']}", markup=False)
+
+
 # -- list ---------------------------------------------------------------------------------------
 def bundled_configs() -> list[Path]:
     seen: dict[str, Path] = {}
