@@ -289,6 +289,8 @@ def human_size(num: float) -> str:
 def write_loss_curve(rows: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib
 
+    from .runs import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -305,7 +307,7 @@ def write_loss_curve(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -327,7 +329,7 @@ def inspect(
     from .hardware import pick_device
     from .lineage import describe as describe_lineage
     from .lineage import frozen_parameters
-    from .runs import MetricsLog, load_checkpoint_file, resolve_checkpoint, run_of_checkpoint
+    from .runs import MetricsLog, load_checkpoint_file, resolve_checkpoint, run_of_checkpoint, up_to_date
     from .runs import runs_dir as resolve_runs_dir
 
     dev = pick_device(device, "--device")  # an unavailable device is refused whatever the target
@@ -387,8 +389,9 @@ def inspect(
         if train_losses:
             table.add_row("logged train loss", f"first {train_losses[0]:.5g}, last {train_losses[-1]:.5g}, "
                           f"best {min(train_losses):.5g} ({len(train_losses)} records)")
+        # The curve is drawn again only when metrics.jsonl changed after it: matplotlib costs ~0.5 s of start-up.
         curve = run / "loss_curve.png"
-        if os.access(run, os.W_OK) and write_loss_curve(rows, curve):
+        if up_to_date(curve, run / "metrics.jsonl") or (os.access(run, os.W_OK) and write_loss_curve(rows, curve)):
             table.add_row("loss curve", str(curve))
         history = class_history(model, cfg, rows, run)
         if history is not None:
@@ -418,10 +421,13 @@ def class_history(model, cfg: dict[str, Any], rows: list[dict[str, Any]], run: P
     from .config import from_dict
     from .evaluation.evaluator import evaluator_command, find_evaluator
     from .evaluation.report import class_history_chart
+    from .runs import up_to_date
 
     if not model.generative or not model.spec.scored_by_classes:
         return None
-    path = class_history_chart(rows, run / "class_history.png") if os.access(run, os.W_OK) else None
+    path = run / "class_history.png"
+    if not up_to_date(path, run / "metrics.jsonl"):  # drawn again only when the log changed after it
+        path = class_history_chart(rows, path) if os.access(run, os.W_OK) else None
     if path is not None:
         return f"{path} (the evaluator's classes of each training grid)"
     if any(r.get("split") == "samples" and r.get("class_histogram") for r in rows):

@@ -97,6 +97,28 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def up_to_date(path: Path, source: Path) -> bool:
+    """True when ``path`` exists and was written no earlier than ``source`` (a picture drawn from a log that has
+    not changed since: ``genai inspect`` draws it again only when this is False)."""
+    try:
+        return path.stat().st_mtime_ns >= source.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a temporary file, then rename), so that a killed command
+    never leaves a truncated picture that ``up_to_date`` would then keep."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """On resume: drop records past the checkpoint (the resumed run writes them again, identically) and a
     last line cut by a kill, so the log reads like one uninterrupted run. Rewritten atomically."""

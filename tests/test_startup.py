@@ -31,8 +31,8 @@ print(json.dumps(sorted({{h for m in sys.modules for h in heavy if m == h or m.s
 """
 
 
-def imported_heavy(*args) -> list[str]:
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *map(str, args)], capture_output=True,
+def imported_heavy(*args, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(heavy=heavy), *map(str, args)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -66,3 +66,21 @@ def test_sample_and_inspect_import_no_torchvision_dynamo_or_plot_stacks(tiny_run
             args += ["--prompt", "hello", "--max-new-tokens", "1"]
     heavy = imported_heavy(*args)
     assert heavy == [], f"genai {verb} on a {kind} run imported {heavy}"
+
+
+def test_inspect_draws_its_pictures_again_only_when_the_metrics_changed(tiny_runs):
+    """matplotlib costs inspect ~0.5 s of start-up: loss_curve.png (and class_history.png) are drawn again only
+    when metrics.jsonl was written after them, and a second inspect of an unchanged run imports no matplotlib."""
+    import os
+
+    run = tiny_runs / "image"
+    curve, metrics = run / "loss_curve.png", run / "metrics.jsonl"
+    curve.unlink(missing_ok=True)
+    assert "matplotlib" in imported_heavy("inspect", run, heavy=("matplotlib",))  # no picture yet: drawn
+    drawn = curve.stat().st_mtime_ns
+    assert imported_heavy("inspect", run, heavy=("matplotlib",)) == []  # unchanged log: the picture is kept
+    assert curve.stat().st_mtime_ns == drawn
+    later = drawn / 1e9 + 10
+    os.utime(metrics, (later, later))  # the run logged again
+    assert "matplotlib" in imported_heavy("inspect", run, heavy=("matplotlib",))
+    assert curve.stat().st_mtime_ns > drawn

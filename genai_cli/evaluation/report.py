@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GenaiError
+from ..runs import save_figure
 from .metrics import ECE_BINS
 
 # Rows of the results table, in order: (key, label, format). Keys not listed (diagnostics) follow.
@@ -174,8 +175,7 @@ def class_history_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
     lines = bottom.get_lines() + conf.get_lines()
     bottom.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)  # atomically: inspect keeps a picture newer than metrics.jsonl
     plt.close(fig)
     return path
 
