@@ -8,9 +8,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from genai_cli.capabilities import has
 from genai_cli.cli import app
+from genai_cli.registry import MODELS
 
 runner = CliRunner()
+# The families that walk their latent space, from their declarations; those that also encode walk from real images.
+WALKERS = [f for f in MODELS.names() if has(MODELS.get(f), "walk")]
+ENCODING_WALKERS = [f for f in WALKERS if has(MODELS.get(f), "encode")]
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +24,7 @@ def runs(tmp_path_factory):
     from helpers import tiny_config
 
     root = tmp_path_factory.mktemp("fam")
-    for family in ("pixel_lstm", "vae", "cgan", "dcgan"):
+    for family in ("pixel_lstm", *WALKERS):
         cfg = root / f"{family}.yaml"
         raw = tiny_config(family, max_steps=2)
         raw["data"]["binarize"] = True  # exact prefixes: binary pixels survive any quantisation
@@ -68,9 +73,10 @@ def test_sweep_draws_one_labelled_png(runs, tmp_path):
     assert height >= 6 * 8 and width > 3 * 8
 
 
-@pytest.mark.parametrize("family, opts", [("vae", ["--traverse"]), ("vae", ["--traverse-dim", "1"]),
-                                          ("vae", ["--traverse", "--traverse-dim", "1"]), ("vae", ["--interpolate"]),
-                                          ("dcgan", ["--interpolate"]), ("cgan", ["--interpolate"])])
+@pytest.mark.parametrize("family, opts", [
+    *[(f, ["--interpolate"]) for f in WALKERS],
+    *[(f, opts) for f in ENCODING_WALKERS for opts in (["--traverse"], ["--traverse-dim", "1"],
+                                                         ["--traverse", "--traverse-dim", "1"])]])
 def test_latent_walks(runs, tmp_path, family, opts):
     out = tmp_path / "w.npz"
     r = run("sample", runs / family, "-n", 16, "--out", out, *opts)

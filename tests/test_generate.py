@@ -74,7 +74,7 @@ def test_flags_select_one_mode():
 @pytest.mark.parametrize("family, request_, needle", [
     ("vae", SampleRequest(Walk("real"), options={"temperature": 0.5}), "--temperature scales random latents"),
     ("dcgan", SampleRequest(Walk("real")), "--traverse is not an option of family 'dcgan'; families that take it: "
-                                           "autoencoder, vae"),
+                                           + ", ".join(f for f in WALKERS if has(MODELS.get(f), "encode"))),
     ("vae", SampleRequest(Walk(dim=4)), "--traverse-dim 4 is out of range; latent dims are 0..3"),
     ("vae", SampleRequest(Walk(), n=12), "-n must be a multiple of 8"),
     ("pixelcnn", SampleRequest(Walk()), "--interpolate is not an option of family 'pixelcnn'"),
