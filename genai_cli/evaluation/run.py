@@ -118,7 +118,8 @@ def text_quality(model, data, k: int, seed: int, defaults: dict[str, Any], overr
     tokens, seconds = draw_samples(model, k, seed, options, device)
     given = tokens.shape[1] - new
     texts = [model.spec.decode(row[given:]) for row in tokens.long().tolist()]
-    real = "".join(model.spec.decode(row) for row in data.val_x.tolist())
+    rows = -(-k * new // data.val_x.shape[1])  # the validation windows that hold k texts' worth of characters
+    real = "".join(model.spec.decode(row) for row in data.val_x[:rows].tolist())
     chunks = [real[i * new:(i + 1) * new] for i in range(min(k, len(real) // new))]
     metrics = {"chars_per_second": k * new / seconds}
     for n in range(1, 5):
