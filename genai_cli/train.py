@@ -317,6 +317,31 @@ def route_loss(cfg: Config, model: GenerativeModel, dist: distributed.DistContex
     return ddp, route
 
 
+@contextmanager
+def routed_loss(model: GenerativeModel, route: Any) -> Iterator[None]:
+    """During a step, ``model.loss`` goes through ``route`` (DDP / the compiled graph; ``route_loss`` made it): an
+    instance attribute shadows the method, so validation and sampling outside the step use the plain one."""
+    if route is None:
+        yield
+        return
+    model.__dict__["loss"] = route
+    try:
+        yield
+    finally:
+        del model.__dict__["loss"]
+
+
+def score_grid(network: nn.Module, images: torch.Tensor, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    """The evaluator's reading of a grid (N, C, H, W) in [0, 1]: its class histogram (sums to N), classes present and
+    mean confidence (``grid_statistics``), and each sample's predicted class (N,). A generator hopping between modes
+    shows as a histogram that changes from grid to grid."""
+    from .evaluation.metrics import grid_statistics
+    from .evaluation.network import evaluator_outputs
+
+    _, probs = evaluator_outputs(network, images.float().clamp(0, 1), device)  # (N, K)
+    return grid_statistics(probs), probs.argmax(1)
+
+
 def started_precision(state: dict[str, Any], requested: str) -> Precision | None:
     """The precision a checkpointed run started with, when it still answers ``requested`` (train.precision may be
     changed with --set on resume: then it resolves afresh). None for checkpoints from before it was stored."""
@@ -324,6 +349,32 @@ def started_precision(state: dict[str, Any], requested: str) -> Precision | None
     if not isinstance(saved, dict) or saved.get("requested") != requested:
         return None
     return Precision(saved["requested"], saved["resolved"], saved["reason"])
+
+
+class StopSignals:
+    """While entered: the first Ctrl-C (SIGINT) or a SIGTERM (a scheduler, torchrun) sets ``requested``, and the loop
+    finishes the current step, saves and stops, every rank at the same step. A second Ctrl-C stops a single process
+    at once; under torchrun (``distributed``), which signals its workers more than once, the ranks always stop
+    together at a step boundary. Outside the main thread signals cannot be caught: nothing is installed."""
+
+    def __init__(self, distributed: bool):
+        self.distributed = distributed
+        self.requested = False  # a SIGINT/SIGTERM reached this process
+
+    def on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested and not self.distributed:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopSignals:
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 class Trainer:
@@ -354,9 +405,9 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.tb = None
         self.best_pending = False  # validation improved since the last best.pt
-        self.stop_requested = False  # a SIGINT/SIGTERM reached this process
+        self.stops = StopSignals(self.dist.enabled)
         self.shared_elapsed = 0.0  # training seconds, averaged over ranks (train.max_seconds)
-        self.stop_agreed = False  # some rank's stop_requested, as all ranks learnt it in the last step's all-reduce
+        self.stop_agreed = False  # some rank's stop request, as all ranks learnt it in the last step's all-reduce
 
     @classmethod
     def from_parts(cls, parts: RunParts, *, quiet: bool = False) -> Trainer:
@@ -445,19 +496,6 @@ class Trainer:
     def sampling_model(self) -> GenerativeModel:
         return self.ema.module if self.ema else self.model
 
-    @contextmanager
-    def routed(self) -> Iterator[None]:
-        """During a step, ``model.loss`` goes through DDP / the compiled graph (an instance attribute shadows
-        the method; validation and sampling outside the step use the plain one)."""
-        if self.loss_route is None:
-            yield
-            return
-        self.model.__dict__["loss"] = self.loss_route
-        try:
-            yield
-        finally:
-            del self.model.__dict__["loss"]
-
     def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One optimizer step on this rank's share (x, y) of the global batch, in train.grad_accum micro-batches.
         Returns the logs averaged over micro-batches and ranks (gradient norms: of the final, averaged gradient)."""
@@ -470,12 +508,12 @@ class Trainer:
         for i, micro in enumerate(zip(x.chunk(k), y.chunk(k))):
             self.stepper.micro = i
             silent = self.ddp.no_sync() if self.ddp is not None and k > 1 else nullcontext()
-            with self.routed(), silent:
+            with routed_loss(self.model, self.loss_route), silent:
                 logs = self.model.train_step(micro, self.optimizers, self.stepper)
             for key, v in logs.items():
                 sums[key] = sums.get(key, 0.0) + v
         mean = {key: logs[key] if key.startswith("grad_norm") else v / k for key, v in sums.items()}
-        mean["stop"] = float(self.stop_requested)  # one rank asked to stop: all stop after this same step
+        mean["stop"] = float(self.stops.requested)  # one rank asked to stop: all stop after this same step
         mean["elapsed"] = self.elapsed  # averaged, so every rank takes the same time-budget decision
         mean = distributed.average_logs(mean, self.device)
         self.shared_elapsed = mean.pop("elapsed")
@@ -515,27 +553,15 @@ class Trainer:
             from torchvision.utils import make_grid
 
             self.tb.add_image("samples", make_grid(images.clamp(0, 1), pad_value=0.5), self.step)
-        if self.grid_evaluator is not None:
-            self.score_grid(images)
+        if self.grid_evaluator is not None:  # logged as split "samples" (genai inspect draws the history)
+            stats, predicted = score_grid(self.grid_evaluator[0], images, self.device)
+            self.log({"step": self.step, "split": "samples", "grid_size": images.shape[0], **stats})
+            if self.tb is not None:
+                import numpy as np
+
+                bins = np.arange(len(stats["class_histogram"]) + 1) - 0.5
+                self.tb.add_histogram("samples/classes", predicted, self.step, bins=bins)
         return path
-
-    def score_grid(self, images: torch.Tensor) -> dict[str, Any]:
-        """The evaluator's reading of a grid (N, C, H, W) in [0, 1]: its class histogram (sums to N), classes present
-        and mean confidence, logged as split "samples". A generator hopping between modes shows as a histogram that
-        changes from grid to grid (``genai inspect`` draws the history)."""
-        from .evaluation.metrics import grid_statistics
-        from .evaluation.network import evaluator_outputs
-
-        network, _ = self.grid_evaluator
-        _, probs = evaluator_outputs(network, images.float().clamp(0, 1), self.device)  # (N, K)
-        stats = grid_statistics(probs)
-        self.log({"step": self.step, "split": "samples", "grid_size": images.shape[0], **stats})
-        if self.tb is not None:
-            import numpy as np
-
-            k = probs.shape[1]
-            self.tb.add_histogram("samples/classes", probs.argmax(1), self.step, bins=np.arange(k + 1) - 0.5)
-        return stats
 
     def log(self, record: dict[str, Any]) -> None:
         """One record to metrics.jsonl and/or TensorBoard (train.log)."""
@@ -548,27 +574,6 @@ class Trainer:
                     self.tb.add_scalar(f"{split}/{key}", value, record["step"])
 
     # -- the loop -----------------------------------------------------------------------------
-    @contextmanager
-    def stop_signals(self) -> Iterator[None]:
-        """The first Ctrl-C (SIGINT) or a SIGTERM (a scheduler, torchrun) finishes the current step, saves and
-        stops, every rank at the same step. A second Ctrl-C stops a single process at once; under torchrun,
-        which signals its workers more than once, the ranks always stop together at a step boundary."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_signal(signum, frame):
-            if signum == signal.SIGINT and self.stop_requested and not self.dist.enabled:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
     def open_run(self) -> None:
         """Rank 0, before the first step: tidy what a killed run may have left, open TensorBoard."""
         for folder in (self.run_dir, self.run_dir / "checkpoints"):
@@ -605,7 +610,7 @@ class Trainer:
                           **self.summary["precision_probe"]})
             self.prepare()
         try:
-            with self.stop_signals():
+            with self.stops:
                 last_logs = self.run_steps(reporter)
         except KeyboardInterrupt:
             reporter.close()
