@@ -4,6 +4,10 @@ The graph is read from the source with ``ast``: every ``import`` of a genai_cli 
 function (a function-level import still ties the two modules together; it only hides the knot until run time).
 Imports under ``if TYPE_CHECKING:`` are left out: they never run. ``python tests/test_architecture.py`` prints the
 counts and each cycle and upward import (``python tests/test_architecture.py CHECKOUT``: another checkout's).
+
+It also walks a parent reference (issue 19's measure): MaskGIT's ``model.tokenizer: RUN`` traced from the call the
+run's assembly makes (``build_model``) to the frozen VQ-VAE handed to the family, counting the files entered
+(``parent_walk``; docs/ARCHITECTURE.md, "A run that builds on another", gives the walk file by file).
 """
 
 from __future__ import annotations
@@ -166,6 +170,108 @@ def report() -> str:
     return "\n".join(lines)
 
 
+# -- the walk of a parent reference -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    depth: int
+    file: str  # relative to genai_cli/
+    name: str
+
+
+def trace_calls(fn) -> list[Call]:
+    """Every call of a genai_cli function while ``fn()`` runs, depth first (``sys.settrace``)."""
+    import sys
+
+    calls: list[Call] = []
+    depth = 0
+    root = str(PACKAGE) + "/"
+
+    def on_call(frame, event, arg):
+        nonlocal depth
+        if event != "call" or not frame.f_code.co_filename.startswith(root):
+            return None
+        calls.append(Call(depth, frame.f_code.co_filename[len(root):], frame.f_code.co_name))
+        depth += 1
+
+        def on_return(frame, event, arg):
+            nonlocal depth
+            if event == "return":
+                depth -= 1
+            return on_return
+
+        return on_return
+
+    sys.settrace(on_call)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return calls
+
+
+def parent_walk(runs: Path) -> list[Call]:
+    """The calls from ``build_model`` (as a new run's assembly calls it) to the frozen tokenizer handed to MaskGIT, for
+    a tiny MaskGIT whose ``model.tokenizer`` names a tiny VQ-VAE run under ``runs``. Left out: the building of the two
+    networks themselves (nn/, the child's build_network), the Parents built last, and comprehensions."""
+    from helpers import SPEC, tiny_cfg, untrained_parent
+
+    from genai_cli.build import build_model
+    from genai_cli.runs import save_checkpoint
+    from genai_cli.spec import spec_to_dict
+
+    parent = untrained_parent("vqvae", SPEC)
+    save_checkpoint({"family": "vqvae", "config": parent.config, "spec": spec_to_dict(SPEC), "model": parent.weights,
+                     "step": 0, "parents": {}}, runs / "tok" / "checkpoints" / "last.pt")
+    cfg = tiny_cfg("maskgit", tokenizer="tok")  # the config's model: section, read before the run is assembled
+    calls = trace_calls(lambda: build_model("maskgit", cfg, SPEC, root=runs))
+    walk, skip_below = [], None
+    for call in calls:
+        if skip_below is not None and call.depth > skip_below:
+            continue
+        skip_below = None
+        if call.file.startswith("nn/") or call.name.startswith("<") or call.name == "build_network":
+            skip_below = call.depth
+            continue
+        if call.depth == 1 and call.file == "lineage.py" and call.name == "__init__":  # Parents(...): handed over
+            break
+        walk.append(call)
+    return walk
+
+
+def walk_counts(walk: list[Call]) -> dict[str, list[str] | int]:
+    """Files entered: every file a call of the walk runs in (``all_files``, with train.py, where it starts), and those
+    a reader must open to follow it (``files``): where a call hands the walk on to another file; a call that reaches no
+    other file is a look-up whose name says what it gives (registry.get, spec_from_dict, runs.load_checkpoint_file...).
+    ``climbs``: the calls into such a file, each of which the reader returns from to go on where it was called."""
+    def caller(i: int) -> Call:
+        return next((walk[j] for j in range(i - 1, -1, -1) if walk[j].depth < walk[i].depth),
+                    Call(-1, "train.py", "assemble"))
+
+    hands_on = set()
+    for i in range(len(walk)):  # a call hands on if a call below it (before the next at its depth) is in another file
+        for j in range(i + 1, len(walk)):
+            if walk[j].depth <= walk[i].depth:
+                break
+            if walk[j].file != walk[i].file:
+                hands_on.add(i)
+                break
+    files, climbs = ["train.py"], 0
+    for i in sorted(hands_on):
+        files += [walk[i].file] if walk[i].file not in files else []
+        climbs += caller(i).file != walk[i].file
+    all_files = list(dict.fromkeys(["train.py", *(c.file for c in walk)]))
+    return {"files": files, "climbs": climbs, "all_files": all_files}
+
+
+def walk_report(runs: Path) -> str:
+    walk = parent_walk(runs)
+    counts = walk_counts(walk)
+    files = counts["files"]
+    lines = [f"the walk of model.tokenizer: {len(files)} files a reader enters ({', '.join(files)}), "
+             f"{counts['climbs']} climbs back up; {len(counts['all_files'])} files any call runs in"]
+    return "\n".join(lines + [f"  {'  ' * c.depth}{c.file}:{c.name}" for c in walk])
+
+
 # -- the tests ----------------------------------------------------------------------------------------------------
 def test_every_module_has_a_layer():
     for module in modules():
@@ -197,3 +303,18 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:  # another checkout's package, e.g. an older commit unpacked with git archive
         PACKAGE = Path(sys.argv[1]).resolve() / "genai_cli"
     print(report())
+    if len(sys.argv) == 1:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        with tempfile.TemporaryDirectory() as folder:
+            print(walk_report(Path(folder)))
+
+
+def test_a_parent_reference_is_followed_through_five_files(tmp_path):
+    """From the run's assembly to the frozen parent: build.py asks lineage.py to read and check the run, builds the
+    parent's family (models/vqvae.py, on models/base.py) and has lineage.py freeze it; nothing more to open."""
+    counts = walk_counts(parent_walk(tmp_path))
+    assert counts["files"] == ["train.py", "build.py", "lineage.py", "models/vqvae.py", "models/base.py"], \
+        walk_report(tmp_path)
+    assert counts["climbs"] <= 5, walk_report(tmp_path)
