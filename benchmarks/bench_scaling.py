@@ -1,0 +1,272 @@
+"""The scaling study of issue 21: DiT and UNet size presets in one autoencoder's latent space, against training FLOPs.
+
+    python benchmarks/bench_scaling.py study [--budgets 12 25 50 100] [--arms unet:S,unet:M,unet:L,dit:S,dit:B,dit:L]
+                                             [--samples 200] [--steps 10] [--ae-seconds 60] [--threads 1]
+    python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 2]
+
+study: every arm is ``configs/latent_ddpm_mnist.yaml`` (class-conditional, v-prediction with min-SNR-5, EMA 0.995,
+AdamW lr 2e-3, batch 64) with ``model.backbone`` and ``model.size`` set, trained on the 4 x 7 x 7 latents of ONE
+``spatial_ae`` run (``configs/spatial_ae_mnist.yaml``, trained first under benchmarks/runs/ when missing) of the
+4,500 ``mnist5k`` training images. The learning rate is constant after the warm-up (``train.min_lr_ratio=1``), so
+one run per arm gives every budget: the EMA weights are copied when the run's process CPU time in training steps
+passes each of ``--budgets`` (seconds), as the DiT paper reads FID off one run per model at growing step counts.
+Each copy is scored afterwards (not counted in its budget): the validation loss (the loop's own ``validate``: the
+first ``eval_max_images`` validation images at a fixed seed) and classifier-FID of ``--samples`` samples
+(DPM-Solver++(2M), ``--steps`` steps, guidance 2) in the evaluator network's features (``genai evaluate``'s
+metrics). Training compute: the denoiser's FLOPs of one training step, forward and backward at the run's batch
+size, counted by ``torch.utils.flop_counter`` (the frozen encoder's forward pass, the same for every arm, and the
+optimizer are not counted), times the steps taken. Writes benchmarks/scaling/scaling.png (FID and validation loss
+against training GFLOPs, log axes, one line per arm) and benchmarks/scaling/scaling.json, and prints the table and
+the DiT-vs-UNet rows of benchmarks/README.md. fp32 throughout: every arm in the same precision.
+
+speed: parameters and training images/s (forward, backward, AdamW step; mean of ``--steps`` after one warm-up) of
+every DiT preset on 1x28x28 and 3x32x32 pixels and on the 4 x 7 x 7 latent grid, in fp32 and, where the CPU runs
+bf16 natively, under bf16 autocast; the UNet S preset of each space is measured beside them in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_common import ROOT, RUNS, evaluator_for, log, machine, markdown
+from bench_latent import AUTOENCODER, LATENT, QUIET_SCHEDULES, train_for
+from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
+
+from genai_cli.config import DataConfig, load_config
+from genai_cli.data import load_data
+from genai_cli.evaluation.run import draw_samples, sample_quality
+from genai_cli.hardware import cpu_native_bf16
+from genai_cli.runs import new_run
+from genai_cli.train import Trainer
+
+OUT = ROOT / "benchmarks" / "scaling"  # the committed figure and JSON; --out elsewhere for trial runs
+AE_RUN = "bench-scaling-ae"
+
+
+class SnapshotTrainer(Trainer):
+    """The toolkit's Trainer that copies the EMA weights when its process CPU time in training passes each budget,
+    and stops at the last one."""
+
+    def __init__(self, *args, budgets: list[float], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.budgets = sorted(budgets)
+        self.snapshots: list[dict] = []
+        self.cpu_start = 0.0
+
+    def run_steps(self, reporter):
+        self.cpu_start = time.process_time()  # from the first step: the latent scale's measurement is set-up
+        return super().run_steps(reporter)
+
+    def after_step(self, logs, reporter, rate) -> None:
+        used = time.process_time() - self.cpu_start
+        while len(self.snapshots) < len(self.budgets) and used >= self.budgets[len(self.snapshots)]:
+            state = {k: v.detach().clone() for k, v in self.sampling_model().state_dict().items()}
+            self.snapshots.append({"budget": self.budgets[len(self.snapshots)], "cpu_seconds": used,
+                                   "step": self.step, "train_loss": logs["loss"], "state": state})
+        if len(self.snapshots) == len(self.budgets):
+            self.total_steps = self.step  # the loop ends after this step
+        super().after_step(logs, reporter, rate)
+
+
+def step_flops(model, batch_size: int) -> int:
+    """FLOPs of one training step of ``model``'s denoiser (forward + backward) at ``batch_size``, on its model space."""
+    net = copy.deepcopy(model.unet).train().requires_grad_(True)  # the EMA copy is frozen
+    x = torch.randn(batch_size, *model.model_shape)
+    t = torch.randint(0, model.config.timesteps, (batch_size,))
+    y = torch.randint(0, model.spec.num_classes, (batch_size,)) if model.config.class_conditional else None
+    with FlopCounterMode(display=False) as counter:
+        net(x, t, y).float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def study(args) -> None:
+    cpu = torch.device("cpu")
+    data_cfg = DataConfig(name="mnist5k", image_size=28)
+    data = load_data(data_cfg)
+    evaluator, ev_acc, ev_ckpt = evaluator_for(data_cfg, data.spec)
+    log(f"evaluator {ev_ckpt} (validation accuracy {ev_acc})")
+    ae_run = RUNS / AE_RUN
+    if not (ae_run / "checkpoints" / "last.pt").exists():
+        log(f"autoencoder: {AUTOENCODER} for {args.ae_seconds:.0f} CPU s")
+        ae_run = train_for(AUTOENCODER, args.ae_seconds, data, AE_RUN)[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = {"sampler": "dpm++2m", "steps": args.steps, "guidance": 2.0}
+    results = json.loads((args.out / "scaling.json").read_text())["arms"] if args.resume else {}
+    for arm in args.arms.split(","):
+        if arm in results:
+            continue
+        backbone, size = arm.split(":")
+        cfg = load_config(ROOT / LATENT, [*QUIET_SCHEDULES, f"model.autoencoder={ae_run}",
+                                          f"model.backbone={backbone}", f"model.size={size}",
+                                          "train.min_lr_ratio=1.0", "train.precision=fp32",
+                                          f"train.eval_max_images={args.val_images}", f"train.seed={args.seed}"])
+        run = new_run(RUNS, f"bench-scaling-{backbone}-{size}", "bench-scaling", force=True)
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        torch.manual_seed(args.seed)
+        trainer = SnapshotTrainer(cfg, run, data=data, quiet=True, budgets=args.budgets,
+                                  console=Console(stderr=True))
+        trainer.fit()
+        model = trainer.sampling_model()
+        flops = step_flops(model, cfg.train.batch_size)
+        params = sum(p.numel() for p in model.unet.parameters())
+        points = []
+        for snap in trainer.snapshots:
+            model.load_state_dict(snap.pop("state"))
+            val = trainer.validate()
+            fake, _ = draw_samples(model, args.samples, args.seed, options, cpu)
+            quality = sample_quality(evaluator, data, fake, cpu, args.seed)
+            points.append({**snap, "train_gflops": snap["step"] * flops / 1e9, "val_loss": val["val_loss"],
+                           "classifier_fid": quality["classifier_fid"], "kid": quality["kid"],
+                           "reference_fid": quality["reference_fid"]})
+            log(f"{arm}: {snap['budget']:.0f} CPU s, step {snap['step']}, {points[-1]['train_gflops']:.0f} GFLOPs, "
+                f"val loss {val['val_loss']:.4f}, classifier-FID {quality['classifier_fid']:.2f}")
+        results[arm] = {"backbone": backbone, "size": size, "params": params, "gflops_per_step": flops / 1e9,
+                        "points": points}
+        write(results, args)  # after every arm: a killed study keeps what it measured
+    report(results, args)
+
+
+def write(results: dict, args) -> None:
+    summary = {"machine": machine(), "budgets": args.budgets, "samples": args.samples, "steps": args.steps,
+               "threads": args.threads, "arms": results}
+    (args.out / "scaling.json").write_text(json.dumps(summary, indent=2, default=float))
+    plot(results, args.out)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results.values():
+        gflops = [p["train_gflops"] for p in r["points"]]
+        style = "-o" if r["backbone"] == "dit" else "--s"
+        label = f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']} ({r['params'] / 1e6:.2f}M)"
+        axes[0].plot(gflops, [p["classifier_fid"] for p in r["points"]], style, label=label)
+        axes[1].plot(gflops, [p["val_loss"] for p in r["points"]], style, label=label)
+    for ax, name in zip(axes, ("classifier-FID", "validation loss (v, min-SNR-5)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute (GFLOPs, forward + backward)")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("latent diffusion on mnist5k (4x7x7 spatial_ae latents), CPU", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict, args) -> None:
+    rows = []
+    for r in results.values():
+        for p in r["points"]:
+            rows.append([f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']}", f"{r['params']:,}",
+                         f"{r['gflops_per_step']:.2f}", f"{p['budget']:.0f}", str(p["step"]),
+                         f"{p['train_gflops']:.0f}", f"{p['val_loss']:.4f}", f"{p['classifier_fid']:.2f}"])
+    print(f"\nScaling study: latent_ddpm on mnist5k, budgets {args.budgets} CPU s per arm ({args.threads} thread), "
+          f"{args.samples} samples each (dpm++2m {args.steps} steps, guidance 2); {machine()}\n")
+    print(markdown(["arm", "parameters", "GFLOPs / step", "CPU s", "steps", "train GFLOPs", "val loss",
+                    "classifier-FID"], rows))
+    pairs = [(d, u) for d, u in (("dit:S", "unet:S"), ("dit:B", "unet:M"), ("dit:L", "unet:L"))
+             if d in results and u in results]
+    if not pairs:
+        return
+    print("\nDiT against UNet at equal CPU budget (classifier-FID, DiT / UNet; target: <= 1.2x at the smallest "
+          "budget, < 1x at the largest)\n")
+    rows = []
+    for d, u in pairs:
+        for pd, pu in zip(results[d]["points"], results[u]["points"], strict=True):
+            ratio = pd["classifier_fid"] / pu["classifier_fid"]
+            rows.append([f"{d} vs {u}", f"{pd['budget']:.0f}", f"{pd['classifier_fid']:.2f}",
+                         f"{pu['classifier_fid']:.2f}", f"{ratio:.2f}"])
+    print(markdown(["pair", "CPU s", "DiT FID", "UNet FID", "ratio"], rows))
+
+
+# -- speed -------------------------------------------------------------------------------------------
+def speed(args) -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import untrained_parent  # random weights of the family's config: speed does not need training
+
+    from genai_cli.api import build_model
+    from genai_cli.config import build_dataclass
+    from genai_cli.models.base import ImageSpec, Stepper
+    from genai_cli.models.diffusion import DIT_PRESETS
+    from genai_cli.registry import MODELS
+
+    class Train:
+        lr, betas, weight_decay = 2e-4, [0.9, 0.999], 0.0
+
+    precisions = ["fp32", "bf16"] if cpu_native_bf16() else ["fp32"]
+
+    def rate(family, spec, fields, parents, precision) -> tuple[int, float]:
+        torch.manual_seed(0)
+        cfg = build_dataclass(MODELS.get(family).Config, {"class_conditional": True, **fields}, "model")
+        model = build_model(family, cfg, spec, parents).train()
+        opts, stepper = model.configure_optimizers(Train), Stepper()
+        x, y = torch.rand(args.batch, *spec.shape), torch.arange(args.batch) % 10
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            model.train_step((x, y), opts, stepper)  # warm-up
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_step((x, y), opts, stepper)
+            seconds = time.perf_counter() - start
+        return sum(p.numel() for p in model.unet.parameters()), args.batch * args.steps / seconds
+
+    mnist, cifar = ImageSpec(1, 28, 10), ImageSpec(3, 32, 10)
+    ae_cfg = {k: v for k, v in load_config(ROOT / AUTOENCODER).to_dict()["model"].items() if k != "family"}
+    ae = {"autoencoder": untrained_parent("spatial_ae", mnist, **ae_cfg)}
+    rows = []
+    for label, family, spec, parents in [("ddpm", "ddpm", mnist, None), ("ddpm", "ddpm", cifar, None),
+                                         ("latent_ddpm", "latent_ddpm", mnist, ae)]:
+        extra = {"autoencoder": "ae"} if parents else {}
+        for backbone, size in [("unet", "S"), *(("dit", s) for s in DIT_PRESETS)]:
+            cells = []
+            for precision in precisions:
+                params, images = rate(family, spec, {"backbone": backbone, "size": size, **extra}, parents, precision)
+                cells.append(f"{images:.1f}")
+            shape = "4x7x7 latents" if parents else "x".join(map(str, spec.shape))
+            rows.append([label, f"{backbone} {size}", shape, f"{params:,}", *cells])
+            log(" | ".join(rows[-1]))
+    print(f"\nDiT presets (and the UNet S preset beside them): training images/s (batch {args.batch}, forward + "
+          f"backward + AdamW, mean of {args.steps} steps after one warm-up); {machine()}\n")
+    print(markdown(["family", "backbone", "shape", "parameters", *(f"images/s {p}" for p in precisions)], rows,
+                   right={3, 4, 5}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("study", help="DiT and UNet presets against training FLOPs in one latent space")
+    s.add_argument("--budgets", type=float, nargs="+", default=[12.0, 25.0, 50.0, 100.0],
+                   help="CPU seconds of training at which each arm is scored")
+    s.add_argument("--arms", default="unet:S,dit:S,unet:M,dit:B,unet:L,dit:L")
+    s.add_argument("--samples", type=int, default=200)
+    s.add_argument("--steps", type=int, default=10, help="DPM-Solver++(2M) steps per sample")
+    s.add_argument("--val-images", type=int, default=256)
+    s.add_argument("--ae-seconds", type=float, default=60.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--resume", action="store_true", help="keep the arms OUT/scaling.json already has")
+    s.add_argument("--out", type=Path, default=OUT, help="where scaling.png and scaling.json go")
+    p = sub.add_parser("speed", help="training images/s of every DiT preset, fp32 and bf16")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    study(args) if args.command == "study" else speed(args)
+
+
+if __name__ == "__main__":
+    main()
