@@ -140,8 +140,8 @@ def test_wrong_dit_settings_fail_in_one_line():
     config = MODELS.get("ddpm").Config
     cases = [({"backbone": "dit", "base_channels": 8}, "belongs to the unet backbone"),
              ({"patch_size": 2}, "belongs to the dit backbone"),
-             ({"backbone": "dit", "size": "M"}, "valid: S, B, L"),
-             ({"size": "B"}, "valid: S, M, L"),
+             ({"backbone": "dit", "size": "M"}, "valid: S, B, L for the dit backbone"),
+             ({"size": "B"}, "valid: S, M, L for the unet backbone"),
              ({"backbone": "transformer"}, "valid: unet, dit")]
     for fields, message in cases:
         with pytest.raises(GenaiError, match=message):

@@ -210,7 +210,7 @@ def test_no_size_is_the_historical_default_and_checkpoints_store_the_resolved_co
              "ema": None}
     torch.save(state, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt").config.size is None
-    with pytest.raises(GenaiError, match="'model.size' must be one of 'S', 'M', 'L'"):
+    with pytest.raises(GenaiError, match="'model.size' must be one of 'S', 'M', 'B', 'L'"):
         from_dict({"model": {"family": "ddpm", "size": "XL"}})
     with pytest.raises(GenaiError, match="unknown model.size 'XL'; valid: S, M, L"):
         DDPMConfig(size="XL")
