@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..nn.discretized import discretized_log_prob
+from ..nn.dit import DiT
 from ..nn.unet import UNet
 from ..registry import register_model
 from .base import GenerativeModel, ImageSpec
@@ -338,6 +339,20 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Size presets of the DiT backbone (``model.backbone: dit``), in the spirit of DiT-S/B/L (Peebles & Xie 2023, Table 1:
+# widths 384/768/1024, depths 12/12/24, 6/12/16 heads) scaled to what a CPU trains in minutes; heads of 32 channels
+# throughout, MLP 4x wide. Pixel space: 4x4 patches (28x28 -> 49 tokens, 32x32 -> 64). The latent presets
+# (latent_diffusion.LATENT_DIT_PRESETS) use 1x1 patches: the 7x7 grid is already 49 tokens and 7 is prime.
+DIT_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
+UNET_FIELDS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels")
+DIT_PRESETS: dict[str, dict[str, Any]] = {
+    "S": {"patch_size": 4, "hidden_size": 64, "depth": 4, "num_heads": 2},
+    "B": {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4},
+    "L": {"patch_size": 4, "hidden_size": 192, "depth": 8, "num_heads": 6},
+}
+BACKBONES = ("unet", "dit")
+
+
 def resolve_size(config: Any, presets: dict[str, dict[str, Any]], default: str = "S") -> None:
     """Fill the preset fields the config left at None from ``presets[config.size]`` (``default`` when size is None).
 
@@ -346,10 +361,27 @@ def resolve_size(config: Any, presets: dict[str, dict[str, Any]], default: str =
     that were trained, and a checkpoint from before presets (every field set, no ``size``) loads unchanged.
     """
     if config.size is not None and config.size not in presets:
-        raise GenaiError(f"unknown model.size '{config.size}'; valid: {', '.join(presets)} (or leave it out)")
+        backbone = getattr(config, "backbone", "unet")
+        raise GenaiError(f"unknown model.size '{config.size}'; valid: {', '.join(presets)} for the {backbone} backbone "
+                         f"(or leave it out)")
     for key, value in presets[config.size or default].items():
         if getattr(config, key) is None:
             setattr(config, key, list(value) if isinstance(value, list) else value)
+
+
+def build_backbone(config: Any, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The denoising network ``config.backbone`` names, for points of ``shape`` (C, H, W): net(x, t, y) -> x-shaped.
+
+    The one place the families on ``NetworkConfig`` build their network, so each of them takes either backbone.
+    num_classes > 0: class-conditional, with a null label row for classifier-free guidance.
+    """
+    channels, height, width = shape
+    if config.backbone == "dit":
+        return DiT(channels, height, width, patch_size=config.patch_size, hidden=config.hidden_size,
+                   depth=config.depth, heads=config.num_heads, dropout=config.dropout, num_classes=num_classes)
+    return UNet(in_channels=channels, base_channels=config.base_channels, channel_mults=config.channel_mults,
+                num_res_blocks=config.num_res_blocks, attention_levels=config.attention_levels,
+                dropout=config.dropout, num_classes=num_classes)
 
 
 @dataclass
@@ -358,19 +390,36 @@ class NetworkConfig:
     network's size preset and widths, and the class conditioning (label dropout trains the unconditional model
     that classifier-free guidance needs)."""
 
-    size: Literal["S", "M", "L"] | None = None  # UNet preset (UNET_PRESETS); the four fields below, when set, win
+    backbone: Literal["unet", "dit"] = "unet"  # the denoising network: a UNet, or a diffusion transformer (DiT)
+    # Preset of the backbone: UNet S/M/L (UNET_PRESETS), DiT S/B/L (DIT_PRESETS); fields set explicitly win.
+    size: Literal["S", "M", "B", "L"] | None = None
     base_channels: int | None = None  # None: from the preset (S: 32)
     channel_mults: list[int] | None = None  # None: from the preset (S: [1, 2, 2])
     num_res_blocks: int | None = None  # None: from the preset (S: 1)
     attention_levels: list[int] | None = None  # extra levels; the bottleneck always attends. None: from the preset
+    patch_size: int | None = None  # DiT only: p x p patches are its tokens. None: from the preset (S: 4)
+    hidden_size: int | None = None  # DiT only: the token width. None: from the preset (S: 64)
+    depth: int | None = None  # DiT only: adaLN-Zero blocks. None: from the preset (S: 4)
+    num_heads: int | None = None  # DiT only: attention heads. None: from the preset (S: 2)
     dropout: float = 0.0
     class_conditional: bool = False
     cond_drop_prob: float = 0.1  # label dropout, trains the unconditional model for classifier-free guidance
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = UNET_PRESETS
+    DIT_PRESETS: ClassVar[dict[str, dict[str, Any]]] = DIT_PRESETS
 
     def __post_init__(self) -> None:
-        resolve_size(self, self.PRESETS)
+        if self.backbone not in BACKBONES:
+            raise GenaiError(f"unknown model.backbone '{self.backbone}'; valid: {', '.join(BACKBONES)}")
+        dit = self.backbone == "dit"
+        # The other backbone's fields would be silently ignored: refuse them (from a YAML file or --set).
+        foreign = [k for k in (UNET_FIELDS if dit else DIT_FIELDS) if getattr(self, k) is not None]
+        if foreign:
+            other = "unet" if dit else "dit"
+            verb = "belong" if len(foreign) > 1 else "belongs"
+            raise GenaiError(f"model.{', model.'.join(foreign)} {verb} to the {other} backbone, but model.backbone "
+                             f"is {self.backbone}; drop it or set model.backbone={other}")
+        resolve_size(self, self.DIT_PRESETS if dit else self.PRESETS)
 
 
 @dataclass
@@ -406,10 +455,8 @@ class DenoisingFamily(GenerativeModel):
         if not 0.0 <= config.cond_drop_prob < 1.0:
             raise GenaiError(f"cond_drop_prob must be in [0, 1), got {config.cond_drop_prob}")
         channels, height, width = self.model_shape
-        self.unet = UNet(in_channels=channels, base_channels=config.base_channels,
-                         channel_mults=config.channel_mults, num_res_blocks=config.num_res_blocks,
-                         attention_levels=config.attention_levels, dropout=config.dropout,
-                         num_classes=spec.num_classes if config.class_conditional else 0)
+        # The attribute keeps the name "unet" whichever backbone it holds: checkpoints' keys stay "unet.*".
+        self.unet = build_backbone(config, self.model_shape, spec.num_classes if config.class_conditional else 0)
         self.check_model_shape(height, width)
         self.null_label = spec.num_classes  # the UNet's "no label" row
         self.network_evaluations = 0

@@ -44,6 +44,13 @@ LATENT_PRESETS: dict[str, dict[str, Any]] = {
     "M": {"base_channels": 64, "channel_mults": [1], "num_res_blocks": 2, "attention_levels": [0]},
     "L": {"base_channels": 128, "channel_mults": [1], "num_res_blocks": 3, "attention_levels": [0]},
 }
+# The DiT presets of the latent grid (model.backbone: dit): diffusion.DIT_PRESETS' widths and depths on 1x1 patches,
+# every latent position a token (49 on the 7x7 grid; 7 is prime, so only 1 and 7 divide it).
+LATENT_DIT_PRESETS: dict[str, dict[str, Any]] = {
+    "S": {"patch_size": 1, "hidden_size": 64, "depth": 4, "num_heads": 2},
+    "B": {"patch_size": 1, "hidden_size": 128, "depth": 6, "num_heads": 4},
+    "L": {"patch_size": 1, "hidden_size": 192, "depth": 8, "num_heads": 6},
+}
 PREPARE_CHUNK = 500  # images encoded at once while measuring the latent scale
 
 
@@ -53,6 +60,7 @@ class Config(DDPMConfig):
     clip_x0: bool = False  # clamps x_0 to pixel range: refused here (latents are unbounded)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = LATENT_PRESETS
+    DIT_PRESETS: ClassVar[dict[str, dict[str, Any]]] = LATENT_DIT_PRESETS
 
 
 class LatentSpace:
