@@ -1,7 +1,7 @@
 """The scaling study of issue 21: DiT and UNet size presets in one autoencoder's latent space, against training FLOPs.
 
-    python benchmarks/bench_scaling.py study [--budgets 12 25 50 100] [--arms unet:S,unet:M,unet:L,dit:S,dit:B,dit:L]
-                                             [--samples 200] [--steps 10] [--ae-seconds 60] [--threads 1]
+    python benchmarks/bench_scaling.py study [--budgets 8 24 72] [--arms unet:S,dit:S,unet:M,dit:B,unet:L,dit:L]
+                                             [--samples 200] [--steps 8] [--ae-seconds 60] [--threads 1]
     python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 1]
 
 study: every arm is ``configs/latent_ddpm_mnist.yaml`` (class-conditional, v-prediction with min-SNR-5, EMA 0.995,
@@ -249,11 +249,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("study", help="DiT and UNet presets against training FLOPs in one latent space")
-    s.add_argument("--budgets", type=float, nargs="+", default=[12.0, 25.0, 50.0, 100.0],
+    s.add_argument("--budgets", type=float, nargs="+", default=[8.0, 24.0, 72.0],
                    help="CPU seconds of training at which each arm is scored")
     s.add_argument("--arms", default="unet:S,dit:S,unet:M,dit:B,unet:L,dit:L")
     s.add_argument("--samples", type=int, default=200)
-    s.add_argument("--steps", type=int, default=10, help="DPM-Solver++(2M) steps per sample")
+    s.add_argument("--steps", type=int, default=8, help="DPM-Solver++(2M) steps per sample")
     s.add_argument("--val-images", type=int, default=256)
     s.add_argument("--ae-seconds", type=float, default=60.0)
     s.add_argument("--seed", type=int, default=0)

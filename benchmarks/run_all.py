@@ -37,6 +37,10 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("startup", ["bench_startup.py"], ["--quick"]),
     ("precision", ["bench_precision.py"],
      ["--steps", "2", "--warmup", "1", "--chunks", "1", "--settings", "auto,fp32,bf16", "--matmul-size", "256"]),
+    ("scaling", ["bench_scaling.py", "study"],
+     ["--budgets", "2", "4", "--arms", "unet:S,dit:S", "--samples", "20", "--steps", "2", "--val-images", "64",
+      "--out", str(HERE / "runs" / "scaling-quick")]),
+    ("dit_speed", ["bench_scaling.py", "speed"], ["--steps", "1"]),
 ]
 
 
