@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from genai_cli.compare import markdown_table as markdown  # noqa: E402,F401  (the benchmarks' tables)
 from genai_cli.evaluation.evaluator import load_evaluator, resolve_evaluator  # noqa: E402
 from genai_cli.hardware import machine_line  # noqa: E402
 from genai_cli.train import Trainer  # noqa: E402
@@ -76,11 +77,3 @@ class BudgetTrainer(Trainer):
         if self.cpu_used >= self.budget:
             self.total_steps = self.step  # the loop ends after this step
         super().after_step(logs, reporter, rate)
-
-
-def markdown(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
-    right = right if right is not None else set(range(1, len(header)))
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)

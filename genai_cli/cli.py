@@ -541,7 +541,7 @@ def compare(
 ):
     """Train every config for the same budget (or take finished runs), measure them with one evaluator and write
     runs/<name>/report.md: quality, likelihood, sampling and training speed, stability over seeds."""
-    from .compare import TABLE, markdown_table, parse_budget, run_comparison, table_rows, to_json
+    from .compare import NUMERIC, TABLE, markdown_table, parse_budget, run_comparison, table_rows, to_json
     from .runs import runs_dir as resolve_runs_dir
 
     log = (lambda text: None) if quiet else (lambda text: err.print(text, markup=False))
@@ -550,7 +550,7 @@ def compare(
     if json_out:
         typer.echo(to_json(report))
         return
-    out.print(markdown_table(TABLE, table_rows(report)), markup=False)  # 15 columns: wider than a terminal table
+    out.print(markdown_table(TABLE, table_rows(report), NUMERIC), markup=False)  # 15 columns: wider than a terminal  # 15 columns: wider than a terminal table
     for why in report["left_out"]:
         out.print(f"left out: {why}", markup=False)
     out.print(f"report: {report['report']}", markup=False)

@@ -463,6 +463,7 @@ def likelihood_kind(text: str | None) -> str:
 TABLE = ["member", "family", "parameters", "steps", "train img/s", "classifier-FID", "confident share", "coverage",
          "classes covered", "bits/dim", "s / 64 samples", "network evals / sample", "collapsed", "diverged",
          "loss spikes"]
+NUMERIC = set(range(2, len(TABLE)))  # right-aligned columns
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -484,10 +485,12 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
-             + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+def markdown_table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    """A markdown table; the columns in ``right`` (default: all but the first) aligned right (the benchmarks' too)."""
+    right = right if right is not None else set(range(1, len(header)))
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def quality_vs_time(report: dict[str, Any], path: Path) -> Path | None:
@@ -569,7 +572,7 @@ def report_markdown(report: dict[str, Any], picture: Path | None, grids: Path | 
              f"{report['sample_seed']}), measured in the evaluator `{report['evaluator']}`"
              + (f" (validation accuracy {report['evaluator_accuracy']:.4f})" if report.get("evaluator_accuracy")
                 else "") + ".", "", f"Machine: {report['machine']} | device {report['device']}", "",
-             markdown_table(TABLE, table_rows(report)), ""]
+             markdown_table(TABLE, table_rows(report), NUMERIC), ""]
     if seeds > 1:
         lines += ["Values are means over the seeds, ± their standard deviation.", ""]
     if picture is not None:
