@@ -20,9 +20,11 @@ adaLN-Zero wraps it instead of copying it. Sizes: ``patch_size`` must divide bot
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import GenaiError
 from .transformer import Block
@@ -56,6 +58,15 @@ def sincos_position_embedding(dim: int, rows: int, cols: int) -> Tensor:
     return torch.cat([timestep_embedding(rr.flatten(), dim // 2), timestep_embedding(cc.flatten(), dim // 2)], dim=1)
 
 
+def attention_kernel(x: Tensor) -> AbstractContextManager:
+    """SDPA's plain (math) kernel for bf16 on a CPU, else torch's choice. On the CPU, the flash kernel's bf16
+    backward over these short sequences was ~10x slower than in fp32 (a DiT-S step spent 63 % of its time there);
+    the math kernel's bf16 matmuls run on AMX. Measured: benchmarks/README.md, "Scaling"."""
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" and bf16 else nullcontext()
+
+
 def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: h (B, N, d) * (1 + scale) + shift, with (B, d) shift and scale broadcast over the tokens."""
     return h * (1 + scale[:, None]) + shift[:, None]
@@ -78,7 +89,8 @@ class DiTBlock(nn.Module):
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(c).chunk(6, dim=1)  # (B, d) each
         b = self.block
-        x = x + gate_a[:, None] * b.attention(modulate(b.ln1(x), shift_a, scale_a))
+        with attention_kernel(x):
+            x = x + gate_a[:, None] * b.attention(modulate(b.ln1(x), shift_a, scale_a))
         return x + gate_m[:, None] * b.mlp(modulate(b.ln2(x), shift_m, scale_m))
 
 
