@@ -99,6 +99,8 @@ def study(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     options = {"sampler": "dpm++2m", "steps": args.steps, "guidance": 2.0}
     results = json.loads((args.out / "scaling.json").read_text())["arms"] if args.resume else {}
+    for path in args.merge:  # arms measured by another process of the same study (run side by side)
+        results.update({k: v for k, v in json.loads(path.read_text())["arms"].items() if k not in results})
     for arm in args.arms.split(","):
         if arm in results:
             continue
@@ -260,6 +262,8 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--resume", action="store_true", help="keep the arms OUT/scaling.json already has")
     s.add_argument("--out", type=Path, default=OUT, help="where scaling.png and scaling.json go")
+    s.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="scaling.json files of the same study whose arms are kept (arms split over processes)")
     p = sub.add_parser("speed", help="training images/s of every DiT preset, fp32 and bf16")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
