@@ -102,6 +102,37 @@ def native_bf16(device: torch.device) -> bool:
     return False  # MPS: fp32 (bf16 support there depends on the OS version; not worth the risk by default)
 
 
+# Multiply-adds of an operation below which a second CPU thread costs more than it saves. Sampling one token (or
+# pixel) at a time runs thousands of such operations in sequence: at batch 1 the gpt_shakespeare_char step's
+# largest product is 128 x 512 (65k). Every parallel one wakes the other threads and waits for them at a barrier,
+# a few microseconds on an idle core and a scheduler tick (milliseconds) on a busy one: on a loaded 2-core Xeon,
+# decoding at batch 1 ran 14x faster on one thread than on two (benchmarks/bench_decode.py).
+SERIAL_BELOW_MACS = 1 << 21
+
+
+def step_threads(macs: int, device: torch.device):
+    """A context that runs a loop of small sequential operations, each about ``macs`` multiply-adds (e.g. batch x
+    the largest weight matrix), on one CPU thread when that is below ``SERIAL_BELOW_MACS``; a no-op on a GPU, for
+    large work, or where torch already uses one thread. The thread count is restored on exit."""
+    if device.type != "cpu" or macs >= SERIAL_BELOW_MACS or torch.get_num_threads() == 1:
+        return nullcontext()
+    return _one_thread()
+
+
+class _one_thread:
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def largest_layer(model: torch.nn.Module) -> int:
+    """Multiply-adds per position of the model's largest layer: its largest weight (numel of a matrix or kernel)."""
+    return max((p.numel() for p in model.parameters() if p.dim() >= 2), default=0)
+
+
 @dataclass(frozen=True)
 class Precision:
     """A precision request resolved for one device: ``resolved`` is what runs, ``reason`` says why."""

@@ -243,3 +243,32 @@ def test_a_probed_run_records_why_and_resumes_in_its_precision(tmp_path, config_
     invoke("train", "--resume", run, "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs", "--quiet")
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert len(calls) == 1 and state["step"] == 6 and state["precision"]["resolved"] == "fp32"
+
+
+def test_token_by_token_sampling_runs_small_steps_on_one_thread_and_restores_the_count(monkeypatch):
+    """A token's step is a few dozen tiny products: a second thread only adds a barrier per operation (a scheduler
+    tick on a busy CPU). The sampler's loop runs them on one thread; large work and the caller's setting are kept."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = tiny_model("transformer").eval()
+        seen = []
+        real = model.incremental
+
+        def spy(n, *args):
+            step = real(n, *args)
+
+            def call(tokens, pos):
+                seen.append(torch.get_num_threads())
+                return step(tokens, pos)
+            return call
+        monkeypatch.setattr(model, "incremental", spy)
+        model.sample(2, generator=torch.Generator().manual_seed(0))
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        with hardware.step_threads(hardware.SERIAL_BELOW_MACS, CPU):  # large work keeps the threads
+            assert torch.get_num_threads() == 2
+        with hardware.step_threads(16, CPU):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import GenaiError
+from ..hardware import largest_layer, step_threads
 from ..nn.autoregressive import (
     AR_SAMPLE_OPTIONS,
     DEFAULT_NEW_TOKENS,
@@ -160,17 +161,20 @@ class AutoregressiveImageModel:
         seen, columns = tokens[:, window:], tokens.unbind(1)  # (n, length - window); length views (n,)
         was_training = self.training
         self.eval()
+        # The loop is thousands of tiny operations in sequence: inference mode skips autograd's bookkeeping (version
+        # counters, view tracking) on each, and a small step runs on one thread (see hardware.step_threads).
         try:
-            for pos in range(start, length):
-                if self.bounded_context and pos - window >= self.seq_len:  # the window is full: slide by T / 2
-                    # A stepper with restart() keeps its buffers (a preallocated cache) for the new window.
-                    restart = getattr(step, "restart", None)
-                    window, step = pos - self.seq_len // 2, restart() if restart else new_stepper()
-                    seen = tokens[:, window:]
-                logits = step(seen, pos - window)  # (n, K), from tokens[:, :pos] only
-                # columns[pos] is a view made once: writing through it costs one copy, not an indexing call.
-                columns[pos].copy_(sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                 greedy=greedy, noise_std=logit_noise, generator=generator))
+            with torch.inference_mode(), step_threads(n * largest_layer(self), self.device):
+                for pos in range(start, length):
+                    if self.bounded_context and pos - window >= self.seq_len:  # the window is full: slide by T / 2
+                        # A stepper with restart() keeps its buffers (a preallocated cache) for the new window.
+                        restart = getattr(step, "restart", None)
+                        window, step = pos - self.seq_len // 2, restart() if restart else new_stepper()
+                        seen = tokens[:, window:]
+                    logits = step(seen, pos - window)  # (n, K), from tokens[:, :pos] only
+                    # columns[pos] is a view made once: writing through it costs one copy, not an indexing call.
+                    columns[pos].copy_(sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                     greedy=greedy, noise_std=logit_noise, generator=generator))
         finally:
             self.train(was_training)
         if text:
