@@ -246,8 +246,8 @@ def model_card(folder: Path, meta: dict[str, Any], model, parents: Mapping[str, 
     family = meta["family"]
     lines = ["---", "library_name: genai", f"tags: [genai, {family}, generative]", "---", "",
              f"# {meta['name']}", "",
-             f"A `{family}` model trained with [genai](https://pypi.org/project/genai-cli/) "
-             f"(genai {__version__}), exported with `genai export`.", "",
+             f"A `{family}` model trained with genai {__version__} and exported with `genai export`: the "
+             f"weights in `{WEIGHTS}`, how to build them in `{CONFIG}`.", "",
              "| | |", "|---|---|",
              f"| family | `{family}` |",
              f"| data | `{data.get('name', '?')}`, {spec.describe_data()} |",
@@ -270,7 +270,7 @@ def model_card(folder: Path, meta: dict[str, Any], model, parents: Mapping[str, 
         else:  # text: the first samples inline, all of them in the file
             text = (folder / sample).read_text(encoding="utf-8")
             lines += ["```text", text[:CARD_TEXT_CHARS].rstrip(), "```", "", f"All of them: [{sample}]({sample})"]
-    lines += ["", "## Use", "", "```bash", "genai sample . -n 16 --seed 0 --out samples.png", "```", "",
+    lines += ["", "## Use", "", "```bash", "genai sample . -n 16 --seed 0 --out grid.png   # in this folder", "```", "",
               "```python", "import genai_cli", "", "model = genai_cli.load_pretrained(\".\")",
               "samples = genai_cli.draw(model, genai_cli.SampleRequest(n=16, seed=0))", "```", "",
               "## Files", "", "Checked against these sha256 on every load (`config.json` records them):", "",
