@@ -101,3 +101,15 @@ def tiny_parents(cls, spec: ImageSpec) -> dict:
 def tolerance(precision: str) -> dict[str, float]:
     """assert_close tolerances for values computed under ``precision`` (bf16 keeps 8 bits of mantissa: ~4e-3)."""
     return {"atol": 2e-2, "rtol": 2e-2} if precision == "bf16" else {"atol": 1e-5, "rtol": 1.3e-6}
+
+
+def checksum(folder) -> str:
+    """A hash of every name and byte under ``folder``: bad input must leave what is on disk as it was."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

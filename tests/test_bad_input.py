@@ -3,7 +3,6 @@ and nothing already on disk changed (a checksum of the runs directory)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import checksum, tiny_config
 from typer.testing import CliRunner
 
 from genai_cli.cli import app
@@ -147,15 +146,6 @@ CASES = [
 ]
 NEEDS_NON_ROOT = {"resume a run without write permission", "runs dir without write permission"}
 NEEDS_NO_GPU = {"cuda without a gpu", "sample on cuda without a gpu", "fp16 on the cpu"}
-
-
-def checksum(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("name, argv, needle", CASES, ids=[c[0] for c in CASES])

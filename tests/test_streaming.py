@@ -4,7 +4,6 @@ read from its memory-mapped token ids equals the in-memory tokenisation; bad dat
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import checksum, tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -64,15 +63,6 @@ def shards(tmp_path_factory) -> Path:
         write_shard(root / f"part-{s:03d}.tar", [(f"{n + i:05d}", png(100 + n + i), (n + i) % 4) for i in range(count)])
         n += count
     return root
-
-
-def checksum(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # -- image folders ------------------------------------------------------------------------------
