@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     parser.add_argument("--steps", type=int, help="training steps per check (default: 20 on CUDA, 3 on the CPU)")
+    parser.add_argument("--size", type=int, help="image side of the family checks (default: 16 on CUDA, 8 on CPU)")
+    parser.add_argument("--batch", type=int, help="batch of the family checks (default: 32 on CUDA, 8 on CPU)")
     parser.add_argument("--families", default="all", help="comma-separated families (default: every registered one)")
     parser.add_argument("--text", default="all", help="families also trained on text: all, none or a list")
     parser.add_argument("--compile-families", default=",".join(DEFAULT_COMPILE), help="or 'all', or 'none'")
@@ -389,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         text_path = folder / "text.txt"
         text_path.write_text(TEXT, encoding="utf-8")
-        s = Setup(device, args.steps or (20 if cuda else 3), 16 if cuda else 8, 32 if cuda else 8, root, text_path,
+        s = Setup(device, args.steps or (20 if cuda else 3), args.size or (16 if cuda else 8),
+                  args.batch or (32 if cuda else 8), root, text_path,
                   set(names(args.compile_families, MODELS.names()) if args.compile_families != "all" else ["all"]),
                   set(names(args.ddp_families, MODELS.names()) if args.ddp_families != "all" else ["all"]), log)
         rows = {}
