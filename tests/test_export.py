@@ -144,3 +144,16 @@ def test_bad_export_folders_and_an_occupied_out_are_one_line(tmp_path):
     invoke("export", "r", "--runs-dir", runs, "--out", out, "--force")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "samples.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary folder left behind
+
+
+def test_a_checkpoint_alone_exports_with_a_grid_drawn_from_it(tmp_path):
+    import shutil
+
+    runs, run = train_run(tmp_path, "ddpm")
+    alone = tmp_path / "alone.pt"
+    shutil.copyfile(run / "checkpoints" / "last.pt", alone)
+    shutil.rmtree(runs)  # no run folder, no training grid to copy
+    invoke("export", alone, "--out", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["name"] == "alone" and (tmp_path / "out" / "samples.png").is_file()
+    assert "![samples](samples.png)" in (tmp_path / "out" / "README.md").read_text()
