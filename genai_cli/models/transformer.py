@@ -100,6 +100,9 @@ class _Cached:
         self.caches = [KVCache(n, c.heads, model.seq_len, c.d_model, like) for _ in model.blocks]
         # Row t of the position table, made once: position_embedding[t] would be one more operation per step.
         self.positions = model.position_embedding.unbind(0)  # T views (d,)
+        # The head's operands for addmm, once (F.linear would transpose the weight on every step).
+        self.head = (model.ln_f.normalized_shape, model.ln_f.weight, model.ln_f.bias, model.ln_f.eps,
+                     model.out.weight.t(), model.out.bias)
         self.done = 0
 
     def restart(self) -> _Cached:
@@ -111,11 +114,12 @@ class _Cached:
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         m = self.model
         if self.done == pos and pos > 0:  # one new position: its previous token is tokens[:, pos - 1]
-            x = m.token_embedding(tokens[:, pos - 1]) + self.positions[pos]  # (n, d)
+            x = torch.embedding(m.token_embedding.weight, tokens[:, pos - 1]) + self.positions[pos]  # (n, d)
             for block, cache in zip(m.blocks, self.caches):
                 x = block.step(x, cache, pos)
             self.done = pos + 1
-            return m.out(m.ln_f(x))  # (n, K)
+            shape, ln_w, ln_b, eps, w, b = self.head
+            return torch.addmm(b, torch.layer_norm(x, shape, ln_w, ln_b, eps), w)  # (n, K)
         prev = m.token_embedding(tokens[:, max(self.done - 1, 0):pos])  # (n, L or L-1, d)
         if self.done == 0:
             prev = torch.cat([m.start.expand(tokens.shape[0], 1, -1), prev], dim=1)

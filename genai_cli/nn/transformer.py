@@ -9,6 +9,7 @@ bidirectional (``causal=False``), every position sees every other, as in BERT (D
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,6 +32,8 @@ class KVCache:
         self.qkv = like.new_zeros(max_len, n, 3 * d)  # (T, n, 3d)
         self.length = 0
         self._views: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._all: tuple[Tensor, Tensor, Tensor] | None = None  # q, k, v of every slot, (n, heads, T, head_dim)
+        self.params: tuple | None = None  # Block.step's operands, prepared on its first call
 
     def reset(self) -> None:
         self.length = 0
@@ -53,8 +56,10 @@ class KVCache:
         (n, heads, pos + 1, head_dim)): views, made on first use."""
         views = self._views.get(pos)
         if views is None:
-            views = self._views[pos] = (self.qkv[pos], self.heads_view(0, pos, pos + 1),
-                                        self.heads_view(1, 0, pos + 1), self.heads_view(2, 0, pos + 1))
+            if self._all is None:  # one head-split view per part, narrowed per position: 4 operations, not 16
+                self._all = tuple(self.heads_view(part, 0, self.qkv.shape[0]) for part in range(3))
+            q, k, v = self._all
+            views = self._views[pos] = (self.qkv[pos], q[:, :, pos:pos + 1], k[:, :, :pos + 1], v[:, :, :pos + 1])
         return views
 
 
@@ -106,13 +111,29 @@ class Block(nn.Module):
         no mask (one query may see every cached key) and no allocation but the results, because at batch 1 the
         cost of a step is its number of operations (see ``KVCache``)."""
         slot, q, k, v = cache.position(pos)
-        ln1, ln2, fc1, fc2 = self.ln1, self.ln2, self.mlp[0], self.mlp[2]
-        # The fused projection writes q|k|v of this position straight into its cache row (n, 3d).
-        slot.copy_(F.linear(F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps),
-                            self.qkv.weight, self.qkv.bias))
+        if cache.params is None:
+            cache.params = self.step_params(torch.is_autocast_enabled(x.device.type))
+        (shape, eps1, eps2, ln1w, ln1b, wqkv, bqkv, wproj, bproj, ln2w, ln2b, w1, b1, w2, b2, gelu,
+         in_place) = cache.params
+        # The fused projection writes q|k|v of this position straight into its cache row (n, 3d): addmm's out=
+        # in fp32; under autocast (bf16 product, fp32 cache) a copy.
+        h = torch.layer_norm(x, shape, ln1w, ln1b, eps1)
+        if in_place:
+            torch.addmm(bqkv, h, wqkv, out=slot)
+        else:
+            slot.copy_(torch.addmm(bqkv, h, wqkv))
         cache.length = pos + 1
         y = F.scaled_dot_product_attention(q, k, v)  # (n, heads, 1, head_dim), contiguous
-        x = x + F.linear(y.reshape(x.shape), self.proj.weight, self.proj.bias)
-        h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-        hidden = F.gelu(F.linear(h, fc1.weight, fc1.bias), approximate=self.mlp[1].approximate)  # (n, mlp_ratio d)
-        return x + F.linear(hidden, fc2.weight, fc2.bias)
+        x = x + torch.addmm(bproj, y.view(x.shape), wproj)
+        h = torch.layer_norm(x, shape, ln2w, ln2b, eps2)
+        hidden = F.gelu(torch.addmm(b1, h, w1), approximate=gelu)  # (n, mlp_ratio d)
+        return x + torch.addmm(b2, hidden, w2)
+
+    def step_params(self, autocast: bool) -> tuple:
+        """What ``step`` reads, once per stepper: the weights transposed for ``addmm`` (views: a nn.Linear's
+        ``F.linear`` transposes its weight on every call), the norms' constants, whether q|k|v is written in
+        place. The stepper lives for one draw, so the views always see the current weights."""
+        ln1, ln2, fc1, fc2 = self.ln1, self.ln2, self.mlp[0], self.mlp[2]
+        return (ln1.normalized_shape, ln1.eps, ln2.eps, ln1.weight, ln1.bias, self.qkv.weight.t(), self.qkv.bias,
+                self.proj.weight.t(), self.proj.bias, ln2.weight, ln2.bias, fc1.weight.t(), fc1.bias,
+                fc2.weight.t(), fc2.bias, self.mlp[1].approximate, not autocast)
