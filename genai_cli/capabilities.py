@@ -44,6 +44,13 @@ class VariationalBound(Protocol):
         timesteps, mask sizes): too slow for every validation, so only genai evaluate reports its bits/dim."""
 
 
+class LikelihoodEstimate(Protocol):
+    def likelihood_estimate(self, batch: Batch, *, generator: torch.Generator | None = None) -> Tensor:
+        """(B,) an unbiased, noisy estimate of log p(x) in nats per image (flow: the ODE's change of variables with a
+        Hutchinson trace, under uniform dequantisation), too slow for every validation: genai evaluate reports its
+        bits/dim as an estimate, with its standard error over the images."""
+
+
 class CalibrationLogits(Protocol):
     def calibration_logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(logits (N, K), targets (N,)): the categorical predictions genai evaluate --calibrate fits a temperature
@@ -156,6 +163,8 @@ class Capability:
 CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("log_likelihood", LogLikelihood, "log p(x) (exact or ELBO): bits/dim at every validation"),
     Capability("variational_bound", VariationalBound, "a sampled bound on log p(x): bits/dim in genai evaluate"),
+    Capability("likelihood_estimate", LikelihoodEstimate, "an estimate of log p(x) with its standard error: bits/dim "
+               "in genai evaluate"),
     Capability("seq_logits", SeqLogits, "a prediction per token: genai evaluate --calibrate"),
     Capability("calibration_logits", CalibrationLogits, "categorical predictions: genai evaluate --calibrate"),
     Capability("encode", Encode, "images to latents: latents_pca.png in genai inspect"),

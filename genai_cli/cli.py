@@ -228,7 +228,9 @@ def sample(
     if not quiet:
         if samples.texts is not None:
             out.print(samples.text(), markup=False, highlight=False, soft_wrap=True)
-        out.print(f"wrote {out_file} ({samples.describe()}, seed {plan.seed})", markup=False)
+        nfe = samples.network_evaluations
+        passes = f", {nfe} network evaluations per sample" if nfe and nfe > 1 else ""
+        out.print(f"wrote {out_file} ({samples.describe()}, seed {plan.seed}{passes})", markup=False)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -550,7 +552,7 @@ def compare(
     if json_out:
         typer.echo(to_json(report))
         return
-    out.print(markdown_table(TABLE, table_rows(report), NUMERIC), markup=False)  # 15 columns: wider than a terminal  # 15 columns: wider than a terminal table
+    out.print(markdown_table(TABLE, table_rows(report), NUMERIC), markup=False)  # 15 columns: wider than a terminal
     for why in report["left_out"]:
         out.print(f"left out: {why}", markup=False)
     out.print(f"report: {report['report']}", markup=False)

@@ -462,6 +462,8 @@ class Samples:
     seed: int = 0
     texts: list[str] | None = None  # text runs: the decoded texts, in grid order
     spec: Any = None  # the data spec of the model drawn from (what files it may be saved as)
+    # Plain draws: the network passes one sample() call took (``network_evaluations``; an adaptive solver's measured)
+    network_evaluations: int | None = None
 
     def describe(self) -> str:
         what = "texts" if self.texts is not None else "images"
@@ -593,6 +595,8 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
     finally:
         model.train(was_training)
     samples.seed, samples.spec = p.seed, model.spec
+    if isinstance(p.mode, Plain):  # after drawing: an adaptive ODE solver's count is that of this draw
+        samples.network_evaluations = int(model.network_evaluations(p.options))
     return samples
 
 

@@ -49,15 +49,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("noise_std", float, "Gaussian noise added before each draw.", "discrete families", sweepable=True),
     Option("noise_on", str, "Where --noise-std goes: logits or hidden.", "autoregressive families",
            sweepable=True),
-    Option("steps", int, "Diffusion: sampling steps; masked models: filling steps.", "diffusion and masked families",
+    Option("steps", int, "Diffusion and flow: sampling steps; masked models: filling steps.",
+           "diffusion, flow and masked families",
            sweepable=True, config=True, at_least=1),
     Option("fill", str, "Masked models: iterative (--steps passes, the most confident kept each time) or one-shot "
            "(one pass).", "masked families", sweepable=True, config=True),
     Option("choice_temperature", float, "Masked models: Gumbel noise on the confidences, annealed to 0 (MaskGIT: "
            "4.5).", "masked families", sweepable=True, config=True),
-    Option("sampler", str, "Diffusion: ddpm, ddim, dpm++2m or heun.", "diffusion families", sweepable=True,
+    Option("sampler", str, "Diffusion: ddpm, ddim, dpm++2m or heun; flow: euler, midpoint, heun or dopri5 "
+           "(adaptive).", "diffusion and flow families", sweepable=True,
            config=True),
     Option("eta", float, "DDIM: 0 deterministic, 1 DDPM-like.", "diffusion families", sweepable=True, config=True),
+    Option("atol", float, "Flow, dopri5 sampler: absolute error tolerance per step.", "flow families",
+           sweepable=True, config=True),
+    Option("rtol", float, "Flow, dopri5 sampler: relative error tolerance per step.", "flow families",
+           sweepable=True, config=True),
     Option("truncation", float, "VAE: redraw latent coordinates beyond +-c standard deviations (the truncation "
            "trick).", "vae", sweepable=True),
     Option("guidance", float, "Classifier-free guidance scale.", "class-conditional families", sweepable=True,

@@ -44,7 +44,9 @@ def test_sampling_modes_match_the_declarations(family):
 
 
 # What each run a family builds on must give it: the child reads its parent through that capability.
-PARENT_NEEDS = {("maskgit", "tokenizer"): "tokenizer", ("latent_ddpm", "autoencoder"): "latent_grid"}
+PARENT_NEEDS = {("maskgit", "tokenizer"): "tokenizer", ("latent_ddpm", "autoencoder"): "latent_grid",
+                ("latent_flow", "autoencoder"): "latent_grid",
+                ("distill", "teacher"): "ode_solve"}
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if parent_refs(MODELS.get(f).Config)])

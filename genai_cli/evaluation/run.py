@@ -12,6 +12,7 @@ on the probability of the 8-bit images), estimated from the family's ``bound_str
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .metrics import PRDC_K, class_statistics, frechet_distance, kernel_distance
 
 MAX_REAL_IMAGES = 10_000  # real images (validation split) compared with the samples
 VLB_IMAGES = 500  # validation images of a variational bound (bound_strata network passes or more each)
+ESTIMATE_IMAGES = 100  # validation images of a likelihood estimate (an adaptive ODE solve with a backward pass each)
 SAMPLE_CHUNK = 250  # images drawn per sample() call
 TEXT_SAMPLES = 32  # texts a text run's evaluation writes (at most -n)
 TEXT_NEW_TOKENS = 256  # their length, unless the run's sample section says
@@ -87,18 +89,36 @@ def sample_quality(evaluator, data, fake: Tensor, device: torch.device, seed: in
     return metrics
 
 
-@torch.no_grad()
 def variational_bits_per_dim(model, data, cfg, device: torch.device, images: int, seed: int, strata: int) -> float:
     """bits/dim of the first ``images`` validation images from a family's ``variational_bound``, ``strata``
     stratified draws per image."""
+    nats = per_image_log_p(lambda batch, g: model.variational_bound(batch, strata, generator=g), data, cfg, device,
+                           images, seed)
+    return model.bits_per_dim(-float(nats.mean()), model.spec)
+
+
+def per_image_log_p(score: Callable, data, cfg, device: torch.device, images: int, seed: int) -> Tensor:
+    """(images,) float64 ``score(batch, generator)`` (log p(x) in nats, a bound or an estimate) of the first
+    ``images`` validation images, in batches of the run's batch size, from one seeded generator."""
     from ..data import to_float
 
     g = torch.Generator(device).manual_seed(seed)
-    total, bs = 0.0, cfg.train.batch_size
+    bs, out = cfg.train.batch_size, []  # no torch.no_grad here: an estimate may need gradients (a divergence)
     for i in range(0, images, bs):
         batch = (to_float(data.val_x[i:min(i + bs, images)]).to(device), data.val_y[i:min(i + bs, images)].to(device))
-        total -= float(model.variational_bound(batch, strata, generator=g).double().sum())
-    return model.bits_per_dim(total / images, model.spec)
+        out.append(score(batch, g).detach().double().cpu())
+    return torch.cat(out)
+
+
+def estimated_bits_per_dim(model, data, cfg, device: torch.device, images: int, seed: int) -> tuple[float, float]:
+    """(bits/dim, its standard error) of the first ``images`` validation images from a family's
+    ``likelihood_estimate``: the mean over images, and the spread of the per-image estimates over sqrt(images)
+    (which holds both the images' spread and the estimator's noise)."""
+    nats = per_image_log_p(lambda batch, g: model.likelihood_estimate(batch, generator=g), data, cfg, device,
+                           images, seed)
+    bits = -nats / (model.spec.dims * math.log(2))
+    stderr = float(bits.std()) / math.sqrt(images) if images > 1 else float("nan")
+    return float(bits.mean()), stderr
 
 
 def distinct_ngrams(texts: list[str], n: int) -> float:
@@ -202,6 +222,12 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
         log(f"variational bound on {k} validation images ({strata} strata each)")
         metrics["bits_per_dim"] = variational_bits_per_dim(model, data, cfg, dev, k, seed, strata)
         result["likelihood"] = f"variational bound ({strata} stratified draws per image)"
+    elif has(model, "likelihood_estimate"):
+        k = min(data.val_x.shape[0], ESTIMATE_IMAGES)
+        log(f"likelihood estimate on {k} validation images (ODE change of variables, Hutchinson trace)")
+        metrics["bits_per_dim"], metrics["bits_per_dim_stderr"] = estimated_bits_per_dim(model, data, cfg, dev, k,
+                                                                                           seed)
+        result["likelihood"] = "estimate (ODE + Hutchinson trace, dequantised; +- bits_per_dim_stderr)"
     metrics.update({f"val_{k}": v for k, v in val.items()})
     result["metrics"] = metrics
     if record and run is not None and writable(run):

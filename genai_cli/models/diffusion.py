@@ -443,8 +443,8 @@ class DenoisingFamily(GenerativeModel):
     The space is pluggable: ``model_shape`` is the shape of one point there, ``to_model_space`` maps images in
     [0, 1] into it and ``from_model_space`` maps back. Here that is pixel space scaled to [-1, 1]; the latent
     families (``latent_diffusion.LatentSpace``) swap in an autoencoder's latent grid and keep the rest.
-    ``network_evaluations`` counts the calls of ``network`` (a guided call, one batch of 2n, counts once):
-    ``generate.draw`` reports how many a draw took.
+    ``network_calls`` is a running count of the calls of ``network`` (a guided call, one batch of 2n, counts once):
+    what an adaptive solver spent is measured, not predicted (``network_evaluations`` predicts the fixed ones).
     """
 
     def __init__(self, config: NetworkConfig, spec: ImageSpec, parents=None):
@@ -459,7 +459,7 @@ class DenoisingFamily(GenerativeModel):
         self.unet = build_backbone(config, self.model_shape, spec.num_classes if config.class_conditional else 0)
         self.check_model_shape(height, width)
         self.null_label = spec.num_classes  # the UNet's "no label" row
-        self.network_evaluations = 0
+        self.network_calls = 0
 
     @property
     def conditional(self) -> bool:
@@ -497,7 +497,7 @@ class DenoisingFamily(GenerativeModel):
     def network(self, x: Tensor, t: Tensor, labels: Tensor | None = None, guidance: float = 1.0) -> Tensor:
         """The network's output (float32) at (x, t (B,)), guided: out_uncond + w (out_cond - out_uncond), Ho &
         Salimans 2022 eq. 6, in one batch of 2n (w = 1: the conditional output, w = 0: the unconditional)."""
-        self.network_evaluations += 1
+        self.network_calls += 1
         if labels is None or guidance == 1.0:
             return self.unet(x, t, labels).float()
         if guidance == 0.0:
