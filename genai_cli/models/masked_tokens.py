@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GenaiError
+from ..hardware import largest_layer, step_threads
 from ..nn.autoregressive import check_modality_options, prompt_ids
 from ..nn.masked import (
     BLANK,
@@ -178,10 +179,14 @@ class MaskedTokenModel:
         was_training = self.training
         self.eval()
         try:
-            tokens = fill_tokens(self.predictor(labels, g), tokens, self.mask_id, steps,
-                                 temperature=1.0 if temperature is None else float(temperature), top_k=top_k,
-                                 top_p=top_p, greedy=bool(greedy), noise_std=float(noise_std or 0.0),
-                                 choice_temperature=ct, generator=generator, trace=trace)
+            # A few dozen small operations per step: autograd's bookkeeping skipped, one thread where each is small
+            # (hardware.step_threads); the clone makes the result an ordinary tensor again.
+            with torch.inference_mode(), step_threads(n * self.seq_len * largest_layer(self), device):
+                tokens = fill_tokens(self.predictor(labels, g), tokens, self.mask_id, steps,
+                                     temperature=1.0 if temperature is None else float(temperature), top_k=top_k,
+                                     top_p=top_p, greedy=bool(greedy), noise_std=float(noise_std or 0.0),
+                                     choice_temperature=ct, generator=generator, trace=trace)
+            tokens = tokens.clone()
         finally:
             self.train(was_training)
         images = self.images_of(tokens)
