@@ -132,6 +132,9 @@ def study(args) -> None:
         results[arm] = {"backbone": backbone, "size": size, "params": params, "gflops_per_step": flops / 1e9,
                         "points": points}
         write(results, args)  # after every arm: a killed study keeps what it measured
+    order = args.arms.split(",")
+    results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    write(results, args)
     report(results, args)
 
 
