@@ -221,3 +221,37 @@ def test_the_pixel_flow_estimates_a_likelihood_and_the_latent_one_does_not():
     from genai_cli.registry import MODELS
 
     assert not has(MODELS.get("latent_flow"), "likelihood_estimate") and has(MODELS.get("latent_flow"), "ode_solve")
+
+
+def test_the_cli_trains_a_flow_and_reports_its_network_evaluations(tmp_path):
+    import yaml
+    from helpers import invoke, tiny_config
+
+    runs = tmp_path / "runs"
+    config = tmp_path / "flow.yaml"
+    config.write_text(yaml.safe_dump(tiny_config("flow", max_steps=2)))
+    invoke("train", config, "--runs-dir", runs, "--name", "f", "-q")
+    out = invoke("sample", "f", "--runs-dir", runs, "-n", "2", "--sampler", "euler", "--steps", "3",
+                 "--out", tmp_path / "a.png").stdout
+    assert "3 network evaluations per sample" in out and (tmp_path / "a.png").is_file()
+    out = invoke("sample", "f", "--runs-dir", runs, "-n", "2", "--sampler", "dopri5", "--atol", "1e-3", "--rtol",
+                 "1e-3", "--out", tmp_path / "b.png").stdout
+    assert "network evaluations per sample" in out
+    bad = invoke("sample", "f", "--runs-dir", runs, "--sampler", "heun", "--atol", "1e-3", ok=False)
+    assert bad.exit_code == 2 and "dopri5" in bad.output and "Traceback" not in bad.output
+
+
+def test_evaluate_reports_the_estimate_with_its_standard_error():
+    from types import SimpleNamespace
+
+    from genai_cli.evaluation.run import estimated_bits_per_dim
+
+    model = tiny_flow().eval()
+    model.likelihood_tolerance = 1e-3
+    g = torch.Generator().manual_seed(0)
+    data = SimpleNamespace(val_x=torch.randint(0, 256, (6, 1, 8, 8), generator=g, dtype=torch.uint8),
+                           val_y=torch.zeros(6, dtype=torch.long))
+    cfg = SimpleNamespace(train=SimpleNamespace(batch_size=4))
+    bits, stderr = estimated_bits_per_dim(model, data, cfg, torch.device("cpu"), 6, seed=0)
+    assert math.isfinite(bits) and 0 < stderr < bits
+    assert (bits, stderr) == estimated_bits_per_dim(model, data, cfg, torch.device("cpu"), 6, seed=0)  # seeded
