@@ -38,6 +38,18 @@ def evaluator_for(data_cfg, spec, root: Path = RUNS):
     return model, accuracy, evaluator.source
 
 
+def mnist5k_with_evaluator():
+    """(data config, DataBundle, evaluator network) of mnist5k at 28x28, the evaluator trained first when missing."""
+    from genai_cli.config import DataConfig
+    from genai_cli.data import load_data
+
+    data_cfg = DataConfig(name="mnist5k", image_size=28)
+    data = load_data(data_cfg)
+    evaluator, accuracy, source = evaluator_for(data_cfg, data.spec)
+    log(f"evaluator {source} (validation accuracy {accuracy})")
+    return data_cfg, data, evaluator
+
+
 def peer_unet(unet, size: int = 28):
     """diffusers' UNet2DModel with the widths and depth of our UNet (ResBlocks per level, attention in the middle
     block, GroupNorm groups of >= 4 channels): the same network size, for speed and quality comparisons."""

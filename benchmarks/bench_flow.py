@@ -27,11 +27,11 @@ import math
 import time
 
 import torch
-from bench_common import ROOT, RUNS, BudgetTrainer, evaluator_for, log, machine, markdown
+from bench_common import ROOT, RUNS, BudgetTrainer, log, machine, markdown, mnist5k_with_evaluator
 from rich.console import Console
 
-from genai_cli.config import DataConfig, load_config
-from genai_cli.data import load_data, to_float
+from genai_cli.config import load_config
+from genai_cli.data import to_float
 from genai_cli.evaluation.run import draw_samples, load_run, sample_quality
 from genai_cli.runs import new_run, save_grid
 
@@ -105,10 +105,7 @@ def main() -> None:
         args.budget, args.samples, args.lik_images = 3.0, 40, 4
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    data_cfg = DataConfig(name="mnist5k", image_size=28)
-    data = load_data(data_cfg)
-    evaluator, ev_acc, ev_ckpt = evaluator_for(data_cfg, data.spec)
-    log(f"evaluator {ev_ckpt} (validation accuracy {ev_acc})")
+    _, data, evaluator = mnist5k_with_evaluator()
 
     rows, results, models, lik = [], {}, {}, {}
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER), flush=True)

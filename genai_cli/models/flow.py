@@ -335,6 +335,3 @@ class LatentFlow(LatentSpace, Flow):
     tiny = {"base_channels": 8, "channel_mults": [1]}
     capabilities = LatentSpace.capabilities | {"ode_solve"}
     likelihood_estimate = None
-
-    def network_evaluations(self, options) -> int:
-        return super().network_evaluations(options) + 1  # the ODE's network passes, then the decoder once
