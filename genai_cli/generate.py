@@ -584,10 +584,14 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
     model.eval()
     try:
         prec = resolve_precision(precision, dev)
-        if model.spec.takes_prompts and isinstance(p.mode, Plain):
+        probe = {**p.options, "max_new_tokens": PROBE_TOKENS}
+        # The probe draws 8 times (fp32 and bf16, 1 untimed + 3 timed each): a draw that takes fewer network passes
+        # than that (genai sample --max-new-tokens 1) would pay more for the measurement than either precision
+        # could save it, so it takes auto's answer unmeasured.
+        if (model.spec.takes_prompts and isinstance(p.mode, Plain)
+                and model.network_evaluations(p.options) > 8 * model.network_evaluations(probe)):
             # Writing a text one token at a time multiplies tiny matrices, where native bf16 can lose to fp32: auto
             # times a few tokens of this very workload in both and keeps the faster (once per process and shape).
-            probe = {**p.options, "max_new_tokens": PROBE_TOKENS}
             prec = measured_precision(prec, dev, key=(p.family, p.n, dev.type), probe=lambda: model.sample(
                 p.n, generator=torch.Generator(dev).manual_seed(0), **probe))
         with torch.no_grad(), prec.autocast(dev):

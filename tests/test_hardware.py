@@ -272,3 +272,22 @@ def test_token_by_token_sampling_runs_small_steps_on_one_thread_and_restores_the
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("new_tokens, probed", [(1, False), (65, True)])
+def test_auto_measures_a_texts_precision_only_when_the_text_is_longer_than_the_probe(new_tokens, probed, monkeypatch):
+    """The decoding probe writes 8 x 8 tokens: `genai sample --max-new-tokens 1` would spend most of its time on it,
+    so a text no longer than the probe takes auto's answer unmeasured."""
+    import genai_cli.models  # noqa: F401  (registers the families)
+    from genai_cli import generate
+    from genai_cli.registry import MODELS
+    from genai_cli.spec import TokenSpec
+
+    calls = []
+    monkeypatch.setattr(hardware, "training_probe_wanted", lambda *a: True)
+    monkeypatch.setattr(hardware, "_measured", {})
+    monkeypatch.setattr(hardware, "probe_training_precision", lambda auto, run, rounds: (calls.append(1), (auto,))[1])
+    cls = MODELS.get("transformer")
+    model = cls(cls.Config(d_model=16, heads=2, layers=1), TokenSpec(vocab="ab ", block_size=8))
+    generate.draw(model, generate.SampleRequest(n=1, options={"max_new_tokens": new_tokens}), precision="auto")
+    assert bool(calls) == probed
