@@ -190,7 +190,7 @@ def main() -> None:
 
     # Text: the gpt_shakespeare_char shape (4 layers, width 128, context 64), batch 12.
     gpt = {"family": "transformer", "d_model": 128, "heads": 4, "layers": 4, "dropout": 0.0}
-    text_steps = {"max_steps": args.steps * 4, "batch_size": 12}
+    text_steps = {"max_steps": args.steps, "batch_size": 12, "log_every": 2}
     short = {"max_new_tokens": 16}
     for cache in (text.with_name(text.name + ".tokens"), text.with_name(text.name + ".tokens.json")):
         cache.unlink(missing_ok=True)  # time the tokenisation once
