@@ -81,6 +81,19 @@ def test_a_streamed_folder_holds_the_images_labels_split_and_batches_of_the_in_m
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_a_streamed_folder_binarised_afresh_draws_from_the_in_memory_grey_levels(folder):
+    from genai_cli.data import binarize_share
+
+    cfg = dict(name="image_folder", path=str(folder), image_size=8, channels=1, binarize="stochastic", workers=0)
+    kept, streamed = load_data(DataConfig(**cfg, stream=False)), load_data(DataConfig(**cfg, stream=True))
+    (a, _), (b, _) = (next(d.epoch_batches(seed=1, epoch=0, start=0, batch_size=8)) for d in (kept, streamed))
+    assert torch.equal(a, b), "the loop draws from the same grey levels"
+    assert torch.equal(binarize_share(a, 7, 8, 0), binarize_share(b, 7, 8, 0))
+    fixed = streamed.val_x[:]  # outside readers: one seeded draw per image, the same at every load
+    assert set(fixed.unique().tolist()) <= {0, 255}
+    assert torch.equal(fixed, load_data(DataConfig(**cfg, stream=True)).val_x[:])
+
+
 def test_auto_streams_a_folder_above_the_memory_budget(folder):
     small = load_data(DataConfig(name="image_folder", path=str(folder), image_size=8))
     large = load_data(DataConfig(name="image_folder", path=str(folder), image_size=128, memory_budget_mb=1))
