@@ -112,6 +112,16 @@ def test_compare_trains_measures_reports_and_resumes(tmp_path, quick):
     assert again["members"][0]["summary"]["classifier_fid_std"] is not None  # a spread over two seeds
     assert "±" in (folder / "report.md").read_text()
 
+    # A seed killed mid-way (its last checkpoint is not a finished one) is resumed from it, not started again.
+    ckpt = folder / "ar-seed1" / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["summary"]["finished"] = False
+    torch.save(state, ckpt)
+    r = invoke("compare", ar, "--budget", "1s", "-n", 16, "--runs-dir", root, "--name", "c", "--seeds", 2, "--json",
+               "-q")
+    resumed = json.loads(r.stdout)["members"][0]["runs"]
+    assert [x["status"] for x in resumed] == ["reused", "resumed"] and resumed[1]["steps"] > state["step"]
+
     # Another budget on the same folder is refused in one line (its members were trained for 1 s).
     r = invoke("compare", ar, "--budget", "2s", "--runs-dir", root, "--name", "c", ok=False)
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "was trained with --budget 1 s" in r.stderr
