@@ -416,9 +416,9 @@ class NetworkConfig:
         foreign = [k for k in (UNET_FIELDS if dit else DIT_FIELDS) if getattr(self, k) is not None]
         if foreign:
             other = "unet" if dit else "dit"
-            verb = "belong" if len(foreign) > 1 else "belongs"
+            verb, them = ("belong", "them") if len(foreign) > 1 else ("belongs", "it")
             raise GenaiError(f"model.{', model.'.join(foreign)} {verb} to the {other} backbone, but model.backbone "
-                             f"is {self.backbone}; drop it or set model.backbone={other}")
+                             f"is {self.backbone}; drop {them} or set model.backbone={other}")
         resolve_size(self, self.DIT_PRESETS if dit else self.PRESETS)
 
 
