@@ -50,11 +50,15 @@ HEADER = ["model", "steps trained", "CPU s", "sampler", "network evaluations", "
           "precision", "recall", "classes >= 2 %"]
 
 
+def slug(name: str) -> str:
+    return name.replace(",", "").replace(";", "+").replace(" ", "-")
+
+
 def train_arm(name: str, config: str, overrides: list[str], budget: float, data):
     cfg = load_config(ROOT / config, [*QUIET, *overrides])
-    slug = "bench-flow-" + name.replace(",", "").replace(" ", "-")
+    folder = "bench-flow-" + slug(name)
     RUNS.mkdir(parents=True, exist_ok=True)
-    run = new_run(RUNS, slug, slug, force=True)
+    run = new_run(RUNS, folder, folder, force=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
     start = time.process_time()
     trainer = BudgetTrainer(cfg, run, data=data, quiet=True, budget=budget, console=Console(stderr=True))
@@ -98,7 +102,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lik-images", type=int, default=32, help="validation images of the likelihood rows")
-    parser.add_argument("--only", default="", help="comma-separated arm names (default: all)")
+    parser.add_argument("--only", default="", help="arm names separated by ';' (default: all): parts of the table "
+                        "measured by separate processes, with the same settings")
+    parser.add_argument("--likelihood-only", action="store_true",
+                        help="only the likelihood rows, of the 'ddpm cond' and 'flow cond' runs trained before")
     parser.add_argument("--quick", action="store_true", help="3 CPU s per arm, 40 samples: checks the script runs")
     args = parser.parse_args()
     if args.quick:
@@ -108,9 +115,15 @@ def main() -> None:
     _, data, evaluator = mnist5k_with_evaluator()
 
     rows, results, models, lik = [], {}, {}, {}
+    out_name = "bench_flow.json" if not args.only else f"bench_flow-{slug(args.only)}.json"
+    if args.likelihood_only:
+        models = {name: load_run(str(RUNS / f"bench-flow-{slug(name)}"), RUNS)[2].to(cpu).eval()
+                  for name in ("ddpm cond", "flow cond")}
+        likelihood(models, data, args, lik)
+        return
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER), flush=True)
     for name, config, overrides, samplers in ARMS:
-        if args.only and name not in args.only.split(","):
+        if args.likelihood_only or (args.only and name not in args.only.split(";")):
             continue
         log(f"{name}: {config} {' '.join(overrides)} for {args.budget:.0f} CPU s")
         run, steps, cpu_s, cfg = train_arm(name, config, overrides, args.budget, data)
@@ -126,20 +139,19 @@ def main() -> None:
             key = f"{name} / {sampler} {n_steps}"
             results[key] = {"steps_trained": steps, "cpu_seconds": cpu_s, "nfe": calls / chunks,
                             "sample_seconds": secs, **{k: v for k, v in q.items() if k != "class_histogram"}}
-            save_grid(fake[:100], RUNS / f"bench-flow-{name.replace(',', '').replace(' ', '-')}-{sampler}{n_steps}.png",
-                      nrow=10)
+            save_grid(fake[:100], RUNS / f"bench-flow-{slug(name)}-{sampler}{n_steps}.png", nrow=10)
             log(f"  {key}: {calls / chunks:g} evaluations, classifier-FID {q['classifier_fid']:.2f}, "
                 f"p>=0.9 {q['confident_share']:.3f}, {secs:.1f} s")
             rows.append([name, str(steps), f"{cpu_s:.0f}", f"{sampler} {n_steps}", f"{calls / chunks:g}",
                          f"{q['classifier_fid']:.2f}", f"{q['confident_share']:.3f}", f"{q['precision']:.3f}",
                          f"{q['recall']:.3f}", str(q["classes_covered"])])
             print("| " + " | ".join(rows[-1]) + " |", flush=True)  # as it comes: a shared machine may stop us
-            (RUNS / "bench_flow.json").write_text(json.dumps({"results": results, "budget": args.budget},
+            (RUNS / out_name).write_text(json.dumps({"results": results, "budget": args.budget},
                                                              indent=2, default=float))
         if name == "flow cond" and "ddpm cond" in models and args.lik_images:
             likelihood(models, data, args, lik)
 
-    (RUNS / "bench_flow.json").write_text(json.dumps({"results": results, "likelihood": lik, "budget": args.budget},
+    (RUNS / out_name).write_text(json.dumps({"results": results, "likelihood": lik, "budget": args.budget},
                                                      indent=2, default=float))
     if not results:
         return

@@ -42,6 +42,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
       "--out", str(HERE / "runs" / "scaling-quick")]),
     ("dit_speed", ["bench_scaling.py", "speed"], ["--steps", "1"]),
     ("data", ["bench_data.py"], ["--quick"]),
+    ("flow", ["bench_flow.py"], ["--quick"]),
 ]
 
 
