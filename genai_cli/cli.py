@@ -317,21 +317,23 @@ def write_loss_curve(rows: list[dict[str, Any]], path: Path) -> bool:
 @app.command()
 @one_line_errors
 def inspect(
-    target: Optional[str] = typer.Argument(None, help="Run, checkpoint or YAML config (default: newest run)."),
+    target: Optional[str] = typer.Argument(None, help="Run, checkpoint, export or YAML config (default: newest "
+                                           "run)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP + " Encodes the latent-space plot."),
 ):
-    """Tell what a run, checkpoint or config is, how big, how training went and where its files are."""
+    """Tell what a run, checkpoint, export or config is, how big, how training went and where its files are."""
     from rich.markup import escape
 
     from .api import build_model, model_from_state
     from .capabilities import has
     from .config import load_config
     from .data import peek_spec
+    from .export import load_target
     from .hardware import pick_device
     from .lineage import describe as describe_lineage
     from .lineage import frozen_parameters
-    from .runs import MetricsLog, load_checkpoint_file, resolve_checkpoint, run_of_checkpoint, up_to_date
+    from .runs import MetricsLog, run_of_checkpoint, up_to_date
     from .runs import runs_dir as resolve_runs_dir
 
     dev = pick_device(device, "--device")  # an unavailable device is refused whatever the target
@@ -346,8 +348,7 @@ def inspect(
         out.print(parameter_table(model))
         out.print(config_table(cfg.to_dict()))
         return
-    ckpt = resolve_checkpoint(target, resolve_runs_dir(runs_dir))
-    state = load_checkpoint_file(ckpt)
+    ckpt, state = load_target(target, resolve_runs_dir(runs_dir))  # a run, checkpoint or genai export
     model = model_from_state(state)
     cfg = state["config"]
     summary = state.get("summary") or {}
@@ -365,7 +366,8 @@ def inspect(
                   + (f" (+ {frozen:,} frozen in the runs it builds on)" if frozen else ""))
     if model.parents:  # this run <- parent run @ step, hash; a parent's own parents indented below it
         this = run_of_checkpoint(ckpt)
-        lines = describe_lineage(this.name if this is not None else ckpt.name, model.parents.resolved)
+        lines = describe_lineage(this.name if this is not None else state.get("name") or ckpt.name,
+                                 model.parents.resolved)
         table.add_row("lineage", escape("\n".join(lines)))
     table.add_row("steps trained", f"{state['step']:,}" + (" (finished)" if summary.get("finished") else ""))
     table.add_row("time spent", f"{state.get('elapsed_seconds', 0):.0f} s training"

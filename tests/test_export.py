@@ -72,6 +72,8 @@ def test_an_export_samples_what_its_run_samples(tmp_path, family):
         assert (parent / "model.safetensors").is_file() and "parents/autoencoder/model.safetensors" in config["files"]
         assert json.loads((parent / "config.json").read_text())["family"] == "spatial_ae"
         assert "## Lineage" in card and "r <- tiny-spatial_ae @ step 2" in card
+        shown = invoke("inspect", out).stdout  # genai inspect reads an export as it reads a run
+        assert "latent_ddpm" in shown and "r <- tiny-spatial_ae @ step 2" in shown
         # the export samples on its own: with the parent run gone
         import shutil
 
