@@ -146,6 +146,7 @@ def write_export(folder: Path, meta: dict[str, Any], weights: Mapping[str, Tenso
     # one contiguous CPU copy per tensor: safetensors stores neither views, shared storage nor channels_last strides
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt", "genai_family": meta["family"]})
+    os.chmod(folder / WEIGHTS, 0o666 & ~current_umask())  # safetensors writes 0600: an export is made to be shared
     files = {WEIGHTS: sha256_of(folder / WEIGHTS)}
     lineage = {}
     for key, parent in parents.items():
@@ -161,6 +162,12 @@ def write_export(folder: Path, meta: dict[str, Any], weights: Mapping[str, Tenso
     config = {"genai_export": EXPORT_FORMAT, "genai_version": __version__, **meta, "parents": lineage, "files": files}
     (folder / CONFIG).write_text(json.dumps(finite(config), indent=2) + "\n", encoding="utf-8")
     return files
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def finite(value: Any) -> Any:

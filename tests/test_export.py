@@ -48,6 +48,8 @@ def test_an_export_samples_what_its_run_samples(tmp_path, family):
     runs, run, out = exported(tmp_path, family)
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))  # no pickle anywhere
+    mode = (out / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (out / "README.md").stat().st_mode & 0o777  # as shareable as the files beside it (the umask's)
     config = json.loads((out / "config.json").read_text())
     assert config["family"] == ("transformer" if family == "text" else family) and config["step"] == 4
     assert config["config"]["data"] and config["spec"]["kind"] == ("tokens" if family == "text" else "image")
