@@ -37,7 +37,7 @@ from genai_cli.runs import new_run, save_grid
 
 QUIET = ["train.max_steps=1000000", "train.max_seconds=null", "train.eval_every=1000000",
          "train.sample_every=1000000", "train.checkpoint_every=1000000", "train.log_every=100", "train.sample_n=20"]
-UNCOND = ["model.class_conditional=false", "model.guidance=1.0", "sample.guidance=1.0"]
+UNCOND = ["model.class_conditional=false", "model.guidance=1.0", "sample.guidance=null"]
 ARMS = [  # (name, config, overrides, sampler rows: (sampler, steps)), most wanted first
     ("ddpm cond", "configs/quickstart.yaml", [], [("dpm++2m", 20), ("dpm++2m", 10)]),
     ("flow cond", "configs/flow_mnist.yaml", [], [("euler", 20), ("heun", 10), ("euler", 10), ("heun", 5)]),
