@@ -220,12 +220,13 @@ def evaluation_figures(meta: dict[str, Any], run: Path | None) -> list[tuple[str
     """(name, value) rows for the card: the last validation of training and the newest ``genai evaluate``."""
     rows = []
     summary = meta["summary"]
-    for key in ("best_val_loss", "last_loss"):
-        if isinstance(summary.get(key), (int, float)):
-            rows.append((key.replace("_", " "), f"{summary[key]:.5g}"))
+    if isinstance(summary.get("last_loss"), (int, float)):
+        rows.append(("last training loss", f"{summary['last_loss']:.5g}"))
+    if isinstance(summary.get("best_val_loss"), (int, float)):
+        rows.append(("best validation loss", f"{summary['best_val_loss']:.5g} (step {summary.get('best_step', '?')})"))
     for key, value in summary.items():
         if key.startswith("last_val_") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append((f"validation {key[9:].replace('_', ' ')}", f"{value:.5g}"))
+            rows.append((f"validation {key[9:].replace('_', ' ')} (last)", f"{value:.5g}"))
     if run is not None:
         from .runs import MetricsLog
 
