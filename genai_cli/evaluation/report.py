@@ -26,6 +26,7 @@ ROWS = [
     ("classes_covered", "classes with >= 2 % of samples", "d"),
     ("confident_share", "share classified with p >= 0.9", ".3f"),
     ("bits_per_dim", "bits/dim (validation)", ".4f"),
+    ("bits_per_dim_stderr", "bits/dim standard error (an estimate's)", ".4f"),
     ("bits_per_char", "bits/character (validation)", ".4f"),
     ("distinct_2grams", "distinct 2-grams in samples", ".3f"),
     ("distinct_4grams", "distinct 4-grams in samples", ".3f"),
