@@ -54,15 +54,25 @@ def slug(name: str) -> str:
     return name.replace(",", "").replace(";", "+").replace(" ", "-")
 
 
-def train_arm(name: str, config: str, overrides: list[str], budget: float, data):
+def train_arm(name: str, config: str, overrides: list[str], budget: float, data, reuse: bool = False):
+    """(run folder, steps, CPU seconds, cfg) of the arm trained for ``budget`` CPU seconds; with ``reuse``, a run of
+    the same config and budget trained before (by another process: the machine is shared) is taken as it is."""
     cfg = load_config(ROOT / config, [*QUIET, *overrides])
     folder = "bench-flow-" + slug(name)
+    run = RUNS / folder
+    if reuse and (run / "checkpoints" / "last.pt").is_file() and (run / "config.yaml").read_text() == cfg.to_yaml():
+        state = load_run(str(run), RUNS)[1]
+        cpu_file = run / "bench_cpu_seconds.txt"
+        cpu_s = float(cpu_file.read_text()) if cpu_file.is_file() else float("nan")
+        log(f"{name}: reusing {run} (step {state['step']})")
+        return run, int(state["step"]), cpu_s, cfg
     RUNS.mkdir(parents=True, exist_ok=True)
     run = new_run(RUNS, folder, folder, force=True)
     (run / "config.yaml").write_text(cfg.to_yaml())
     start = time.process_time()
     trainer = BudgetTrainer(cfg, run, data=data, quiet=True, budget=budget, console=Console(stderr=True))
     trainer.fit()
+    (run / "bench_cpu_seconds.txt").write_text(f"{time.process_time() - start:.1f}")
     return run, trainer.step, time.process_time() - start, cfg
 
 
@@ -104,6 +114,9 @@ def main() -> None:
     parser.add_argument("--lik-images", type=int, default=32, help="validation images of the likelihood rows")
     parser.add_argument("--only", default="", help="arm names separated by ';' (default: all): parts of the table "
                         "measured by separate processes, with the same settings")
+    parser.add_argument("--reuse", action="store_true", help="take an arm's run trained before with the same config")
+    parser.add_argument("--rows", type=int, default=4, help="at most this many sampler rows per arm (20 evaluations "
+                        "first)")
     parser.add_argument("--likelihood-only", action="store_true",
                         help="only the likelihood rows, of the 'ddpm cond' and 'flow cond' runs trained before")
     parser.add_argument("--quick", action="store_true", help="3 CPU s per arm, 40 samples: checks the script runs")
@@ -126,10 +139,10 @@ def main() -> None:
         if args.likelihood_only or (args.only and name not in args.only.split(";")):
             continue
         log(f"{name}: {config} {' '.join(overrides)} for {args.budget:.0f} CPU s")
-        run, steps, cpu_s, cfg = train_arm(name, config, overrides, args.budget, data)
+        run, steps, cpu_s, cfg = train_arm(name, config, overrides, args.budget, data, args.reuse)
         model = load_run(str(run), RUNS)[2].to(cpu).eval()
         models[name] = model
-        for sampler, n_steps in samplers:
+        for sampler, n_steps in samplers[:args.rows]:
             options = {**cfg.sample.options(), "sampler": sampler, "steps": n_steps}
             before = model.network_calls
             fake, secs = draw_samples(model, args.samples, args.seed, options, cpu)
