@@ -7,6 +7,7 @@ from . import (
     classifier,  # noqa: F401
     dcgan,  # noqa: F401
     diffusion,  # noqa: F401
+    distill,  # noqa: F401
     flow,  # noqa: F401
     latent_diffusion,  # noqa: F401
     lstm,  # noqa: F401
