@@ -56,6 +56,7 @@ PROBE_TOKENS = 8  # tokens of the text a precision probe writes (draw, precision
 PREFIX_ORIGINALS = 8  # at most this many real images are completed; the n completions are shared among them
 
 REGIONS = ("top", "bottom", "left", "right", "center", "random")
+SAMPLER_SETTINGS = frozenset({"steps", "eta", "atol", "rtol"})  # a run's defaults of these go with its sampler
 
 
 # -- modes --------------------------------------------------------------------------------------
@@ -345,6 +346,10 @@ def plan(model, request: SampleRequest) -> Plan:
     defaults = {k: v for k, v in request.defaults.items() if v is not None}
     merged = {k: v for k, v in defaults.items() if k in cls.sample_options and k not in MODE_KEYS
               and k not in mode.requires and mode.refusal(k) is None}
+    if "sampler" in options and options["sampler"] != defaults.get("sampler"):
+        # The run's steps, eta and tolerances were chosen for its own sampler: another sampler takes its own defaults
+        # (the run's dpm++2m 20 steps do not make --sampler ddpm fail, nor its heun 10 steps --sampler dopri5).
+        merged = {k: v for k, v in merged.items() if k not in SAMPLER_SETTINGS}
     merged.update(options)
     labels = merged.pop("labels", None)
     conditional = bool(model.conditional)

@@ -255,3 +255,11 @@ def test_evaluate_reports_the_estimate_with_its_standard_error():
     bits, stderr = estimated_bits_per_dim(model, data, cfg, torch.device("cpu"), 6, seed=0)
     assert math.isfinite(bits) and 0 < stderr < bits
     assert (bits, stderr) == estimated_bits_per_dim(model, data, cfg, torch.device("cpu"), 6, seed=0)  # seeded
+
+
+def test_another_sampler_leaves_the_runs_steps_behind():
+    model = tiny_flow()
+    defaults = {"sampler": "heun", "steps": 3}  # a run's sample: section, as configs/flow_mnist.yaml has one
+    assert plan(model, SampleRequest(options={"sampler": "dopri5"}, defaults=defaults)).options == {"sampler": "dopri5"}
+    assert plan(model, SampleRequest(options={}, defaults=defaults)).options == defaults
+    assert plan(model, SampleRequest(options={"sampler": "euler", "steps": 5}, defaults=defaults)).options["steps"] == 5
