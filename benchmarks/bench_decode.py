@@ -20,8 +20,13 @@ Levers, each row adds one to the row above it:
   KV cache, module forward  the cache, each step through ``Block.forward`` (split / transpose of q, k, v, a
                       concatenation, nn.Module calls) and ``torch.multinomial``: how decoding ran before this issue;
   + exponential-race draw   ``sampling.draw_categorical`` instead of ``torch.multinomial`` (the same draws);
-  + one-token step    ``Block.step``: the fused q|k|v row written in place into the preallocated cache, views made
-                      once, one query without a mask, functional calls (the library's path now), fp32;
+  + one-token step    ``Block.step``: the fused q|k|v row written in place (addmm's out=) into the preallocated
+                      cache, head-split views made once and narrowed per position, weights transposed once per
+                      draw, one query without a mask, no module calls, fp32;
+  + inference_mode    the token loop under ``torch.inference_mode`` instead of ``no_grad`` (no version counters,
+                      no view tracking on each of the step's operations);
+  + one thread        the loop of small steps on one CPU thread (``hardware.step_threads``): each product is too
+                      small for a second thread, which only adds a barrier (the library's path now);
   same, bf16 autocast what ``precision auto`` gives on a CPU with native bf16, without a measured choice;
   + torch.compile     (``--compile`` only) the one-token step compiled (static shapes: attention over the whole
                       cache with a mask); its warm-up seconds are reported, and the length past which it pays.
@@ -30,6 +35,7 @@ Levers, each row adds one to the row above it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import string
 import time
 
@@ -37,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from bench_common import log, machine, markdown
 
+import genai_cli.models.autoregressive as ar_module
 import genai_cli.sampling as sampling
 from genai_cli.api import build_model
 from genai_cli.models import transformer as transformer_module
@@ -101,25 +108,30 @@ def _static_step(m, x, pos, caches):
     return m.out(m.ln_f(x))
 
 
-def ours(model, stepper_cls, draw, bf16: bool):
-    """A sampler of ``model`` with the given stepper class and draw function."""
+def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, one_thread: bool = True):
+    """A sampler of ``model`` with the given stepper class and draw function; ``inference`` / ``one_thread``: the
+    token loop's inference_mode and one-thread levers (off: no_grad, and the caller's thread count)."""
 
     def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
-        saved_draw, saved_inc = sampling.draw_categorical, model.incremental
+        saved = sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode
         sampling.draw_categorical = draw
         if stepper_cls is not None:
             model.incremental = lambda n_, *a: stepper_cls(model, n_)
+        if not one_thread:
+            ar_module.step_threads = lambda *a: contextlib.nullcontext()
+        if not inference:
+            torch.inference_mode = torch.no_grad
         try:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 if stepper_cls is None:
                     return model.sample_naive(n, generator=generator, prompt=VOCAB[0], max_new_tokens=chars)
                 return model.sample(n, generator=generator, prompt=VOCAB[0], max_new_tokens=chars)
         finally:
-            sampling.draw_categorical, model.incremental = saved_draw, saved_inc
+            sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode = saved
     return run
 
 
-def gpt2(model):
+def gpt2(model, threads: int | None = None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
@@ -131,9 +143,15 @@ def gpt2(model):
 
     def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
         torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-        with torch.no_grad():
-            return peer.generate(torch.zeros(n, 1, dtype=torch.long), do_sample=True, max_new_tokens=chars,
-                                 min_new_tokens=chars, use_cache=True, top_k=0, pad_token_id=0, eos_token_id=None)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            with torch.no_grad():
+                return peer.generate(torch.zeros(n, 1, dtype=torch.long), do_sample=True, max_new_tokens=chars,
+                                     min_new_tokens=chars, use_cache=True, top_k=0, pad_token_id=0,
+                                     eos_token_id=None)
+        finally:
+            torch.set_num_threads(before)
     return run
 
 
@@ -166,12 +184,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model("transformer", cls.Config(d_model=128, heads=4, layers=4, dropout=0.0), spec).eval()
     race = sampling.draw_categorical
+    old = {"inference": False, "one_thread": False}  # the loop before this issue's last two levers
     rows = {
         "GPT2LMHeadModel.generate(use_cache=True)": gpt2(model),
-        "uncached (re-run the window)": ours(model, None, race, False),
-        "KV cache, module forward + multinomial": ours(model, ModuleForwardStepper, multinomial_draw, False),
-        "+ exponential-race draw": ours(model, ModuleForwardStepper, race, False),
-        "+ one-token step (library now), fp32": ours(model, transformer_module._Cached, race, False),
+        "GPT2LMHeadModel.generate(use_cache=True), 1 thread": gpt2(model, threads=1),
+        "uncached (re-run the window)": ours(model, None, race, False, **old),
+        "KV cache, module forward + multinomial": ours(model, ModuleForwardStepper, multinomial_draw, False, **old),
+        "+ exponential-race draw": ours(model, ModuleForwardStepper, race, False, **old),
+        "+ one-token step, fp32": ours(model, transformer_module._Cached, race, False, **old),
+        "+ inference_mode": ours(model, transformer_module._Cached, race, False, one_thread=False),
+        "+ one thread for small steps (library now), fp32": ours(model, transformer_module._Cached, race, False),
         "same, bf16 autocast": ours(model, transformer_module._Cached, race, True),
     }
     if args.compile:
@@ -190,9 +212,10 @@ def main() -> None:
         log(f"transformer, batch {n}: {len(rows)} rows x {args.rounds} rounds")
         result[n] = alternate(rows, n, args.chars, args.rounds)
     ref = "GPT2LMHeadModel.generate(use_cache=True)"
+    ref1 = ref + ", 1 thread"
     for name in rows:
         table.append([name] + [f"{result[n][name]:,.0f}" for n in (1, 16)]
-                     + [f"{result[n][name] / result[n][ref]:.2f}x" for n in (1, 16)])
+                     + [f"{result[n][name] / result[n][r]:.2f}x" for r in (ref, ref1) for n in (1, 16)])
 
     # The LSTM: its one-step cell against its naive reference (re-running the sequence for every character).
     lcls = MODELS.get("lstm")
@@ -214,9 +237,12 @@ def main() -> None:
     ar = MODELS.get("transformer")(cls.Config(levels=256, d_model=128, heads=4, layers=4, dropout=0.0),
                                    ImageSpec(channels=1, size=7, binary=False)).eval()
 
-    def maskgit(steps):
+    def maskgit(steps, threads=None):
         def run(n, chars, g):
-            with torch.no_grad():
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads or before)
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                stack.callback(torch.set_num_threads, before)
                 start = torch.full((n, 49), masked.mask_id)
                 return fill_tokens(masked, start, masked.mask_id, steps, choice_temperature=4.5, generator=g)
         return run
@@ -225,16 +251,18 @@ def main() -> None:
         with torch.no_grad():
             return ar.sample(n, generator=g)
     log("maskgit, batch 1")
-    lat = alternate({"maskgit 8 steps": maskgit(8), "maskgit 12 steps": maskgit(12), "cached AR, 49 tokens": ar_tokens},
-                    1, 1, max(args.rounds, 3) if not args.quick else 1)
+    lat = alternate({"maskgit 8 steps": maskgit(8), "maskgit 12 steps": maskgit(12),
+                     "maskgit 8 steps, 1 thread": maskgit(8, 1), "maskgit 12 steps, 1 thread": maskgit(12, 1),
+                     "cached AR, 49 tokens": ar_tokens}, 1, 1, max(args.rounds, 3) if not args.quick else 1)
     lat = {k: 1000 / v for k, v in lat.items()}  # ms per image (alternate returned images/s)
 
     print(f"\nDecoding the gpt_shakespeare_char shape (0.8M parameters), {args.chars} characters after a 1-character "
           f"prompt, median of {args.rounds} alternating rounds, {args.threads} threads; {machine()}\n")
-    print(markdown(["lever", "chars/s, batch 1", "chars/s, batch 16", "/ GPT-2, batch 1", "/ GPT-2, batch 16"], table))
+    print(markdown(["lever", "chars/s, batch 1", "chars/s, batch 16", "/ GPT-2, batch 1", "/ GPT-2, batch 16",
+                    "/ GPT-2 1 thread, batch 1", "/ GPT-2 1 thread, batch 16"], table))
     print(f"\ncached (library) and uncached samples identical: {'yes' if same else 'NO'}")
     if args.compile:
-        per_char = {n: 1 / result[n]["+ one-token step (library now), fp32"]
+        per_char = {n: 1 / result[n]["+ one thread for small steps (library now), fp32"]
                     - 1 / result[n]["+ torch.compile of the step, fp32"] for n in (1,)}
         pays = f"{warm / per_char[1]:,.0f} characters" if per_char[1] > 0 else "never (not faster)"
         print(f"torch.compile warm-up {warm:.0f} s; at batch 1 it pays off past {pays}")
