@@ -150,6 +150,7 @@ def plot(results: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results.values():
@@ -161,6 +162,7 @@ def plot(results: dict, out: Path) -> None:
     for ax, name in zip(axes, ("classifier-FID", "validation loss (v, min-SNR-5)"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short log axis
         ax.set_xlabel("training compute (GFLOPs, forward + backward)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
