@@ -1,4 +1,4 @@
-"""The DiT backbone (nn/dit.py, model.backbone: dit): its pieces, its presets, and the swap in the diffusion families."""
+"""The DiT backbone (nn/dit.py, model.backbone: dit): its pieces, its presets, the swap in the diffusion families."""
 
 from __future__ import annotations
 
