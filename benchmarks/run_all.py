@@ -43,6 +43,9 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("dit_speed", ["bench_scaling.py", "speed"], ["--steps", "1"]),
     ("data", ["bench_data.py"], ["--quick"]),
     ("flow", ["bench_flow.py"], ["--quick"]),
+    ("distill", ["bench_distill.py"], ["--teacher-budget", "10", "--set", "train.max_steps=2", "--set",
+                                       "model.pairs=32", "--set", "model.held_out=8", "--samples", "32",
+                                       "--timing-samples", "16"]),
 ]
 
 
