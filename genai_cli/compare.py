@@ -457,10 +457,13 @@ def _num(value: Any, fmt: str, spread: Any = None) -> str:
 
 
 def likelihood_kind(text: str | None) -> str:
-    """evaluate's likelihood label in a word: exact, ELBO or bound."""
+    """evaluate's likelihood label in a word: exact, ELBO, bound or estimate (a flow's ODE + trace estimator)."""
     if not text:
         return ""
-    return "exact" if text.startswith("exact") else "ELBO" if "ELBO" in text else "bound"
+    for word, kind in (("exact", "exact"), ("ELBO", "ELBO"), ("bound", "bound")):
+        if word in text:
+            return kind
+    return "estimate"
 
 
 TABLE = ["member", "family", "parameters", "steps", "train img/s", "classifier-FID", "confident share", "coverage",
@@ -558,7 +561,8 @@ DEFINITIONS = f"""- **budget**: seconds of training steps (the loop's `train.max
   (Naeem et al. 2020), **classes covered** (classes holding >= 2 % of the samples): `genai evaluate`'s metrics, in the
   evaluator network's features (not comparable with Inception FID).
 - **bits/dim**: exact for the autoregressive families, the ELBO for the VAE (a density: not comparable with discrete
-  likelihoods), the variational bound for diffusion and the masked models; `-` where the family has none.
+  likelihoods), the variational bound for diffusion and the masked models, an estimate for flow matching (the ODE's
+  change of variables with a Hutchinson trace, on dequantised pixels); `-` where the family has none.
 - **s / 64 samples**: seconds to draw, at the member's own sampling settings (its config's `sample:`), per 64 samples;
   **network evals / sample**: passes through its networks to draw a batch (diffusion: its steps; autoregressive: one
   per pixel; MaskGIT: its filling steps and the decoder; a GAN or VAE: one).
