@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 from collections.abc import Callable
@@ -326,7 +327,8 @@ def measure(run: Path, compare_dir: Path, *, n: int, evaluator: str, device: str
     result["parameters"] = sum(q.numel() for q in model.parameters())
     from .runs import write_text_atomically
 
-    write_text_atomically(cache, json.dumps({"key": key, "result": result}, default=float))
+    if os.access(run, os.W_OK):  # a run given as it is may be read-only: then it is measured again next time
+        write_text_atomically(cache, json.dumps({"key": key, "result": result}, default=float))
     return result
 
 
