@@ -205,7 +205,7 @@ def test_training_lowers_the_loss_with_each_lever():
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), (overrides, losses[:5], losses[-5:])
 
 
