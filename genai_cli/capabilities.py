@@ -116,7 +116,8 @@ class OdeSolve(Protocol):
                   sampler: str | None = None, steps: int | None = None) -> Tensor:
         """Deterministic: integrates the model's probability-flow ODE from ``noise`` (B, *model_shape) to x_0 in
         model space (not decoded), with its sampling defaults for the options not given (a stochastic sampler is
-        refused). Read by the distill family: a teacher's (noise, endpoint) pairs."""
+        refused). ``labels`` None on a conditional model: class i % K (``class_labels``), as ``sample`` draws. Read by
+        the distill family: a teacher's (noise, endpoint) pairs."""
 
     def to_model_space(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) in [0, 1] -> points (B, *model_shape) of the space the ODE runs in."""

@@ -59,7 +59,8 @@ def test_the_runs_a_family_builds_on_declare_what_it_reads(family):
 
 def test_hooks_are_left_out_of_what_a_user_is_shown():
     assert shown(MODELS.get("dcgan")) == ["walk"] and has(MODELS.get("dcgan"), "manual_step")
-    assert shown(MODELS.get("latent_ddpm")) == ["reconstruct", "ode_solve"] and has(MODELS.get("latent_ddpm"), "prepare")
+    latent = MODELS.get("latent_ddpm")
+    assert shown(latent) == ["reconstruct", "ode_solve"] and has(latent, "prepare")
 
 
 # -- the checker catches each mismatch --------------------------------------------------------------

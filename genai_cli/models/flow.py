@@ -252,11 +252,10 @@ class Flow(DenoisingFamily):
                   rtol: float | None = None) -> Tensor:
         """x_0 (B, *model_shape), in model space, from noise x_1 (B, *model_shape): dx/dt = v_theta(x, t) integrated
         from t = 1 to t = 0 by torchdiffeq (euler, midpoint, heun on ``steps`` equal steps; dopri5 adaptive within
-        atol + rtol |x|). Deterministic. ``labels`` (B,) for a conditional model (None: unconditional, the null
-        label); options not given are the config's."""
+        atol + rtol |x|). Deterministic. ``labels`` as ``class_labels`` reads them (None on a conditional model:
+        class i % K, as DDPM's); options not given are the config's."""
         sampler, steps, atol, rtol, guidance = self.sample_settings(sampler, steps, atol, rtol, guidance)
-        if labels is None and self.conditional:
-            labels = torch.full((noise.shape[0],), self.null_label, dtype=torch.long, device=noise.device)
+        labels = self.class_labels(labels, noise.shape[0])
 
         def f(t: Tensor, x: Tensor) -> Tensor:
             return self.velocity(x, t, labels, guidance)
