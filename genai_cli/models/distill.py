@@ -102,6 +102,8 @@ class Distill(GenerativeModel):
             raise GenaiError(f"model.grid_share must be in [0, 1], got {config.grid_share}")
         if not config.grid_steps or any(k < 1 for k in config.grid_steps):
             raise GenaiError(f"model.grid_steps must be step counts >= 1, got {config.grid_steps}; e.g. [1, 2, 4]")
+        # The Euler samplers' evaluation times s, fixed by the config: worked out once, not at every training step.
+        self.grid_times = tuple(sorted({1 - i / k for k in config.grid_steps for i in range(k)}))
         if config.steps < 1:
             raise GenaiError(f"model.steps must be >= 1, got {config.steps}; the student samples in 1, 2 or 4")
         if config.guidance is not None and not teacher.conditional:
@@ -216,10 +218,10 @@ class Distill(GenerativeModel):
 
     def _draw_s(self, b: int, device) -> Tensor:
         """(b,) times: a grid_share of them at the Euler samplers' evaluation points, the rest uniform."""
-        grid = sorted({1 - i / k for k in self.config.grid_steps for i in range(k)})
         s = torch.rand(b, device=device)
         on_grid = torch.rand(b, device=device) < self.config.grid_share
-        pick = torch.tensor(grid, device=device)[torch.randint(0, len(grid), (b,), device=device)]
+        times = torch.tensor(self.grid_times, device=device)
+        pick = times[torch.randint(0, len(times), (b,), device=device)]
         return torch.where(on_grid, pick, s)
 
     @torch.no_grad()
