@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -119,13 +119,14 @@ def step_threads(macs: int, device: torch.device):
     return _one_thread()
 
 
-class _one_thread:
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
+@contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def largest_layer(model: torch.nn.Module) -> int:
