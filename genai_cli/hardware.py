@@ -102,31 +102,36 @@ def native_bf16(device: torch.device) -> bool:
     return False  # MPS: fp32 (bf16 support there depends on the OS version; not worth the risk by default)
 
 
-# Multiply-adds of an operation below which a second CPU thread costs more than it saves. Sampling one token (or
-# pixel) at a time runs thousands of such operations in sequence: at batch 1 the gpt_shakespeare_char step's
-# largest product is 128 x 512 (65k). Every parallel one wakes the other threads and waits for them at a barrier,
-# a few microseconds on an idle core and a scheduler tick (milliseconds) on a busy one: on a loaded 2-core Xeon,
-# decoding at batch 1 ran 14x faster on one thread than on two (benchmarks/bench_decode.py).
+# Multiply-adds of an operation below which a loop of such operations runs in the small-step setting. Sampling one
+# token (or pixel) at a time runs thousands of them in sequence: at batch 1 the gpt_shakespeare_char step's largest
+# product is 128 x 512 (65k). Each costs its dispatch, not its arithmetic, so two settings decide its speed:
+# - one thread: every parallel operation wakes the other threads and waits for them at a barrier, a few microseconds
+#   on an idle core and a scheduler tick (milliseconds) on a busy one. On a loaded 2-core Xeon decoding ran 14x
+#   faster on one thread than on two; on an idle one two threads were 5-14 % faster. Choosing by timing the loop's
+#   first steps cost more than it saved where it mattered (a loaded machine: each timed two-thread step took
+#   milliseconds, and three noisy steps per count misled the choice), so the loop keeps one thread.
+# - no oneDNN: for operations this small its primitive set-up costs more than the arithmetic (an fp32 GELU of 512
+#   values: 9-16 us through oneDNN, 2 us through ATen's own kernel).
+# Measured: benchmarks/bench_decode.py ("Decoding at batch 1" in benchmarks/README.md).
 SERIAL_BELOW_MACS = 1 << 21
 
 
-def step_threads(macs: int, device: torch.device):
-    """A context that runs a loop of small sequential operations, each about ``macs`` multiply-adds (e.g. batch x
-    the largest weight matrix), on one CPU thread when that is below ``SERIAL_BELOW_MACS``; a no-op on a GPU, for
-    large work, or where torch already uses one thread. The thread count is restored on exit."""
-    if device.type != "cpu" or macs >= SERIAL_BELOW_MACS or torch.get_num_threads() == 1:
-        return nullcontext()
-    return _one_thread()
-
-
 @contextmanager
-def _one_thread():
-    before = torch.get_num_threads()
+def step_threads(macs: int, device: torch.device):
+    """A context for a loop of small sequential operations, each about ``macs`` multiply-adds (e.g. batch x the
+    largest weight matrix): below ``SERIAL_BELOW_MACS`` on a CPU, one thread and oneDNN off; a no-op on a GPU or
+    for large work. Both settings are restored on exit, even on an error."""
+    if device.type != "cpu" or macs >= SERIAL_BELOW_MACS:
+        yield
+        return
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
 
 
 def largest_layer(model: torch.nn.Module) -> int:

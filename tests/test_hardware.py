@@ -245,11 +245,13 @@ def test_a_probed_run_records_why_and_resumes_in_its_precision(tmp_path, config_
     assert len(calls) == 1 and state["step"] == 6 and state["precision"]["resolved"] == "fp32"
 
 
-def test_token_by_token_sampling_runs_small_steps_on_one_thread_and_restores_the_count(monkeypatch):
+def test_token_by_token_sampling_runs_small_steps_on_one_thread_without_onednn_and_restores_both(monkeypatch):
     """A token's step is a few dozen tiny products: a second thread only adds a barrier per operation (a scheduler
-    tick on a busy CPU). The sampler's loop runs them on one thread; large work and the caller's setting are kept."""
-    before = torch.get_num_threads()
+    tick on a busy CPU) and oneDNN's set-up costs more than such an operation. The sampler's loop runs them on one
+    thread without oneDNN; large work and the caller's settings are kept, and restored after an error too."""
+    before = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(2)
+    torch.backends.mkldnn.enabled = True
     try:
         model = tiny_model("transformer").eval()
         seen = []
@@ -259,19 +261,22 @@ def test_token_by_token_sampling_runs_small_steps_on_one_thread_and_restores_the
             step = real(n, *args)
 
             def call(tokens, pos):
-                seen.append(torch.get_num_threads())
+                seen.append((torch.get_num_threads(), torch.backends.mkldnn.enabled))
                 return step(tokens, pos)
             return call
         monkeypatch.setattr(model, "incremental", spy)
         model.sample(2, generator=torch.Generator().manual_seed(0))
-        assert set(seen) == {1} and torch.get_num_threads() == 2
-        with hardware.step_threads(hardware.SERIAL_BELOW_MACS, CPU):  # large work keeps the threads
-            assert torch.get_num_threads() == 2
-        with hardware.step_threads(16, CPU):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
+        assert set(seen) == {(1, False)}
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
+        with hardware.step_threads(hardware.SERIAL_BELOW_MACS, CPU):  # large work keeps the threads and oneDNN
+            assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
+        with pytest.raises(RuntimeError), hardware.step_threads(16, CPU):
+            assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (1, False)
+            raise RuntimeError("a step failed")
+        assert (torch.get_num_threads(), torch.backends.mkldnn.enabled) == (2, True)
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        torch.backends.mkldnn.enabled = before[1]
 
 
 @pytest.mark.parametrize("new_tokens, probed", [(1, False), (65, True)])

@@ -162,7 +162,7 @@ class AutoregressiveImageModel:
         was_training = self.training
         self.eval()
         # The loop is thousands of tiny operations in sequence: inference mode skips autograd's bookkeeping (version
-        # counters, view tracking) on each, and a small step runs on one thread (see hardware.step_threads).
+        # counters, view tracking) on each, and a small step runs on one thread without oneDNN (hardware.step_threads).
         try:
             with torch.inference_mode(), step_threads(n * largest_layer(self), self.device):
                 for pos in range(start, length):
