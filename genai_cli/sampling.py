@@ -21,6 +21,7 @@ and the nucleus is one well-defined set. At least one value always survives.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -117,17 +118,31 @@ def sample_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None
     ``greedy`` (or temperature 0) takes the argmax of the (noisy) logits; otherwise one value is drawn
     from the softmax of ``filter_logits``. Every random draw takes ``generator``.
     """
+    return token_sampler(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, noise_std=noise_std,
+                         generator=generator)(logits)
+
+
+def token_sampler(*, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  greedy: bool = False, noise_std: float = 0.0,
+                  generator: torch.Generator | None = None) -> Callable[[Tensor], Tensor]:
+    """``sample_logits`` with its options checked and decided once: a loop that draws a token per step (thousands
+    of steps, each a few operations at batch 1) calls the returned function on each step's logits."""
     check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, noise_std=noise_std)
-    if logits.dtype != torch.float64 and logits.dtype != torch.float32:
-        logits = logits.float()  # bf16 logits from autocast are too coarse to filter and normalise
-    if noise_std:
-        noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-        logits = logits + noise_std * noise
-    if greedy or temperature == 0:
-        # top-k and top-p always keep the argmax, so they cannot change a greedy draw.
-        return logits.argmax(-1)
-    probs = torch.softmax(_filter(logits, temperature, top_k, top_p), dim=-1)  # removed entries: probability 0
-    return draw_categorical(probs, generator)
+    argmax = greedy or temperature == 0  # top-k and top-p always keep the argmax: they cannot change a greedy draw
+    plain = temperature == 1 and top_k is None and (top_p is None or top_p >= 1)  # nothing to filter
+
+    def draw(logits: Tensor) -> Tensor:
+        if logits.dtype != torch.float64 and logits.dtype != torch.float32:
+            logits = logits.float()  # bf16 logits from autocast are too coarse to filter and normalise
+        if noise_std:
+            noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            logits = logits + noise_std * noise
+        if argmax:
+            return logits.argmax(-1)
+        # Removed entries get probability 0; with no filter the logits go to the softmax as they are.
+        probs = torch.softmax(logits if plain else _filter(logits, temperature, top_k, top_p), dim=-1)
+        return draw_categorical(probs, generator)
+    return draw
 
 
 def draw_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:

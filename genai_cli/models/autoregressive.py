@@ -27,7 +27,7 @@ from ..nn.autoregressive import (
     token_shape,
     tokens_to_image,
 )
-from ..sampling import check_sampling_options, sample_logits
+from ..sampling import check_sampling_options, token_sampler
 from ..spec import ImageSpec, Spec
 
 
@@ -159,6 +159,8 @@ class AutoregressiveImageModel:
         logit_noise = noise_std if noise_on == "logits" else 0.0
         greedy = bool(greedy)
         seen, columns = tokens[:, window:], tokens.unbind(1)  # (n, length - window); length views (n,)
+        draw = token_sampler(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, noise_std=logit_noise,
+                             generator=generator)  # options checked once, not per token
         was_training = self.training
         self.eval()
         # The loop is thousands of tiny operations in sequence: inference mode skips autograd's bookkeeping (version
@@ -173,8 +175,7 @@ class AutoregressiveImageModel:
                         seen = tokens[:, window:]
                     logits = step(seen, pos - window)  # (n, K), from tokens[:, :pos] only
                     # columns[pos] is a view made once: writing through it costs one copy, not an indexing call.
-                    columns[pos].copy_(sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                     greedy=greedy, noise_std=logit_noise, generator=generator))
+                    columns[pos].copy_(draw(logits))
         finally:
             self.train(was_training)
         if text:

@@ -114,7 +114,7 @@ class _Cached:
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         m = self.model
         if self.done == pos and pos > 0:  # one new position: its previous token is tokens[:, pos - 1]
-            x = torch.embedding(m.token_embedding.weight, tokens[:, pos - 1]) + self.positions[pos]  # (n, d)
+            x = torch.embedding(m.token_embedding.weight, tokens.select(1, pos - 1)) + self.positions[pos]  # (n, d)
             for block, cache in zip(m.blocks, self.caches):
                 x = block.step(x, cache, pos)
             self.done = pos + 1
