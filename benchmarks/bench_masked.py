@@ -3,6 +3,8 @@ CPU budget on mnist5k, and MaskGIT's sampling speed against autoregressive sampl
 
     python benchmarks/bench_masked.py [--budget 120] [--samples 500] [--threads 1] [--tokenizer-share 0.35]
     python benchmarks/bench_masked.py --quick      # a few seconds each: checks the script runs
+    python benchmarks/bench_masked.py --only maskgit --budget 300   # MaskGIT (+ its tokenizer) and the speed table
+    python benchmarks/bench_masked.py --speed-only  # the speed table again, on the runs masked.json names
 
 1. Families. Each entry trains through the toolkit's Trainer for ``--budget`` CPU seconds (``BudgetTrainer``) and
    is measured by ``genai evaluate``'s code (classifier-FID, coverage, bits/dim) on ``--samples`` samples drawn
@@ -14,6 +16,8 @@ CPU budget on mnist5k, and MaskGIT's sampling speed against autoregressive sampl
    tokenizer's codes, with its key/value cache) is trained on the same tokens for as many steps, at the same batch
    size and learning rate, as MaskGIT got; then seconds per 64 images for MaskGIT at 8 and 12 steps and for the
    autoregressive draw (49 tokens one by one), each decoded by the same tokenizer, with their evaluator figures.
+   MaskGIT runs at each of ``--fill-steps`` (unguided: one pass per step, as the AR model takes) and, for the
+   fewest of them, at each ``--choice-temperatures``: fewer steps are faster, the question is at what FID.
 Prints markdown tables; runs are kept under benchmarks/runs/ (ignored by git).
 """
 
@@ -61,6 +65,8 @@ def families(args) -> dict:
                                ("bench-masked-maskgit", "maskgit_mnist", b * (1 - share),
                                 ["model.tokenizer=bench-masked-vqvae"])], ""),
     ]
+    if args.only:
+        entries = [e for e in entries if any(word in e[0] for word in args.only)]
     rows, results = [], {}
     for row, stages, note in entries:
         used, steps, params = 0.0, [], 0
@@ -104,20 +110,28 @@ def speed(args, maskgit_run: str, steps: int) -> None:
     # The same size as MaskGIT's transformer; unconditional (the class row of MaskGIT is a small extra).
     ar = Transformer(ARConfig(levels=k, d_model=c.d_model, heads=c.heads, layers=c.layers, mlp_ratio=c.mlp_ratio),
                           ImageSpec(1, grid[0]))
-    opt = torch.optim.AdamW(ar.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    bs, g = cfg.train.batch_size, torch.Generator().manual_seed(0)
-    log(f"autoregressive token transformer: {steps} steps on the same tokens")
-    t0 = time.process_time()
-    for step in range(steps):
-        lr = cfg.train.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(0, len(train_tokens), (bs,), generator=g)
-        loss = ar.loss((token_images(train_tokens[idx], k, grid), None))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    ar_cpu = time.process_time() - t0
+    saved = RUNS / "masked-ar.pt"  # the AR model of this MaskGIT run, reused by --speed-only
+    if args.speed_only and saved.exists() and torch.load(saved)["maskgit"] == maskgit_run:
+        state = torch.load(saved)
+        ar.load_state_dict(state["weights"])
+        ar_cpu = state["cpu_seconds"]
+        log(f"autoregressive token transformer: reused {saved}")
+    else:
+        opt = torch.optim.AdamW(ar.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        bs, g = cfg.train.batch_size, torch.Generator().manual_seed(0)
+        log(f"autoregressive token transformer: {steps} steps on the same tokens")
+        t0 = time.process_time()
+        for step in range(steps):
+            lr = cfg.train.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(0, len(train_tokens), (bs,), generator=g)
+            loss = ar.loss((token_images(train_tokens[idx], k, grid), None))["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ar_cpu = time.process_time() - t0
+        torch.save({"maskgit": maskgit_run, "weights": ar.state_dict(), "cpu_seconds": ar_cpu}, saved)
     ar.eval()
     evaluator, _, _ = evaluator_for(cfg.data, data.spec)
     n = args.samples
@@ -148,9 +162,12 @@ def speed(args, maskgit_run: str, steps: int) -> None:
     measure(f"autoregressive, key/value cache ({n_tok} steps)", ar_draw, n_tok)
     measure(f"autoregressive, no cache ({n_tok} steps)", lambda m, g: ar_draw(m, g, naive=True),
             n_tok * (n_tok + 1) // 2)
-    for s in (8, 12):  # guidance 1: one pass per step, as the unconditional AR model takes
-        measure(f"maskgit, {s} steps", lambda m, g, s=s: maskgit.sample(m, generator=g, steps=s, guidance=1.0),
-                s * n_tok)
+    fewest = min(args.fill_steps)
+    for s in args.fill_steps:  # guidance 1: one pass per step, as the unconditional AR model takes
+        for ct in args.choice_temperatures if s == fewest else [maskgit.config.choice_temperature]:
+            measure(f"maskgit, {s} steps, choice temperature {ct:g}",
+                    lambda m, g, s=s, ct=ct: maskgit.sample(m, generator=g, steps=s, guidance=1.0,
+                                                            choice_temperature=ct), s * n_tok)
     s12 = maskgit.config.steps
     measure(f"maskgit, {s12} steps, guidance {maskgit.config.guidance:g} (its config)",
             lambda m, g: maskgit.sample(m, generator=g), 2 * s12 * n_tok)
@@ -176,13 +193,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokenizer-share", type=float, default=0.35)
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every entry")
+    parser.add_argument("--only", nargs="*", default=[], help="train only the entries whose name holds a word")
+    parser.add_argument("--speed-only", action="store_true", help="no training: the speed table of masked.json's "
+                        "MaskGIT run")
+    parser.add_argument("--fill-steps", type=int, nargs="*", default=[4, 6, 8, 12])
+    parser.add_argument("--choice-temperatures", type=float, nargs="*", default=[4.5, 2.0, 1.0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check that the script runs")
     args = parser.parse_args()
     if args.quick:
         args.budget, args.samples = 6.0, 100
     torch.set_num_threads(args.threads)
-    results = families(args)
-    (RUNS / "masked.json").write_text(json.dumps(results, indent=2, default=float))
+    if args.speed_only:
+        results = json.loads((RUNS / "masked.json").read_text())
+    else:
+        results = families(args)
+        (RUNS / "masked.json").write_text(json.dumps(results, indent=2, default=float))
     mg = results["maskgit (+ vqvae)"]
     speed(args, mg["run"], int(mg["steps"][-1]))
 

@@ -13,6 +13,7 @@ from genai_cli.errors import GenaiError
 from genai_cli.generate import Inpaint, SampleRequest, draw
 from genai_cli.nn.masked import (
     UNIFORM_RATES,
+    MaskedTransformer,
     absorbing_bound,
     fill_tokens,
     gamma,
@@ -58,9 +59,10 @@ def test_iterative_fill_follows_the_schedule_and_never_changes_a_fixed_token():
     start[:, 5:] = k  # 35 masked, 5 given
     seen = []
 
-    def predict(tokens):
+    def predict(tokens, at):
         seen.append(tokens.clone())
-        return torch.randn(b, n, k)
+        assert torch.equal(at, tokens == k)  # asked for the masked positions only
+        return torch.randn(b, n, k)[at]
 
     trace = []
     out = fill_tokens(predict, start, k, steps, choice_temperature=2.0, generator=torch.Generator().manual_seed(1),
@@ -74,10 +76,36 @@ def test_iterative_fill_follows_the_schedule_and_never_changes_a_fixed_token():
         assert torch.equal(after[fixed], before[fixed])  # once fixed, never changed
 
 
+@pytest.mark.parametrize("classes", [0, 3])
+def test_lean_sampling_forward_gives_the_module_forward_and_follows_weight_changes(classes):
+    """The sampling path (eval, no autograd) is ``forward``'s maths without the module calls: the same logits in fp32,
+    at every position or at the asked ones only, the wholly masked grid's from its kept copy, and still after an
+    optimizer step changes the weights it keeps."""
+    torch.manual_seed(0)
+    net = MaskedTransformer(9, 12, 16, 2, 2, 4, 0.1, num_classes=classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    tokens, at = torch.randint(0, 10, (3, 12)), torch.rand(3, 12) < 0.4
+    blank, everywhere = torch.full((3, 12), net.mask_id), torch.ones(3, 12, dtype=torch.bool)
+    labels = torch.tensor([0, 2, 3]) if classes else None
+    for _ in range(2):
+        net.eval()
+        with torch.enable_grad():  # autograd on: the module path
+            full, full_blank = net(tokens, labels), net(blank, labels)
+        with torch.no_grad():
+            torch.testing.assert_close(net(tokens, labels), full, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(net(tokens, labels, at), full[at], rtol=1e-6, atol=1e-6)
+            for _ in range(2):  # computed, then read from the copy kept
+                torch.testing.assert_close(net(blank, labels, everywhere), full_blank.flatten(0, 1), rtol=1e-5,
+                                           atol=1e-6)
+        net.train()
+        net(tokens, labels).square().mean().backward()
+        opt.step()
+
+
 def test_at_least_one_token_is_fixed_per_step():
     trace = []
     tokens = torch.full((1, 4), 3)
-    fill_tokens(lambda t: torch.zeros(1, 4, 3), tokens, 3, 10, trace=trace)
+    fill_tokens(lambda t, at: torch.zeros(int(at.sum()), 3), tokens, 3, 10, trace=trace)
     counts = [int(t) for t in trace]
     assert counts == [3, 2, 1, 0]  # 10 steps asked, 4 tokens: one per step, then done
 

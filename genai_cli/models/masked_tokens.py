@@ -106,14 +106,16 @@ class MaskedTokenModel:
         return {"loss": ce, "masked_share": mask.float().mean()}
 
     # -- generation ------------------------------------------------------------------------------
-    def predictor(self, labels: Tensor | None, guidance: float) -> Callable[[Tensor], Tensor]:
-        """tokens -> logits, with classifier-free guidance (Ho & Salimans 2022 eq. 6, on logits) when asked."""
+    def predictor(self, labels: Tensor | None, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """(tokens, masked) -> logits at the masked positions (``fill_tokens``' ``predict``), with classifier-free
+        guidance (Ho & Salimans 2022 eq. 6, on logits) when asked."""
         if labels is None or guidance == 1.0:
-            return lambda t: self.network(t, labels).float()
+            return lambda t, at: self.network(t, labels, at).float()
         null = torch.full_like(labels, self.spec.num_classes)
 
-        def guided(t: Tensor) -> Tensor:
-            cond, uncond = self.network(torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+        def guided(t: Tensor, at: Tensor) -> Tensor:
+            both = self.network(torch.cat([t, t]), torch.cat([labels, null]), torch.cat([at, at]))
+            cond, uncond = both.float().chunk(2)  # (M, K) each: the masked rows of the first n, then the same again
             return uncond + guidance * (cond - uncond)
 
         return guided
