@@ -5,6 +5,12 @@ batch-1 rate against its naive reference; MaskGIT's batch-1 latency against the 
     python benchmarks/bench_decode.py [--threads 2] [--chars 63] [--rounds 5] [--compile]
     python benchmarks/bench_decode.py --quick      # a few seconds: checks the script runs
 
+Then, through the command a person types: ``genai sample RUN --prompt R --max-new-tokens N -n 1`` on a run of the
+same shape (trained 2 steps on a text of the 65 characters; benchmarks/runs/decode/), timed as whole processes
+for N = 1 and N = 1 + ``--cli-chars`` in pairs: the characters/s is the extra characters over the extra seconds,
+so start-up is excluded and everything after it is in (auto's precision probe, the window sliding every 32
+characters past the 64-character context).
+
 Shapes: ``configs/gpt_shakespeare_char.yaml`` (4 layers, 4 heads, width 128, context 64; 65 characters, Tiny
 Shakespeare's vocabulary size), ``configs/lstm_shakespeare_char.yaml`` (2 layers of 256) and MaskGIT's
 (``configs/maskgit_mnist.yaml``: width 128, 4 layers, 7x7 = 49 tokens of 256 codes). Weights are untrained: the
@@ -25,8 +31,11 @@ Levers, each row adds one to the row above it:
                       draw, one query without a mask, no module calls, fp32;
   + inference_mode    the token loop under ``torch.inference_mode`` instead of ``no_grad`` (no version counters,
                       no view tracking on each of the step's operations);
-  + one thread        the loop of small steps on one CPU thread (``hardware.step_threads``): each product is too
-                      small for a second thread, which only adds a barrier (the library's path now);
+  + one thread        the loop of small steps on one CPU thread: each product is too small for a second thread,
+                      which only adds a barrier (a scheduler tick on a busy machine);
+  + oneDNN off        the same loop with oneDNN off (``hardware.step_threads``, the library's path now): its
+                      primitive set-up costs more than these operations (GELU of 512 values: 9-16 us against 2);
+                      every row also checks the sampling options once per draw (``sampling.token_sampler``);
   same, bf16 autocast what ``precision auto`` gives on a CPU with native bf16, without a measured choice;
   + torch.compile     (``--compile`` only) the one-token step compiled (static shapes: attention over the whole
                       cache with a mask); its warm-up seconds are reported, and the length past which it pays.
@@ -36,12 +45,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
+import statistics
 import string
+import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
-from bench_common import log, machine, markdown
+import yaml
+from bench_common import ROOT, RUNS, log, machine, markdown
+from bench_startup import genai, wall
 
 import genai_cli.models.autoregressive as ar_module
 import genai_cli.sampling as sampling
@@ -109,17 +123,18 @@ def _static_step(m, x, pos, caches):
     return m.out(m.ln_f(x))
 
 
-def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, one_thread: bool = True):
-    """A sampler of ``model`` with the given stepper class and draw function; ``inference`` / ``one_thread``: the
-    token loop's inference_mode and one-thread levers (off: no_grad, and the caller's thread count)."""
+def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, small_steps=None):
+    """A sampler of ``model`` with the given stepper class and draw function; ``inference``: the token loop under
+    inference_mode (off: no_grad); ``small_steps``: a context to run the loop in instead of the library's
+    ``step_threads`` (one thread, oneDNN off), e.g. ``caller_threads`` or ``one_thread_only``."""
 
     def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
         saved = sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode
         sampling.draw_categorical = draw
         if stepper_cls is not None:
             model.incremental = lambda n_, *a: stepper_cls(model, n_)
-        if not one_thread:
-            ar_module.step_threads = lambda *a: contextlib.nullcontext()
+        if small_steps is not None:
+            ar_module.step_threads = small_steps
         if not inference:
             torch.inference_mode = torch.no_grad
         try:
@@ -130,6 +145,22 @@ def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, one_threa
         finally:
             sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode = saved
     return run
+
+
+def caller_threads(macs, device):
+    """The loop before the small-step levers: the caller's thread count, oneDNN on."""
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def one_thread_only(macs, device):
+    """One thread, oneDNN left on: the one-thread lever alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def gpt2(model, threads: int | None = None):
@@ -175,17 +206,19 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=63, help="characters per text (at most 63: GPT-2's window)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of warm-up)")
+    parser.add_argument("--cli-chars", type=int, default=2000, help="characters of the genai sample rows (0: skip)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.chars, args.rounds = 16, 1
+        args.chars, args.rounds, args.cli_chars = 16, 1, 64
     torch.set_num_threads(args.threads)
     spec = TokenSpec(vocab=VOCAB, block_size=64)
     cls = MODELS.get("transformer")
     torch.manual_seed(0)
     model = build_model("transformer", cls.Config(d_model=128, heads=4, layers=4, dropout=0.0), spec).eval()
     race = sampling.draw_categorical
-    old = {"inference": False, "one_thread": False}  # the loop before this issue's last two levers
+    old = {"inference": False, "small_steps": caller_threads}  # the loop before this issue's loop levers
+    library = "+ oneDNN off for small steps (library now), fp32"
     rows = {
         "GPT2LMHeadModel.generate(use_cache=True)": gpt2(model),
         "GPT2LMHeadModel.generate(use_cache=True), 1 thread": gpt2(model, threads=1),
@@ -193,8 +226,10 @@ def main() -> None:
         "KV cache, module forward + multinomial": ours(model, ModuleForwardStepper, multinomial_draw, False, **old),
         "+ exponential-race draw": ours(model, ModuleForwardStepper, race, False, **old),
         "+ one-token step, fp32": ours(model, transformer_module._Cached, race, False, **old),
-        "+ inference_mode": ours(model, transformer_module._Cached, race, False, one_thread=False),
-        "+ one thread for small steps (library now), fp32": ours(model, transformer_module._Cached, race, False),
+        "+ inference_mode": ours(model, transformer_module._Cached, race, False, small_steps=caller_threads),
+        "+ one thread for small steps": ours(model, transformer_module._Cached, race, False,
+                                             small_steps=one_thread_only),
+        library: ours(model, transformer_module._Cached, race, False),
         "same, bf16 autocast": ours(model, transformer_module._Cached, race, True),
     }
     if args.compile:
@@ -261,7 +296,7 @@ def main() -> None:
                     "/ GPT-2 1 thread, batch 1", "/ GPT-2 1 thread, batch 16"], table))
     print(f"\ncached (library) and uncached samples identical: {'yes' if same else 'NO'}")
     if args.compile:
-        per_char = {n: 1 / result[n]["+ one thread for small steps (library now), fp32"]
+        per_char = {n: 1 / result[n][library]
                     - 1 / result[n]["+ torch.compile of the step, fp32"] for n in (1,)}
         pays = f"{warm / per_char[1]:,.0f} characters" if per_char[1] > 0 else "never (not faster)"
         print(f"torch.compile warm-up {warm:.0f} s; at batch 1 it pays off past {pays}")
@@ -269,6 +304,44 @@ def main() -> None:
           f"{lstm_rate['naive']:,.0f} naive: {lstm_rate['carried state'] / lstm_rate['naive']:.1f}x\n")
     print(markdown(["sampler, batch 1, 49 tokens", "ms per image", "AR / this"],
                    [[k, f"{v:.1f}", f"{lat['cached AR, 49 tokens'] / v:.2f}x"] for k, v in lat.items()]))
+    if args.cli_chars:
+        rate, base = through_cli(args.cli_chars, max(args.rounds, 3) if not args.quick else 1)
+        print(f"\n`genai sample RUN --max-new-tokens {args.cli_chars} -n 1` (temperature 1), start-up excluded: "
+              f"**{rate:,.0f} chars/s** at batch 1 (median of pairs; the 1-character command took {base:.2f} s)")
+
+
+def through_cli(chars: int, rounds: int) -> tuple[float, float]:
+    """Characters/s of ``genai sample`` at batch 1 past its start-up: ``chars`` extra characters over the extra
+    wall seconds of a paired 1-character command (median of ``rounds`` pairs); and the 1-character command's
+    median seconds."""
+    root = RUNS / "decode"
+    run = root / "gpt-shape"
+    if not (run / "checkpoints" / "last.pt").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        corpus = root / "corpus.txt"
+        corpus.write_text("".join(random.Random(0).choices(VOCAB, k=20_000)))
+        cfg = {"model": {"family": "transformer", "d_model": 128, "heads": 4, "layers": 4, "dropout": 0.0},
+               "data": {"name": "text_file", "path": str(corpus), "block_size": 64},
+               "train": {"max_steps": 2, "batch_size": 8, "log_every": 1, "eval_every": 2, "checkpoint_every": 2,
+                         "sample_every": 2, "sample_n": 1, "warmup_steps": 1, "eval_max_images": 16,
+                         "ema_decay": None}}
+        (root / "gpt-shape.yaml").write_text(yaml.safe_dump(cfg))
+        log("training the 2-step run of the gpt_shakespeare_char shape")
+        subprocess.run(genai("train", str(root / "gpt-shape.yaml"), "--runs-dir", str(root), "--name", "gpt-shape",
+                             "--force", "-q"), cwd=ROOT, check=True)
+    out = root / "sample.txt"
+
+    def command(new: int) -> list[str]:
+        return genai("sample", str(run), "--prompt", VOCAB[0], "--max-new-tokens", str(new), "-n", "1",
+                     "--temperature", "1", "-q", "--out", str(out))
+    wall(command(1), ROOT)  # warm the file cache
+    rates, bases = [], []
+    for r in range(rounds):
+        log(f"genai sample, round {r + 1}/{rounds}")
+        base, long = wall(command(1), ROOT), wall(command(1 + chars), ROOT)
+        rates.append(chars / (long - base))
+        bases.append(base)
+    return statistics.median(rates), statistics.median(bases)
 
 
 if __name__ == "__main__":
