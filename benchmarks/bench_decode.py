@@ -200,6 +200,33 @@ def alternate(rows: dict, n: int, chars: int, rounds: int) -> dict[str, float]:
     return {name: n * chars / sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def maskgit_latency(rounds: int, steps: tuple[int, ...] = (4, 8, 12)) -> dict[str, float]:
+    """ms per image at batch 1 of MaskGIT's filling (a 7x7 grid of 256 codes) at each of ``steps``, against the cached
+    causal transformer of the same width and depth drawing the same 49 tokens one by one (bench_masked.py gives their
+    FID), each under the library's loop rules (inference_mode, hardware.step_threads) as model.sample runs them,
+    timed in alternation. Also on its own: ``python -c "import bench_decode as b; print(b.maskgit_latency(5))"``."""
+    torch.manual_seed(0)
+    masked = MaskedTransformer(256, 49, 128, 4, 4, 4, 0.0).eval()
+    cls = MODELS.get("transformer")
+    ar = cls(cls.Config(levels=256, d_model=128, heads=4, layers=4, dropout=0.0),
+             ImageSpec(channels=1, size=7, binary=False)).eval()
+
+    def maskgit(s):
+        def run(n, chars, g):
+            with torch.inference_mode(), step_threads(n * 49 * largest_layer(masked), torch.device("cpu")):
+                start = torch.full((n, 49), masked.mask_id)
+                return fill_tokens(lambda t, at: masked(t, None, at), start, masked.mask_id, s,
+                                   choice_temperature=4.5, generator=g)
+        return run
+
+    def ar_tokens(n, chars, g):
+        with torch.no_grad():
+            return ar.sample(n, generator=g)
+    log("maskgit, batch 1")
+    rows = {f"maskgit {s} steps": maskgit(s) for s in steps} | {"cached AR, 49 tokens": ar_tokens}
+    return {k: 1000 / v for k, v in alternate(rows, 1, 1, rounds).items()}  # ms per image (alternate: images/s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -266,29 +293,7 @@ def main() -> None:
     log("lstm, batch 1")
     lstm_rate = alternate({"carried state": lstm_rows(False), "naive": lstm_rows(True)}, 1, args.chars, args.rounds)
 
-    # MaskGIT at batch 1: a 7x7 grid of 256 codes, 4, 8 and 12 steps, against the cached causal transformer of the
-    # same width and depth drawing the same 49 tokens one by one (bench_masked.py gives their FID at batch 64),
-    # each under the library's loop rules (inference_mode, hardware.step_threads), as model.sample runs them.
-    torch.manual_seed(0)
-    masked = MaskedTransformer(256, 49, 128, 4, 4, 4, 0.0).eval()
-    ar = MODELS.get("transformer")(cls.Config(levels=256, d_model=128, heads=4, layers=4, dropout=0.0),
-                                   ImageSpec(channels=1, size=7, binary=False)).eval()
-
-    def maskgit(steps):
-        def run(n, chars, g):
-            with torch.inference_mode(), step_threads(n * 49 * largest_layer(masked), torch.device("cpu")):
-                start = torch.full((n, 49), masked.mask_id)
-                return fill_tokens(lambda t, at: masked(t, None, at), start, masked.mask_id, steps,
-                                   choice_temperature=4.5, generator=g)
-        return run
-
-    def ar_tokens(n, chars, g):
-        with torch.no_grad():
-            return ar.sample(n, generator=g)
-    log("maskgit, batch 1")
-    lat = alternate({"maskgit 4 steps": maskgit(4), "maskgit 8 steps": maskgit(8), "maskgit 12 steps": maskgit(12),
-                     "cached AR, 49 tokens": ar_tokens}, 1, 1, max(args.rounds, 3) if not args.quick else 1)
-    lat = {k: 1000 / v for k, v in lat.items()}  # ms per image (alternate returned images/s)
+    lat = maskgit_latency(max(args.rounds, 3) if not args.quick else 1)
 
     print(f"\nDecoding the gpt_shakespeare_char shape (0.8M parameters), {args.chars} characters after a 1-character "
           f"prompt, median of {args.rounds} alternating rounds, {args.threads} threads; {machine()}\n")

@@ -16,8 +16,9 @@ CPU budget on mnist5k, and MaskGIT's sampling speed against autoregressive sampl
    tokenizer's codes, with its key/value cache) is trained on the same tokens for as many steps, at the same batch
    size and learning rate, as MaskGIT got; then seconds per 64 images for MaskGIT at 8 and 12 steps and for the
    autoregressive draw (49 tokens one by one), each decoded by the same tokenizer, with their evaluator figures.
-   MaskGIT runs at each of ``--fill-steps`` (unguided: one pass per step, as the AR model takes) and, for the
-   fewest of them, at each ``--choice-temperatures``: fewer steps are faster, the question is at what FID.
+   MaskGIT runs at each of ``--variants`` (steps, choice temperature, guidance; guidance 1 is one pass per step,
+   as the AR model takes): fewer steps are faster, the question is at what FID. One image alone is timed for
+   every row in turn, ``--rounds`` times (median), so that the machine's load hits every sampler alike.
 Prints markdown tables; runs are kept under benchmarks/runs/ (ignored by git).
 """
 
@@ -138,20 +139,16 @@ def speed(args, maskgit_run: str, steps: int) -> None:
     rows = []
 
     def measure(name: str, draw, token_passes: int) -> None:
-        """Seconds for a batch of 64 and for one image alone (mean of 8), then the evaluator figures."""
+        """Seconds for a batch of 64, then the evaluator figures (one image alone: ``single_image`` below)."""
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             t = time.perf_counter()
             draw(64, g)
             per64 = time.perf_counter() - t
-            t = time.perf_counter()
-            for _ in range(8):
-                draw(1, g)
-            single = (time.perf_counter() - t) / 8
             images = torch.cat([draw(min(250, n - i), g) for i in range(0, n, 250)])
         q = sample_quality(evaluator, data, images.clamp(0, 1), torch.device("cpu"))
-        rows.append([name, per64, single, token_passes, q, images[:64]])
-        log(f"{name}: {per64:.3f} s / 64, {single:.4f} s / 1 image, classifier-FID {q['classifier_fid']:.2f}")
+        rows.append([name, per64, draw, token_passes, q, images[:64]])
+        log(f"{name}: {per64:.3f} s / 64, classifier-FID {q['classifier_fid']:.2f}")
 
     def ar_draw(m, g, naive=False):
         fn = ar.sample_naive if naive else ar.sample
@@ -162,15 +159,25 @@ def speed(args, maskgit_run: str, steps: int) -> None:
     measure(f"autoregressive, key/value cache ({n_tok} steps)", ar_draw, n_tok)
     measure(f"autoregressive, no cache ({n_tok} steps)", lambda m, g: ar_draw(m, g, naive=True),
             n_tok * (n_tok + 1) // 2)
-    fewest = min(args.fill_steps)
-    for s in args.fill_steps:  # guidance 1: one pass per step, as the unconditional AR model takes
-        for ct in args.choice_temperatures if s == fewest else [maskgit.config.choice_temperature]:
-            measure(f"maskgit, {s} steps, choice temperature {ct:g}",
-                    lambda m, g, s=s, ct=ct: maskgit.sample(m, generator=g, steps=s, guidance=1.0,
-                                                            choice_temperature=ct), s * n_tok)
-    s12 = maskgit.config.steps
-    measure(f"maskgit, {s12} steps, guidance {maskgit.config.guidance:g} (its config)",
-            lambda m, g: maskgit.sample(m, generator=g), 2 * s12 * n_tok)
+    for variant in args.variants:  # steps:choice temperature:guidance[:temperature] (guided: 2 rows per pass)
+        s, ct, w, temp = (variant + ":1").split(":")[:4]
+        s, ct, w, temp = int(s), float(ct), float(w), float(temp)
+        measure(f"maskgit, {s} steps, choice temperature {ct:g}, guidance {w:g}"
+                + (f", temperature {temp:g}" if temp != 1 else ""),
+                lambda m, g, s=s, ct=ct, w=w, temp=temp: maskgit.sample(m, generator=g, steps=s, guidance=w,
+                                                                        choice_temperature=ct, temperature=temp),
+                s * n_tok * (1 if w == 1 else 2))
+    # One image alone, every sampler in turn for args.rounds rounds (the load hits all alike), median round.
+    single = {i: [] for i in range(len(rows))}
+    for r in range(args.rounds):
+        for i, row in enumerate(rows):
+            g = torch.Generator().manual_seed(r)
+            with torch.no_grad():
+                t = time.perf_counter()
+                row[2](1, g)
+                single[i].append(time.perf_counter() - t)
+    for i, row in enumerate(rows):
+        row[2] = sorted(single[i])[len(single[i]) // 2]
     ref64, ref1 = rows[0][1], rows[0][2]
     from genai_cli.runs import save_grid
 
@@ -196,8 +203,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="train only the entries whose name holds a word")
     parser.add_argument("--speed-only", action="store_true", help="no training: the speed table of masked.json's "
                         "MaskGIT run")
-    parser.add_argument("--fill-steps", type=int, nargs="*", default=[4, 6, 8, 12])
-    parser.add_argument("--choice-temperatures", type=float, nargs="*", default=[4.5, 2.0, 1.0])
+    parser.add_argument("--variants", nargs="*", default=["12:4.5:1", "8:4.5:1", "4:4.5:1", "4:2:1", "12:4.5:2",
+                                                           "4:4.5:2", "4:2:2", "4:2:3"],
+                        help="MaskGIT rows of the speed table, steps:choice temperature:guidance[:temperature]")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds of the one-image timings")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: check that the script runs")
     args = parser.parse_args()
     if args.quick:
