@@ -102,6 +102,24 @@ def test_lean_sampling_forward_gives_the_module_forward_and_follows_weight_chang
         opt.step()
 
 
+def test_lean_sampling_forward_under_bf16_autocast_keeps_the_residual_stream_in_fp32():
+    """Under autocast (precision bf16, or auto on a CPU with bf16 units) the lean path's products are bf16 like the
+    module forward's and its residual stream stays fp32 like forward's, so the two agree (a bf16 residual stream
+    would be off by 0.03-0.2 here)."""
+    torch.manual_seed(0)
+    net = MaskedTransformer(9, 12, 32, 2, 3, 4, 0.0).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # weights of a trained size, not the initialisation's
+            p.add_(0.3 * torch.randn_like(p))
+    tokens, at = torch.randint(0, 10, (3, 12)), torch.rand(3, 12) < 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.enable_grad():
+            full = net(tokens).float()
+        with torch.no_grad():
+            lean = net(tokens, None, at).float()
+    torch.testing.assert_close(lean, full[at], rtol=1e-3, atol=1e-3)
+
+
 def test_at_least_one_token_is_fixed_per_step():
     trace = []
     tokens = torch.full((1, 4), 3)

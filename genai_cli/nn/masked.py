@@ -152,9 +152,10 @@ class MaskedTransformer(nn.Module):
             if at is not None and i == len(blocks) - 1:  # keys and values needed every row, the rest only these
                 rows = at.view(-1).nonzero().squeeze(1)
                 x, y = x.index_select(0, rows), y.index_select(0, rows)
-            x = torch.addmm(b_proj, y, w_proj).add_(x)
+            # Out of place, as forward: under autocast the products are bf16 and the residual stream stays fp32.
+            x = x + torch.addmm(b_proj, y, w_proj)
             h = torch.layer_norm(x, (d,), w2n, b2n, e2)
-            x = torch.addmm(b_fc2, F.gelu(torch.addmm(b_fc1, h, w_fc1), approximate=gelu), w_fc2).add_(x)
+            x = x + torch.addmm(b_fc2, F.gelu(torch.addmm(b_fc1, h, w_fc1), approximate=gelu), w_fc2)
         logits = torch.addmm(b_out, torch.layer_norm(x, (d,), lnw, lnb, lne), w_out)
         return logits if at is not None else logits.view(b, n, -1)
 
