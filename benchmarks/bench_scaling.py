@@ -1,11 +1,14 @@
 """The scaling study of issue 21: DiT and UNet size presets in one autoencoder's latent space, against training FLOPs.
 
-    python benchmarks/bench_scaling.py study [--budgets 8 24 72] [--arms unet:S,dit:S,unet:M,dit:B,unet:L,dit:L]
+    python benchmarks/bench_scaling.py study [--budgets 8 24 72 200] [--arms unet:S,dit:S,unet:M,dit:B,unet:L,dit:L]
                                              [--samples 200] [--steps 8] [--ae-seconds 60] [--threads 1]
+                                             [--set KEY=VALUE ...]
     python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 1]
 
 study: every arm is ``configs/latent_ddpm_mnist.yaml`` (class-conditional, v-prediction with min-SNR-5, EMA 0.995,
-AdamW lr 2e-3, batch 64) with ``model.backbone`` and ``model.size`` set, trained on the 4 x 7 x 7 latents of ONE
+AdamW lr 2e-3, batch 64) with ``model.backbone`` and ``model.size`` set (the DiT presets of the latent grid have
+long skips and local convolutions: latent_diffusion.LATENT_DIT_PRESETS; ``--set`` adds overrides to every arm, for
+pilots), trained on the 4 x 7 x 7 latents of ONE
 ``spatial_ae`` run (``configs/spatial_ae_mnist.yaml``, trained first under benchmarks/runs/ when missing) of the
 4,500 ``mnist5k`` training images. The learning rate is constant after the warm-up (``train.min_lr_ratio=1``), so
 one run per arm gives every budget: the EMA weights are copied when the run's process CPU time in training steps
@@ -108,7 +111,8 @@ def study(args) -> None:
         cfg = load_config(ROOT / LATENT, [*QUIET_SCHEDULES, f"model.autoencoder={ae_run}",
                                           f"model.backbone={backbone}", f"model.size={size}",
                                           "train.min_lr_ratio=1.0", "train.precision=fp32",
-                                          f"train.eval_max_images={args.val_images}", f"train.seed={args.seed}"])
+                                          f"train.eval_max_images={args.val_images}", f"train.seed={args.seed}",
+                                          *args.set])
         run = new_run(RUNS, f"bench-scaling-{backbone}-{size}", "bench-scaling", force=True)
         (run / "config.yaml").write_text(cfg.to_yaml())
         torch.manual_seed(args.seed)
@@ -256,7 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("study", help="DiT and UNet presets against training FLOPs in one latent space")
-    s.add_argument("--budgets", type=float, nargs="+", default=[8.0, 24.0, 72.0],
+    s.add_argument("--budgets", type=float, nargs="+", default=[8.0, 24.0, 72.0, 200.0],
                    help="CPU seconds of training at which each arm is scored")
     s.add_argument("--arms", default="unet:S,dit:S,unet:M,dit:B,unet:L,dit:L")
     s.add_argument("--samples", type=int, default=200)
@@ -265,6 +269,8 @@ def main() -> None:
     s.add_argument("--ae-seconds", type=float, default=60.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every arm (after the study's own), e.g. train.lr=1e-3 for a pilot")
     s.add_argument("--resume", action="store_true", help="keep the arms OUT/scaling.json already has")
     s.add_argument("--out", type=Path, default=OUT, help="where scaling.png and scaling.json go")
     s.add_argument("--merge", type=Path, nargs="*", default=[],

@@ -13,7 +13,8 @@ from genai_cli.errors import GenaiError
 from genai_cli.models.base import ImageSpec
 from genai_cli.models.diffusion import DIT_PRESETS, UNET_FIELDS
 from genai_cli.models.latent_diffusion import LATENT_DIT_PRESETS
-from genai_cli.nn.dit import DiT, DiTBlock, patchify, unpatchify
+from genai_cli.nn.dit import FREQUENCY_DIM, DiT, DiTBlock, patchify, unpatchify
+from genai_cli.nn.unet import timestep_embedding
 from genai_cli.registry import MODELS
 
 TINY_DIT = {"backbone": "dit", "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2}
@@ -63,6 +64,41 @@ def test_a_fresh_adaln_zero_block_is_the_identity_and_learns_its_gates():
     net = DiT(4, 7, 7, patch_size=1, hidden=32, depth=2, heads=2, num_classes=10)
     assert torch.equal(net(torch.randn(2, 4, 7, 7), torch.tensor([3, 900]), torch.tensor([1, 10])),
                        torch.zeros(2, 4, 7, 7))
+
+
+def test_a_fresh_dits_condition_carries_the_label():
+    """The label must move c, the input of every adaLN regression, from the first step: DiT's N(0, 0.02) label
+    table left c's label part near 0 and the label barely conditioned a network trained for hundreds of steps."""
+    net = DiT(4, 7, 7, patch_size=1, hidden=64, depth=2, heads=2, num_classes=10)
+    t = torch.full((11,), 500)
+    cond = net.time_mlp(timestep_embedding(t, FREQUENCY_DIM)) + net.class_emb(torch.arange(11))
+    gap = (cond[:, None] - cond[None]).pow(2).mean(-1).sqrt()  # RMS distance of every pair of labels
+    assert gap[~torch.eye(11, dtype=torch.bool)].min() > 0.5
+
+
+def test_long_skips_join_mirror_blocks():
+    net = randomised(DiT(4, 7, 7, patch_size=1, hidden=32, depth=5, heads=2, num_classes=10, long_skip=True))
+    assert [blk.skip is not None for blk in net.blocks] == [False, False, False, True, True]
+    outputs, skips = {}, {}
+    for i, blk in enumerate(net.blocks):
+        blk.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out))
+        blk.register_forward_pre_hook(lambda m, args, i=i: skips.__setitem__(i, args[3]))
+    with torch.no_grad():
+        net(torch.randn(2, 4, 7, 7), torch.tensor([3, 900]), torch.tensor([1, 10]))
+    assert torch.equal(skips[4], outputs[0]) and torch.equal(skips[3], outputs[1])  # block depth-1-i gets block i
+
+
+def test_the_local_convolution_mixes_grid_neighbours_only():
+    """A fresh block with ``local`` is x + a depthwise 3x3 conv of the token grid (its gates are 0): perturbing
+    one token moves the tokens beside it on the grid, not those two rows away."""
+    block = DiTBlock(8, heads=2, mlp_ratio=4, dropout=0.0, local=True)
+    x, c = torch.randn(1, 49, 8), torch.randn(1, 8)
+    moved = x.clone()
+    moved[0, 0] += 1.0  # grid position (0, 0)
+    with torch.no_grad():
+        change = (block(moved, c, (7, 7)) - block(x, c, (7, 7))).abs().sum(-1)[0].reshape(7, 7)
+    assert change[0, 1] > 0 and change[1, 1] > 0 and change[1, 0] > 0
+    assert change[2:].sum() == 0 and change[:, 2:].sum() == 0
 
 
 PRESET_CASES = [(size, (1, 28, 28), DIT_PRESETS) for size in DIT_PRESETS] + \

@@ -341,14 +341,15 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 
 # Size presets of the DiT backbone (``model.backbone: dit``), in the spirit of DiT-S/B/L (Peebles & Xie 2023, Table 1:
 # widths 384/768/1024, depths 12/12/24, 6/12/16 heads) scaled to what a CPU trains in minutes; heads of 32 channels
-# throughout, MLP 4x wide. Pixel space: 4x4 patches (28x28 -> 49 tokens, 32x32 -> 64). The latent presets
-# (latent_diffusion.LATENT_DIT_PRESETS) use 1x1 patches: the 7x7 grid is already 49 tokens and 7 is prime.
-DIT_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
+# throughout, MLP 4x wide. Pixel space: 4x4 patches (28x28 -> 49 tokens, 32x32 -> 64), plain DiT blocks. The latent
+# presets (latent_diffusion.LATENT_DIT_PRESETS) use 1x1 patches (the 7x7 grid is already 49 tokens and 7 is prime)
+# and turn on the long skips and local convolutions that were measured to pay there (nn/dit.py, ``DiT``).
+DIT_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "long_skip", "local_conv")
 UNET_FIELDS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels")
 DIT_PRESETS: dict[str, dict[str, Any]] = {
-    "S": {"patch_size": 4, "hidden_size": 64, "depth": 4, "num_heads": 2},
-    "B": {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4},
-    "L": {"patch_size": 4, "hidden_size": 192, "depth": 8, "num_heads": 6},
+    "S": {"patch_size": 4, "hidden_size": 64, "depth": 4, "num_heads": 2, "long_skip": False, "local_conv": False},
+    "B": {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4, "long_skip": False, "local_conv": False},
+    "L": {"patch_size": 4, "hidden_size": 192, "depth": 8, "num_heads": 6, "long_skip": False, "local_conv": False},
 }
 BACKBONES = ("unet", "dit")
 
@@ -378,7 +379,8 @@ def build_backbone(config: Any, shape: tuple[int, int, int], num_classes: int) -
     channels, height, width = shape
     if config.backbone == "dit":
         return DiT(channels, height, width, patch_size=config.patch_size, hidden=config.hidden_size,
-                   depth=config.depth, heads=config.num_heads, dropout=config.dropout, num_classes=num_classes)
+                   depth=config.depth, heads=config.num_heads, dropout=config.dropout, num_classes=num_classes,
+                   long_skip=config.long_skip, local=config.local_conv)
     return UNet(in_channels=channels, base_channels=config.base_channels, channel_mults=config.channel_mults,
                 num_res_blocks=config.num_res_blocks, attention_levels=config.attention_levels,
                 dropout=config.dropout, num_classes=num_classes)
@@ -401,6 +403,8 @@ class NetworkConfig:
     hidden_size: int | None = None  # DiT only: the token width. None: from the preset (S: 64)
     depth: int | None = None  # DiT only: adaLN-Zero blocks. None: from the preset (S: 4)
     num_heads: int | None = None  # DiT only: attention heads. None: from the preset (S: 2)
+    long_skip: bool | None = None  # DiT only: U-ViT's long skips. None: from the preset (pixel: off, latent: on)
+    local_conv: bool | None = None  # DiT only: a depthwise 3x3 conv in every block. None: as long_skip
     dropout: float = 0.0
     class_conditional: bool = False
     cond_drop_prob: float = 0.1  # label dropout, trains the unconditional model for classifier-free guidance

@@ -45,11 +45,15 @@ LATENT_PRESETS: dict[str, dict[str, Any]] = {
     "L": {"base_channels": 128, "channel_mults": [1], "num_res_blocks": 3, "attention_levels": [0]},
 }
 # The DiT presets of the latent grid (model.backbone: dit): diffusion.DIT_PRESETS' widths and depths on 1x1 patches,
-# every latent position a token (49 on the 7x7 grid; 7 is prime, so only 1 and 7 divide it).
+# every latent position a token (49 on the 7x7 grid; 7 is prime, so only 1 and 7 divide it), with U-ViT's long skips
+# and a depthwise 3x3 conv in every block (nn/dit.py, ``DiT``: measured in benchmarks/README.md, "Scaling").
 LATENT_DIT_PRESETS: dict[str, dict[str, Any]] = {
-    "S": {"patch_size": 1, "hidden_size": 64, "depth": 4, "num_heads": 2},
-    "B": {"patch_size": 1, "hidden_size": 128, "depth": 6, "num_heads": 4},
-    "L": {"patch_size": 1, "hidden_size": 192, "depth": 8, "num_heads": 6},
+    "S": {"patch_size": 1, "hidden_size": 64, "depth": 4, "num_heads": 2, "long_skip": True,
+          "local_conv": True},
+    "B": {"patch_size": 1, "hidden_size": 128, "depth": 6, "num_heads": 4, "long_skip": True,
+          "local_conv": True},
+    "L": {"patch_size": 1, "hidden_size": 192, "depth": 8, "num_heads": 6, "long_skip": True,
+          "local_conv": True},
 }
 PREPARE_CHUNK = 500  # images encoded at once while measuring the latent scale
 
