@@ -109,12 +109,14 @@ class MaskedTokenModel:
     def predictor(self, labels: Tensor | None, guidance: float) -> Callable[[Tensor, Tensor], Tensor]:
         """(tokens, masked) -> logits at the masked positions (``fill_tokens``' ``predict``), with classifier-free
         guidance (Ho & Salimans 2022 eq. 6, on logits) when asked."""
+        # Called in eval mode without autograd (the network's lean path): its weights are checked once for the draw.
+        net, weights = self.network, self.network.lean_weights()
         if labels is None or guidance == 1.0:
-            return lambda t, at: self.network(t, labels, at).float()
+            return lambda t, at: net(t, labels, at, weights).float()
         null = torch.full_like(labels, self.spec.num_classes)
 
         def guided(t: Tensor, at: Tensor) -> Tensor:
-            both = self.network(torch.cat([t, t]), torch.cat([labels, null]), torch.cat([at, at]))
+            both = net(torch.cat([t, t]), torch.cat([labels, null]), torch.cat([at, at]), weights)
             cond, uncond = both.float().chunk(2)  # (M, K) each: the masked rows of the first n, then the same again
             return uncond + guidance * (cond - uncond)
 
@@ -179,18 +181,21 @@ class MaskedTokenModel:
             known, mask = self._check_known(known, mask, n)
             tokens = torch.where(self.token_mask(mask), self.mask_id, self.tokens_of(known))
         was_training = self.training
-        self.eval()
+        switch = was_training or self.network.training  # a walk over every module (the tokenizer's too): skipped
+        if switch:                                      # when all is in eval mode already, as when sampling
+            self.eval()
         try:
             # A few dozen small operations per step: autograd's bookkeeping skipped, one thread where each is small
             # (hardware.step_threads); the clone makes the result an ordinary tensor again.
-            with torch.inference_mode(), step_threads(n * self.seq_len * largest_layer(self), device):
+            with torch.inference_mode(), step_threads(n * self.seq_len * largest_layer(self.network), device):
                 tokens = fill_tokens(self.predictor(labels, g), tokens, self.mask_id, steps,
                                      temperature=1.0 if temperature is None else float(temperature), top_k=top_k,
                                      top_p=top_p, greedy=bool(greedy), noise_std=float(noise_std or 0.0),
                                      choice_temperature=ct, generator=generator, trace=trace)
             tokens = tokens.clone()
         finally:
-            self.train(was_training)
+            if switch:
+                self.train(was_training)
         images = self.images_of(tokens)
         return images if known is None else torch.where(mask, images, known)
 

@@ -112,11 +112,13 @@ class MaskedTransformer(nn.Module):
         self._lean: tuple | None = None
         self._blank: tuple | None = None
 
-    def forward(self, tokens: Tensor, labels: Tensor | None = None, at: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, labels: Tensor | None = None, at: Tensor | None = None,
+                weights: tuple | None = None) -> Tensor:
         """Logits (B, N, K); with ``at`` (B, N) bool, only those positions' logits, (M, K) in ``logits[at]``'s
-        order (a filling step reads the masked positions only). Without autograd, in eval mode: ``lean``."""
+        order (a filling step reads the masked positions only). Without autograd, in eval mode: ``lean`` (with
+        ``weights`` from ``lean_weights``, if given)."""
         if not self.training and not torch.is_grad_enabled():
-            return self.lean(tokens, labels, at)
+            return self.lean(tokens, labels, at, weights)
         x = self.embed(tokens, labels)
         for block in self.blocks:
             x = block(x)
@@ -131,14 +133,17 @@ class MaskedTransformer(nn.Module):
             x = x + self.class_embedding(labels)[:, None]
         return x
 
-    def lean(self, tokens: Tensor, labels: Tensor | None = None, at: Tensor | None = None) -> Tensor:
+    def lean(self, tokens: Tensor, labels: Tensor | None = None, at: Tensor | None = None,
+             weights: tuple | None = None) -> Tensor:
         """``forward``'s maths for sampling (eval, no autograd), with the same results in fp32: the blocks as
         functional calls on (B N, d) rows with the weights transposed once (``lean_weights``), no module calls
         and no dropout; with ``at``, the last block's projection and MLP and the head run on those rows only.
         At MaskGIT's batch 1 (49 tokens, width 128) a filling step is ~40 small operations of tens of microseconds
-        each, where the module calls and per-call weight transposes of ``forward`` cost about as much again."""
+        each, where the module calls and per-call weight transposes of ``forward`` cost about as much again.
+        ``weights``: ``lean_weights()`` as a filling loop took it once for its draw (checking them walks every
+        parameter: ~85 us, a tenth of a step)."""
         b, n = tokens.shape
-        blocks, (lnw, lnb, lne, w_out, b_out) = self.lean_weights()
+        blocks, (lnw, lnb, lne, w_out, b_out) = weights or self.lean_weights()
         if at is not None and n == self.position_embedding.shape[0] and bool(at.all()) \
                 and bool((tokens == self.mask_id).all()):
             return self.blank_logits(labels, b)
