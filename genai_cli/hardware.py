@@ -104,16 +104,19 @@ def native_bf16(device: torch.device) -> bool:
 
 # Multiply-adds of an operation below which a loop of such operations runs in the small-step setting. Sampling one
 # token (or pixel) at a time runs thousands of them in sequence: at batch 1 the gpt_shakespeare_char step's largest
-# product is 128 x 512 (65k). Each costs its dispatch, not its arithmetic, so two settings decide its speed:
+# product is 128 x 512 (65k), a MaskGIT filling step's 49 rows x 65k (3.2M). Each costs its dispatch more than its
+# arithmetic, so two settings decide its speed:
 # - one thread: every parallel operation wakes the other threads and waits for them at a barrier, a few microseconds
-#   on an idle core and a scheduler tick (milliseconds) on a busy one. On a loaded 2-core Xeon decoding ran 14x
-#   faster on one thread than on two; on an idle one two threads were 5-14 % faster. Choosing by timing the loop's
-#   first steps cost more than it saved where it mattered (a loaded machine: each timed two-thread step took
-#   milliseconds, and three noisy steps per count misled the choice), so the loop keeps one thread.
+#   on an idle core and a scheduler tick (milliseconds) when another process holds a core. On a 2-core Xeon at load
+#   ~2, decoding ran 14x faster on one thread than on two, and a MaskGIT image at batch 1 (8 steps) took 17 ms on one
+#   thread against 1,990 ms on two; on an idle machine two threads were 5-14 % faster for decoding. Choosing by
+#   timing the loop's first steps cost more than it saved where it mattered (each timed two-thread step took
+#   milliseconds under load, and three noisy steps per count misled the choice), so the loop keeps one thread up to
+#   16M multiply-adds per operation, where an operation's own time (~0.5 ms) reaches a scheduler tick's order.
 # - no oneDNN: for operations this small its primitive set-up costs more than the arithmetic (an fp32 GELU of 512
 #   values: 9-16 us through oneDNN, 2 us through ATen's own kernel).
 # Measured: benchmarks/bench_decode.py ("Decoding at batch 1" in benchmarks/README.md).
-SERIAL_BELOW_MACS = 1 << 21
+SERIAL_BELOW_MACS = 1 << 24
 
 
 @contextmanager
