@@ -275,3 +275,21 @@ def test_config_refusals():
         make("pixelcnn", kernel=4)
     with pytest.raises(GenaiError, match="tbptt"):
         make("pixel_lstm", tbptt=-1)
+
+
+def test_derived_weights_key_follows_in_place_updates_replacements_and_moves():
+    """Layers keep sampling's derived weights (masked, transposed) under nn.weights_key: an optimizer step, a loaded
+    state and a dtype change must each give a new key, and an untouched weight the same one."""
+    from genai_cli.nn import weights_key
+
+    layer = torch.nn.Linear(3, 2)
+    key = weights_key(layer.parameters())
+    assert weights_key(layer.parameters()) == key
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # what an optimizer step does
+    stepped = weights_key(layer.parameters())
+    assert stepped != key
+    layer.load_state_dict(torch.nn.Linear(3, 2).state_dict())
+    loaded = weights_key(layer.parameters())
+    assert loaded not in (key, stepped)
+    assert weights_key(layer.double().parameters()) != loaded

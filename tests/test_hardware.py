@@ -296,3 +296,4 @@ def test_auto_measures_a_texts_precision_only_when_the_text_is_longer_than_the_p
     model = cls(cls.Config(d_model=16, heads=2, layers=1), TokenSpec(vocab="ab ", block_size=8))
     generate.draw(model, generate.SampleRequest(n=1, options={"max_new_tokens": new_tokens}), precision="auto")
     assert bool(calls) == probed
+

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import GenaiError
 from ..sampling import sample_logits
+from . import weights_key
 from .transformer import Block
 
 MASK_SCHEDULES = ("uniform", "cosine")
@@ -187,7 +188,7 @@ class MaskedTransformer(nn.Module):
         """``lean``'s operands: every linear weight transposed to a contiguous (in, out) copy, which ``addmm`` reads
         fastest (a transposed view costs up to 1.6x per product). Kept until a weight changes: the key is every
         parameter's storage and version counter, which an optimizer step, ``load_state_dict`` or a move bumps."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = weights_key(self.parameters())
         if self._lean is not None and self._lean[0] == key:
             return self._lean[1]
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
+from . import weights_key
 
 MaskType = Literal["A", "B", "V", "none"]
 
@@ -105,8 +106,7 @@ class MaskedConv2d(nn.Conv2d):
         """
         if torch.is_grad_enabled():
             return self.masked_weight().reshape(self.out_channels, -1)
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        key = weights_key([self.weight])
         if self._flat is None or self._flat[0] != key:
             self._flat = (key, self.masked_weight().reshape(self.out_channels, -1))
         return self._flat[1]
