@@ -17,7 +17,8 @@ Each copy is scored afterwards (not counted in its budget): the validation loss 
 first ``eval_max_images`` validation images at a fixed seed) and classifier-FID of ``--samples`` samples
 (DPM-Solver++(2M), ``--steps`` steps, guidance 2) in the evaluator network's features (``genai evaluate``'s
 metrics). Training compute: the denoiser's FLOPs of one training step, forward and backward at the run's batch
-size, counted by ``torch.utils.flop_counter`` (the frozen encoder's forward pass, the same for every arm, and the
+size, counted by ``torch.utils.flop_counter`` (a grouped convolution's weight gradient divided by its groups:
+``grouped_conv_backward_flop``; the frozen encoder's forward pass, the same for every arm, and the
 optimizer are not counted), times the steps taken. Writes benchmarks/scaling/scaling.png (FID and validation loss
 against training GFLOPs, log axes, one line per arm) and benchmarks/scaling/scaling.json, and prints the table and
 the DiT-vs-UNet rows of benchmarks/README.md. fp32 throughout: every arm in the same precision.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import time
 from pathlib import Path
@@ -40,8 +42,9 @@ import torch
 from bench_common import ROOT, RUNS, evaluator_for, log, machine, markdown
 from bench_latent import AUTOENCODER, LATENT, QUIET_SCHEDULES, train_for
 from rich.console import Console
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
+from genai_cli.api import load_checkpoint
 from genai_cli.config import DataConfig, load_config
 from genai_cli.data import load_data
 from genai_cli.evaluation.run import draw_samples, sample_quality
@@ -78,13 +81,30 @@ class SnapshotTrainer(Trainer):
         super().after_step(logs, reporter, rate)
 
 
+def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                               output_padding, groups, output_mask, out_shape, **kwargs) -> int:
+    """torch's count of a convolution's backward (``flop_counter.conv_backward_flop``, torch 2.14) with its weight
+    gradient divided by ``groups``: torch counts that term as a dense convolution of every input channel with every
+    output channel, ``groups`` times too many for a grouped one (a depthwise 3x3 conv of 64 channels on 64 x 7 x 7:
+    235 MFLOPs counted for a backward of 7.2). Its input-gradient term reads the grouped weight's shape: right."""
+    raw = inspect.unwrap(conv_backward_flop)
+    args = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
+    flops = raw(*args, output_mask, out_shape, **kwargs)
+    if groups > 1 and output_mask[1]:
+        weight = raw(*args, [False, True, False], out_shape, **kwargs)
+        flops += weight // groups - weight
+    return flops
+
+
 def step_flops(model, batch_size: int) -> int:
-    """FLOPs of one training step of ``model``'s denoiser (forward + backward) at ``batch_size``, on its model space."""
+    """FLOPs of one training step of ``model``'s denoiser (forward + backward) at ``batch_size``, on its model space,
+    grouped convolutions' backward counted right (``grouped_conv_backward_flop``)."""
     net = copy.deepcopy(model.unet).train().requires_grad_(True)  # the EMA copy is frozen
     x = torch.randn(batch_size, *model.model_shape)
     t = torch.randint(0, model.config.timesteps, (batch_size,))
     y = torch.randint(0, model.spec.num_classes, (batch_size,)) if model.config.class_conditional else None
-    with FlopCounterMode(display=False) as counter:
+    fix = {torch.ops.aten.convolution_backward: grouped_conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=fix) as counter:
         net(x, t, y).float().pow(2).mean().backward()
     return counter.get_total_flops()
 
@@ -104,6 +124,14 @@ def study(args) -> None:
     results = json.loads((args.out / "scaling.json").read_text())["arms"] if args.resume else {}
     for path in args.merge:  # arms measured by another process of the same study (run side by side)
         results.update({k: v for k, v in json.loads(path.read_text())["arms"].items() if k not in results})
+    for r in results.values():  # kept arms: the FLOPs counted again, so a fix to the count reaches them
+        run = RUNS / f"bench-scaling-{r['backbone']}-{r['size']}"
+        if (run / "checkpoints" / "last.pt").exists():
+            flops = step_flops(load_checkpoint(run / "checkpoints" / "last.pt"),
+                               load_config(run / "config.yaml").train.batch_size)
+            r["gflops_per_step"] = flops / 1e9
+            for p in r["points"]:
+                p["train_gflops"] = p["step"] * flops / 1e9
     for arm in args.arms.split(","):
         if arm in results:
             continue
