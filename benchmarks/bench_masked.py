@@ -112,8 +112,9 @@ def speed(args, maskgit_run: str, steps: int) -> None:
     ar = Transformer(ARConfig(levels=k, d_model=c.d_model, heads=c.heads, layers=c.layers, mlp_ratio=c.mlp_ratio),
                           ImageSpec(1, grid[0]))
     saved = RUNS / "masked-ar.pt"  # the AR model of this MaskGIT run, reused by --speed-only
-    if args.speed_only and saved.exists() and torch.load(saved)["maskgit"] == maskgit_run:
-        state = torch.load(saved)
+    # weights_only: tensors, a string and a float, never code from the file
+    state = torch.load(saved, weights_only=True) if args.speed_only and saved.exists() else None
+    if state is not None and state["maskgit"] == maskgit_run:
         ar.load_state_dict(state["weights"])
         ar_cpu = state["cpu_seconds"]
         log(f"autoregressive token transformer: reused {saved}")
