@@ -133,11 +133,16 @@ class Block(nn.Module):
         hidden = F.gelu(torch.addmm(b1, h, w1), approximate=gelu)  # (n, mlp_ratio d)
         return x + torch.addmm(b2, hidden, w2)
 
-    def step_params(self, autocast: bool) -> tuple:
+    def step_params(self, autocast: bool = False, copies: bool = False) -> tuple:
         """What ``step`` reads, once per stepper: the weights transposed for ``addmm`` (views: a nn.Linear's
         ``F.linear`` transposes its weight on every call), the norms' constants, whether q|k|v is written in
-        place. The stepper lives for one draw, so the views always see the current weights."""
+        place. The stepper lives for one draw, so the views always see the current weights. ``copies``: the
+        transposed weights as contiguous (in, out) copies instead, which ``addmm`` reads faster over many rows
+        (MaskGIT's filling, ``nn/masked.py``, keeps them until a weight changes); at one row the views are faster."""
         ln1, ln2, fc1, fc2 = self.ln1, self.ln2, self.mlp[0], self.mlp[2]
-        return (ln1.normalized_shape, ln1.eps, ln2.eps, ln1.weight, ln1.bias, self.qkv.weight.t(), self.qkv.bias,
-                self.proj.weight.t(), self.proj.bias, ln2.weight, ln2.bias, fc1.weight.t(), fc1.bias,
-                fc2.weight.t(), fc2.bias, self.mlp[1].approximate, not autocast)
+
+        def t(linear: nn.Linear) -> Tensor:
+            return linear.weight.detach().t().contiguous() if copies else linear.weight.t()
+        return (ln1.normalized_shape, ln1.eps, ln2.eps, ln1.weight, ln1.bias, t(self.qkv), self.qkv.bias,
+                t(self.proj), self.proj.bias, ln2.weight, ln2.bias, t(fc1), fc1.bias, t(fc2), fc2.bias,
+                self.mlp[1].approximate, not autocast)
