@@ -129,7 +129,6 @@ def token_sampler(*, temperature: float = 1.0, top_k: int | None = None, top_p: 
     of steps, each a few operations at batch 1) calls the returned function on each step's logits."""
     check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p, noise_std=noise_std)
     argmax = greedy or temperature == 0  # top-k and top-p always keep the argmax: they cannot change a greedy draw
-    plain = temperature == 1 and top_k is None and (top_p is None or top_p >= 1)  # nothing to filter
 
     def draw(logits: Tensor) -> Tensor:
         if logits.dtype != torch.float64 and logits.dtype != torch.float32:
@@ -139,8 +138,7 @@ def token_sampler(*, temperature: float = 1.0, top_k: int | None = None, top_p: 
             logits = logits + noise_std * noise
         if argmax:
             return logits.argmax(-1)
-        # Removed entries get probability 0; with no filter the logits go to the softmax as they are.
-        probs = torch.softmax(logits if plain else _filter(logits, temperature, top_k, top_p), dim=-1)
+        probs = torch.softmax(_filter(logits, temperature, top_k, top_p), dim=-1)  # removed entries: probability 0
         return draw_categorical(probs, generator)
     return draw
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
-from ..sampling import sample_logits
+from ..sampling import token_sampler
 from . import weights_key
 from .transformer import Block
 
@@ -150,9 +150,9 @@ class MaskedTransformer(nn.Module):
             return self.blank_logits(labels, b)
         x = self.embed(tokens, labels).view(b * n, -1)
         d = x.shape[1]
-        for i, (heads, w1n, b1n, e1, w_qkv, b_qkv, w_proj, b_proj, w2n, b2n, e2, w_fc1, b_fc1, w_fc2, b_fc2,
-                gelu) in enumerate(blocks):
-            h = torch.layer_norm(x, (d,), w1n, b1n, e1)
+        for i, (heads, (shape, e1, e2, w1n, b1n, w_qkv, b_qkv, w_proj, b_proj, w2n, b2n, w_fc1, b_fc1, w_fc2, b_fc2,
+                        gelu, _)) in enumerate(blocks):
+            h = torch.layer_norm(x, shape, w1n, b1n, e1)
             q, k, v = torch.addmm(b_qkv, h, w_qkv).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
             y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, d)  # (B N, d)
             if at is not None and i == len(blocks) - 1:  # keys and values needed every row, the rest only these
@@ -160,7 +160,7 @@ class MaskedTransformer(nn.Module):
                 x, y = x.index_select(0, rows), y.index_select(0, rows)
             # Out of place, as forward: under autocast the products are bf16 and the residual stream stays fp32.
             x = x + torch.addmm(b_proj, y, w_proj)
-            h = torch.layer_norm(x, (d,), w2n, b2n, e2)
+            h = torch.layer_norm(x, shape, w2n, b2n, e2)
             x = x + torch.addmm(b_fc2, F.gelu(torch.addmm(b_fc1, h, w_fc1), approximate=gelu), w_fc2)
         logits = torch.addmm(b_out, torch.layer_norm(x, (d,), lnw, lnb, lne), w_out)
         return logits if at is not None else logits.view(b, n, -1)
@@ -185,21 +185,17 @@ class MaskedTransformer(nn.Module):
         return every.expand(b, -1, -1).flatten(0, 1)
 
     def lean_weights(self) -> tuple[list[tuple], tuple]:
-        """``lean``'s operands: every linear weight transposed to a contiguous (in, out) copy, which ``addmm`` reads
-        fastest (a transposed view costs up to 1.6x per product). Kept until a weight changes: the key is every
-        parameter's storage and version counter, which an optimizer step, ``load_state_dict`` or a move bumps."""
+        """``lean``'s operands: each block's ``Block.step_params`` with its linear weights as contiguous (in, out)
+        copies, which ``addmm`` reads fastest over these 49-row products (a transposed view costs up to 1.6x), and
+        the head's. Kept until a weight changes: the key (``nn.weights_key``) is every parameter's storage and
+        version counter, which an optimizer step, ``load_state_dict`` or a move bumps."""
         key = weights_key(self.parameters())
         if self._lean is not None and self._lean[0] == key:
             return self._lean[1]
-
-        def t(linear: nn.Linear) -> Tensor:
-            return linear.weight.detach().t().contiguous()
-
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode
-            blocks = [(blk.heads, blk.ln1.weight, blk.ln1.bias, blk.ln1.eps, t(blk.qkv), blk.qkv.bias, t(blk.proj),
-                       blk.proj.bias, blk.ln2.weight, blk.ln2.bias, blk.ln2.eps, t(blk.mlp[0]), blk.mlp[0].bias,
-                       t(blk.mlp[2]), blk.mlp[2].bias, blk.mlp[1].approximate) for blk in self.blocks]
-            head = (self.ln_f.weight, self.ln_f.bias, self.ln_f.eps, t(self.out), self.out.bias)
+            blocks = [(blk.heads, blk.step_params(copies=True)) for blk in self.blocks]
+            head = (self.ln_f.weight, self.ln_f.bias, self.ln_f.eps, self.out.weight.detach().t().contiguous(),
+                    self.out.bias)
         self._lean = (key, (blocks, head))
         return blocks, head
 
@@ -219,12 +215,13 @@ def fill_tokens(predict: Callable[[Tensor, Tensor], Tensor], tokens: Tensor, mas
     tokens = tokens.clone()
     masked = tokens == mask_id
     stays = fill_schedule(masked.sum(1), steps)  # (S, B): masked after each step, worked out once
+    draw = token_sampler(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, noise_std=noise_std,
+                         generator=generator)  # options checked once for the draw
     for s in range(1, steps + 1):
         if not masked.any():
             break
         logits = predict(tokens, masked)  # (M, K)
-        picked = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                               noise_std=noise_std, generator=generator)  # (M,)
+        picked = draw(logits)  # (M,)
         score = torch.log_softmax(logits.float(), -1).gather(-1, picked[:, None])[:, 0]  # (M,) log p of the draw
         anneal = choice_temperature * (1 - s / steps)
         if anneal > 0:
