@@ -357,11 +357,13 @@ def load_export(folder: str | Path) -> dict[str, Any]:
     """An export folder -> a checkpoint-like state (family, config, spec, model, parents, step, summary) that
     ``build.model_from_state`` builds; every file checked against its sha256 and every parent against its hash."""
     folder = Path(folder)
-    record = read_record(folder, str(folder))
+    from .lineage import embedded_parents, state_hash
+    from .runs import upgrade_saved
+
+    record = upgrade_saved(read_record(folder, str(folder)))  # an export of an older version reads as it was trained
     for key in ("family", "config", "spec"):
         if not record.get(key):
             raise GenaiError(f"'{folder / CONFIG}' has no '{key}'; the export is corrupt: export the run again")
-    from .lineage import embedded_parents, state_hash
 
     parents = embedded_parents(record, where=str(folder))  # each parent's weights against its lineage hash
     if state_hash(record["model"], parents) != record.get("hash"):

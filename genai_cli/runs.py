@@ -135,6 +135,31 @@ def trim_metrics(path: Path, step: int) -> None:
     write_text_atomically(path, "".join(f"{line}\n" for line in keep))
 
 
+# -- records saved by earlier versions -----------------------------------------------------------
+# A run's saved config is resolved (every field written), so a model field missing from it was added after the run
+# was trained. Most new fields default to the old behaviour; these do not (their preset now turns them on), so a
+# saved model section that lacks one means the value below: (field, what the section must hold, value meant).
+SAVED_BEFORE: tuple[tuple[str, dict[str, Any], Any], ...] = (
+    ("long_skip", {"backbone": "dit"}, False),  # DiT's U-ViT skips, on in the latent presets since they came
+    ("local_conv", {"backbone": "dit"}, False),  # its per-block 3x3 conv, likewise
+)
+
+
+def upgrade_saved(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's records as this version reads them (its own config and every embedded parent's, in place): a
+    field of ``SAVED_BEFORE`` absent from a saved model section gets the value that section was trained with."""
+    config, parents = state.get("config"), state.get("parents")  # a corrupt record is refused where it is read
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict):
+        for key, where, value in SAVED_BEFORE:
+            if key not in model and all(model.get(k) == v for k, v in where.items()):
+                model[key] = value
+    for record in parents.values() if isinstance(parents, dict) else ():
+        if isinstance(record, dict):
+            upgrade_saved(record)
+    return state
+
+
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """torch.load with weights_only=True: a checkpoint from a stranger cannot execute code."""
     if not path.is_file():
@@ -153,7 +178,7 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
                          f"use another checkpoint or retrain") from None
     if not isinstance(state, dict) or "family" not in state or "model" not in state:
         raise GenaiError(f"'{path}' is not a genai checkpoint (no family/model inside)")
-    return state
+    return upgrade_saved(state)
 
 
 def newest_run(root: Path) -> Path:

@@ -239,3 +239,28 @@ def test_the_cifar10_recipe_without_a_network_fails_in_one_line(tmp_path):
     with pytest.raises(GenaiError) as info:
         load_data(cfg.data)
     assert "\n" not in str(info.value) and "mnist5k" in str(info.value)
+
+
+def test_a_latent_dit_saved_before_its_long_skips_loads_as_it_was_trained(tmp_path):
+    """A record lacks a field that was added later; the DiT's long_skip and local_conv are on in today's latent
+    presets, so a run saved before them must read them as off, or its weights no longer fit (config.SAVED_BEFORE)."""
+    assert LatentConfig(backbone="dit", autoencoder="ae").long_skip, "the preset turns them on"
+    torch.manual_seed(0)
+    parent = untrained_parent("spatial_ae", SPEC)
+    cfg = LatentConfig(backbone="dit", hidden_size=16, depth=2, num_heads=2, long_skip=False, local_conv=False,
+                       timesteps=20, autoencoder="untrained")
+    model = build_model("latent_ddpm", cfg, SPEC, parents={"autoencoder": parent}).eval()
+    record = {"family": "latent_ddpm", **{k: v for k, v in asdict(cfg).items() if k not in ("long_skip", "local_conv")}}
+    torch.save({"family": "latent_ddpm", "config": {"model": record}, "spec": asdict(SPEC),
+                "model": model.state_dict(), "ema": None, "parents": model.parents.records()}, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert (loaded.config.long_skip, loaded.config.local_conv) == (False, False)
+    x, t = torch.randn(2, *model.model_shape), torch.tensor([3, 11])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.network(x, t, None), model.network(x, t, None), rtol=0, atol=0)
+    # A UNet record from before the fields existed is left as it was (the DiT-only fields stay unset).
+    unet = {"family": "ddpm", "base_channels": 8, "channel_mults": [1], "timesteps": 20}
+    torch.save({"family": "ddpm", "config": {"model": unet}, "spec": asdict(SPEC),
+                "model": build_model("ddpm", from_dict({"model": unet}).model, SPEC).state_dict(), "ema": None},
+               tmp_path / "unet.pt")
+    assert load_checkpoint(tmp_path / "unet.pt").config.long_skip is None
