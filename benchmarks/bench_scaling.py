@@ -2,7 +2,8 @@
 
     python benchmarks/bench_scaling.py study [--budgets 8 24 72 200] [--arms unet:S,dit:S,unet:M,dit:B,unet:L,dit:L]
                                              [--samples 200] [--steps 8] [--ae-seconds 60] [--threads 1]
-                                             [--set KEY=VALUE ...]
+                                             [--set KEY=VALUE ...] [--top-samples 1000 [--top-seeds 1 2 3]]
+                                             [--name bench-scaling] [--out DIR] [--resume] [--merge JSON ...]
     python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 1]
 
 study: every arm is ``configs/latent_ddpm_mnist.yaml`` (class-conditional, v-prediction with min-SNR-5, EMA 0.995,
@@ -21,7 +22,11 @@ size, counted by ``torch.utils.flop_counter`` (a grouped convolution's weight gr
 ``grouped_conv_backward_flop``; the frozen encoder's forward pass, the same for every arm, and the
 optimizer are not counted), times the steps taken. Writes benchmarks/scaling/scaling.png (FID and validation loss
 against training GFLOPs, log axes, one line per arm) and benchmarks/scaling/scaling.json, and prints the table and
-the DiT-vs-UNet rows of benchmarks/README.md. fp32 throughout: every arm in the same precision.
+the DiT-vs-UNet rows of benchmarks/README.md. fp32 throughout: every arm in the same precision. Each budget's
+EMA weights are also saved as the run's ``checkpoints/budget_<seconds>.pt`` (to rescore later), and
+``--top-samples`` scores the largest budget again with that many samples at each of ``--top-seeds`` (a 200-sample
+FID near the floor moves by more than the arms differ), printed as the last table. Runs go to
+benchmarks/runs/<--name>-<backbone>-<size>: a pilot's own ``--name`` leaves the study's runs alone.
 
 speed: parameters and training images per second of this process's CPU time (forward, backward, AdamW step; mean of
 ``--steps`` after one warm-up; with 1 thread, images/s of one core, which a machine shared with others keeps) of
@@ -125,7 +130,7 @@ def study(args) -> None:
     for path in args.merge:  # arms measured by another process of the same study (run side by side)
         results.update({k: v for k, v in json.loads(path.read_text())["arms"].items() if k not in results})
     for r in results.values():  # kept arms: the FLOPs counted again, so a fix to the count reaches them
-        run = RUNS / f"bench-scaling-{r['backbone']}-{r['size']}"
+        run = RUNS / f"{args.name}-{r['backbone']}-{r['size']}"
         if (run / "checkpoints" / "last.pt").exists():
             flops = step_flops(load_checkpoint(run / "checkpoints" / "last.pt"),
                                load_config(run / "config.yaml").train.batch_size)
@@ -141,7 +146,7 @@ def study(args) -> None:
                                           "train.min_lr_ratio=1.0", "train.precision=fp32",
                                           f"train.eval_max_images={args.val_images}", f"train.seed={args.seed}",
                                           *args.set])
-        run = new_run(RUNS, f"bench-scaling-{backbone}-{size}", "bench-scaling", force=True)
+        run = new_run(RUNS, f"{args.name}-{backbone}-{size}", args.name, force=True)
         (run / "config.yaml").write_text(cfg.to_yaml())
         torch.manual_seed(args.seed)
         trainer = SnapshotTrainer(cfg, run, data=data, quiet=True, budgets=args.budgets,
@@ -153,6 +158,9 @@ def study(args) -> None:
         points = []
         for snap in trainer.snapshots:
             model.load_state_dict(snap.pop("state"))
+            # The snapshot as a checkpoint (its EMA weights; the rest is the run's end): to rescore it later.
+            torch.save({**trainer.state_dict(), "step": snap["step"], "optimizers": {}},
+                       run / "checkpoints" / f"budget_{snap['budget']:g}.pt")
             val = trainer.validate()
             fake, _ = draw_samples(model, args.samples, args.seed, options, cpu)
             quality = sample_quality(evaluator, data, fake, cpu, args.seed)
@@ -161,6 +169,12 @@ def study(args) -> None:
                            "reference_fid": quality["reference_fid"]})
             log(f"{arm}: {snap['budget']:.0f} CPU s, step {snap['step']}, {points[-1]['train_gflops']:.0f} GFLOPs, "
                 f"val loss {val['val_loss']:.4f}, classifier-FID {quality['classifier_fid']:.2f}")
+        if args.top_samples and points:  # the largest budget again, with less noise: several seeds of more samples
+            points[-1]["top_fids"] = [sample_quality(evaluator, data, draw_samples(model, args.top_samples, seed,
+                                                                                   options, cpu)[0], cpu, seed)
+                                      ["classifier_fid"] for seed in args.top_seeds]
+            log(f"{arm}: {points[-1]['budget']:.0f} CPU s, classifier-FID of {args.top_samples} samples at seeds "
+                f"{args.top_seeds}: {', '.join(f'{f:.2f}' for f in points[-1]['top_fids'])}")
         results[arm] = {"backbone": backbone, "size": size, "params": params, "gflops_per_step": flops / 1e9,
                         "points": points}
         write(results, args)  # after every arm: a killed study keeps what it measured
@@ -229,6 +243,18 @@ def report(results: dict, args) -> None:
             rows.append([f"{d} vs {u}", f"{pd['budget']:.0f}", f"{pd['classifier_fid']:.2f}",
                          f"{pu['classifier_fid']:.2f}", f"{ratio:.2f}"])
     print(markdown(["pair", "CPU s", "DiT FID", "UNet FID", "ratio"], rows))
+    tops = [(d, u, results[d]["points"][-1], results[u]["points"][-1]) for d, u in pairs]
+    tops = [(d, u, pd, pu) for d, u, pd, pu in tops if "top_fids" in pd and "top_fids" in pu]
+    if tops:
+        print(f"\nAt the largest budget, {args.top_samples} samples at seeds {args.top_seeds} (classifier-FID per "
+              f"seed, mean)\n")
+        rows = []
+        for d, u, pd, pu in tops:
+            md, mu = (sum(p["top_fids"]) / len(p["top_fids"]) for p in (pd, pu))
+            rows.append([f"{d} vs {u}", f"{pd['budget']:.0f}", " / ".join(f"{f:.2f}" for f in pd["top_fids"]),
+                         f"{md:.2f}", " / ".join(f"{f:.2f}" for f in pu["top_fids"]), f"{mu:.2f}", f"{md / mu:.2f}"])
+        print(markdown(["pair", "CPU s", "DiT FID per seed", "DiT mean", "UNet FID per seed", "UNet mean", "ratio"],
+                       rows))
 
 
 # -- speed -------------------------------------------------------------------------------------------
@@ -293,6 +319,9 @@ def main() -> None:
     s.add_argument("--arms", default="unet:S,dit:S,unet:M,dit:B,unet:L,dit:L")
     s.add_argument("--samples", type=int, default=200)
     s.add_argument("--steps", type=int, default=8, help="DPM-Solver++(2M) steps per sample")
+    s.add_argument("--top-samples", type=int, default=0,
+                   help="score the largest budget again with this many samples at each of --top-seeds (0: not)")
+    s.add_argument("--top-seeds", type=int, nargs="+", default=[1, 2, 3])
     s.add_argument("--val-images", type=int, default=256)
     s.add_argument("--ae-seconds", type=float, default=60.0)
     s.add_argument("--seed", type=int, default=0)
@@ -301,6 +330,8 @@ def main() -> None:
                    help="config overrides for every arm (after the study's own), e.g. train.lr=1e-3 for a pilot")
     s.add_argument("--resume", action="store_true", help="keep the arms OUT/scaling.json already has")
     s.add_argument("--out", type=Path, default=OUT, help="where scaling.png and scaling.json go")
+    s.add_argument("--name", default="bench-scaling",
+                   help="runs go to benchmarks/runs/NAME-<backbone>-<size> (a pilot's own NAME keeps the study's runs)")
     s.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="scaling.json files of the same study whose arms are kept (arms split over processes)")
     p = sub.add_parser("speed", help="training images/s of every DiT preset, fp32 and bf16")
