@@ -73,7 +73,7 @@ def test_a_fresh_dits_condition_carries_the_label():
     t = torch.full((11,), 500)
     cond = net.time_mlp(timestep_embedding(t, FREQUENCY_DIM)) + net.class_emb(torch.arange(11))
     gap = (cond[:, None] - cond[None]).pow(2).mean(-1).sqrt()  # RMS distance of every pair of labels
-    assert gap[~torch.eye(11, dtype=torch.bool)].min() > 0.1  # ~0.28 at N(0, 0.2); ~0.03 at DiT's N(0, 0.02)
+    assert gap[~torch.eye(11, dtype=torch.bool)].min() > 0.5
 
 
 def test_long_skips_join_mirror_blocks():

@@ -31,12 +31,6 @@ from .transformer import Block
 from .unet import timestep_embedding
 
 FREQUENCY_DIM = 256  # sinusoidal features of t fed to the time MLP (DiT's frequency_embedding_size)
-# The label table's initial std: between DiT's 0.02 (the label barely conditions a network trained for a few hundred
-# steps) and nn.Embedding's 1 (c, the adaLN regressions' one input, then starts ~50x label to time: the fresh time
-# MLP's output has std 0.02; 10x at 0.2). DiT-S at 200 CPU-s in latent space, classifier-FID of 1,000 samples x 3
-# seeds, training seed 0: 11.69 / 10.30 / 10.78 / 11.10 at std 0.1 / 0.2 / 0.4 / 1; seed 1: 9.03 at 0.2
-# (benchmarks/README.md, "Scaling").
-LABEL_STD = 0.2
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -161,12 +155,12 @@ class DiT(nn.Module):
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) for the time MLP, and zeros for every adaLN
-        regression and the output layer (adaLN-Zero); but N(0, LABEL_STD) for the label table, not DiT's N(0, 0.02).
-        With the time MLP at 0.02 too, a 0.02 label row leaves the condition c, the only input of every adaLN
-        regression, near 0, and the label barely moves the network for hundreds of Adam steps (lr 2e-3 moves a
-        weight by at most 2e-3 a step): DiT trains for 400k steps, a CPU budget for a few hundred. Measured: DiT-S's
-        classifier-FID at 72 CPU-s fell from 139 to 63 with N(0, 1) (benchmarks/README.md, "Scaling"). The long
-        skips and local convolutions keep torch's default initialisation, as measured."""
+        regression and the output layer (adaLN-Zero); but N(0, 1) for the label table (nn.Embedding's default, the
+        UNet's), not DiT's N(0, 0.02). With the time MLP at 0.02 too, a 0.02 label row leaves the condition c, the
+        only input of every adaLN regression, near 0, and the label barely moves the network for hundreds of Adam
+        steps (lr 2e-3 moves a weight by at most 2e-3 a step): DiT trains for 400k steps, a CPU budget for a few
+        hundred. Measured: DiT-S's classifier-FID at 72 CPU-s fell from 139 to 63 (benchmarks/README.md,
+        "Scaling"). The long skips and local convolutions keep torch's default initialisation, as measured."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -175,7 +169,7 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         if self.class_emb is not None:
-            nn.init.normal_(self.class_emb.weight, std=LABEL_STD)
+            nn.init.normal_(self.class_emb.weight, std=1.0)
         for blk in self.blocks:
             for layer in (blk.skip, blk.local):
                 if layer is not None:
