@@ -2,7 +2,8 @@
 
     python benchmarks/bench_scaling.py study [--budgets 8 24 72 200] [--arms unet:S,dit:S,unet:M,dit:B,unet:L,dit:L]
                                              [--samples 200] [--steps 8] [--ae-seconds 60] [--threads 1]
-                                             [--set KEY=VALUE ...] [--top-samples 1000 [--top-seeds 1 2 3]]
+                                             [--precision fp32|bf16|auto] [--set KEY=VALUE ...]
+                                             [--top-samples 1000 [--top-seeds 1 2 3]]
                                              [--name bench-scaling] [--out DIR] [--resume] [--merge JSON ...]
     python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 1]
 
@@ -22,8 +23,10 @@ size, counted by ``torch.utils.flop_counter`` (a grouped convolution's weight gr
 ``grouped_conv_backward_flop``; the frozen encoder's forward pass, the same for every arm, and the
 optimizer are not counted), times the steps taken. Writes benchmarks/scaling/scaling.png (FID and validation loss
 against training GFLOPs, log axes, one line per arm) and benchmarks/scaling/scaling.json, and prints the table and
-the DiT-vs-UNet rows of benchmarks/README.md. fp32 throughout: every arm in the same precision. Each budget's
-EMA weights are also saved as the run's ``checkpoints/budget_<seconds>.pt`` (to rescore later), and
+the DiT-vs-UNet rows of benchmarks/README.md. ``--precision`` is every arm's ``train.precision`` (fp32 by default:
+every arm in the same precision; bf16 or auto trains each at this machine's native precision, where bf16 speeds the
+DiT more than the UNet; validation runs in the run's precision, sampling in the machine's, as ``genai evaluate``).
+Each budget's EMA weights are also saved as the run's ``checkpoints/budget_<seconds>.pt`` (to rescore later), and
 ``--top-samples`` scores the largest budget again with that many samples at each of ``--top-seeds`` (a 200-sample
 FID near the floor moves by more than the arms differ), printed as the last table. Runs go to
 benchmarks/runs/<--name>-<backbone>-<size>: a pilot's own ``--name`` leaves the study's runs alone.
@@ -143,7 +146,7 @@ def study(args) -> None:
         backbone, size = arm.split(":")
         cfg = load_config(ROOT / LATENT, [*QUIET_SCHEDULES, f"model.autoencoder={ae_run}",
                                           f"model.backbone={backbone}", f"model.size={size}",
-                                          "train.min_lr_ratio=1.0", "train.precision=fp32",
+                                          "train.min_lr_ratio=1.0", f"train.precision={args.precision}",
                                           f"train.eval_max_images={args.val_images}", f"train.seed={args.seed}",
                                           *args.set])
         run = new_run(RUNS, f"{args.name}-{backbone}-{size}", args.name, force=True)
@@ -186,7 +189,7 @@ def study(args) -> None:
 
 def write(results: dict, args) -> None:
     summary = {"machine": machine(), "budgets": args.budgets, "samples": args.samples, "steps": args.steps,
-               "threads": args.threads, "arms": results}
+               "threads": args.threads, "precision": args.precision, "arms": results}
     (args.out / "scaling.json").write_text(json.dumps(summary, indent=2, default=float))
     plot(results, args.out)
 
@@ -226,7 +229,8 @@ def report(results: dict, args) -> None:
             rows.append([f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']}", f"{r['params']:,}",
                          f"{r['gflops_per_step']:.2f}", f"{p['budget']:.0f}", str(p["step"]),
                          f"{p['train_gflops']:.0f}", f"{p['val_loss']:.4f}", f"{p['classifier_fid']:.2f}"])
-    print(f"\nScaling study: latent_ddpm on mnist5k, budgets {args.budgets} CPU s per arm ({args.threads} thread), "
+    print(f"\nScaling study: latent_ddpm on mnist5k, budgets {args.budgets} CPU s per arm ({args.threads} thread, "
+          f"{args.precision}), "
           f"{args.samples} samples each (dpm++2m {args.steps} steps, guidance 2); {machine()}\n")
     print(markdown(["arm", "parameters", "GFLOPs / step", "CPU s", "steps", "train GFLOPs", "val loss",
                     "classifier-FID"], rows))
@@ -326,6 +330,8 @@ def main() -> None:
     s.add_argument("--ae-seconds", type=float, default=60.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="every arm's train.precision (fp32: the same for all; bf16/auto: the machine's native one)")
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every arm (after the study's own), e.g. train.lr=1e-3 for a pilot")
     s.add_argument("--resume", action="store_true", help="keep the arms OUT/scaling.json already has")

@@ -142,6 +142,7 @@ def trim_metrics(path: Path, step: int) -> None:
 SAVED_BEFORE: tuple[tuple[str, dict[str, Any], Any], ...] = (
     ("long_skip", {"backbone": "dit"}, False),  # DiT's U-ViT skips, on in the latent presets since they came
     ("local_conv", {"backbone": "dit"}, False),  # its per-block 3x3 conv, likewise
+    ("label_init_std", {"backbone": "dit"}, 1.0),  # the label table's init, 0.2 in the latent S preset since it came
 )
 
 

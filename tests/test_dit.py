@@ -76,6 +76,22 @@ def test_a_fresh_dits_condition_carries_the_label():
     assert gap[~torch.eye(11, dtype=torch.bool)].min() > 0.5
 
 
+@pytest.mark.parametrize("size, fields, std", [("S", {}, 0.2), ("B", {}, 1.0), ("S", {"label_init_std": 0.5}, 0.5)])
+def test_the_label_init_std_reaches_the_label_table(size, fields, std):
+    """model.label_init_std, from the latent preset (S: 0.2, B: 1) or set explicitly, is the fresh label table's std."""
+    cfg = build_dataclass(MODELS.get("latent_ddpm").Config, {"backbone": "dit", "size": size, "autoencoder": "ae",
+                                                              "class_conditional": True, **fields}, "model")
+    assert cfg.label_init_std == std
+    torch.manual_seed(0)
+    parents = {"autoencoder": untrained_parent("spatial_ae", ImageSpec(1, 28, 10))}
+    table = build_model("latent_ddpm", cfg, ImageSpec(1, 28, 10), parents).unet.class_emb.weight
+    assert table.shape[0] == 11 and abs(table.std().item() - std) < 0.1 * std  # 704 or more draws: within 4 %
+    with pytest.raises(GenaiError, match="label_init_std"):
+        DiT(4, 7, 7, patch_size=1, hidden=32, depth=1, heads=2, num_classes=10, label_std=0.0)
+    with pytest.raises(GenaiError, match="dit backbone"):  # a DiT field on a UNet is refused, like the others
+        build_dataclass(MODELS.get("ddpm").Config, {"label_init_std": 0.2}, "model")
+
+
 def test_long_skips_join_mirror_blocks():
     net = randomised(DiT(4, 7, 7, patch_size=1, hidden=32, depth=5, heads=2, num_classes=10, long_skip=True))
     assert [blk.skip is not None for blk in net.blocks] == [False, False, False, True, True]

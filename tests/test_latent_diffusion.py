@@ -264,3 +264,19 @@ def test_a_latent_dit_saved_before_its_long_skips_loads_as_it_was_trained(tmp_pa
                 "model": build_model("ddpm", from_dict({"model": unet}).model, SPEC).state_dict(), "ema": None},
                tmp_path / "unet.pt")
     assert load_checkpoint(tmp_path / "unet.pt").config.long_skip is None
+
+
+def test_a_latent_dit_saved_before_its_label_init_std_loads_as_it_was_trained(tmp_path):
+    """The latent S preset's label table starts at N(0, 0.2) now; a DiT record saved before model.label_init_std
+    existed was initialised at N(0, 1) and must read so (runs.SAVED_BEFORE), a record that has the field keeps it."""
+    assert LatentConfig(backbone="dit", size="S", autoencoder="ae").label_init_std == 0.2, "the preset's value"
+    parent = untrained_parent("spatial_ae", SPEC)
+    cfg = LatentConfig(backbone="dit", size="S", hidden_size=16, depth=2, timesteps=20, autoencoder="untrained")
+    model = build_model("latent_ddpm", cfg, SPEC, parents={"autoencoder": parent})
+    for name, drop in (("old", {"label_init_std"}), ("new", set())):
+        record = {"family": "latent_ddpm", **{k: v for k, v in asdict(cfg).items() if k not in drop}}
+        torch.save({"family": "latent_ddpm", "config": {"model": record}, "spec": asdict(SPEC),
+                    "model": model.state_dict(), "ema": None, "parents": model.parents.records()},
+                   tmp_path / f"{name}.pt")
+    assert load_checkpoint(tmp_path / "old.pt").config.label_init_std == 1.0
+    assert load_checkpoint(tmp_path / "new.pt").config.label_init_std == 0.2

@@ -343,13 +343,17 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 # widths 384/768/1024, depths 12/12/24, 6/12/16 heads) scaled to what a CPU trains in minutes; heads of 32 channels
 # throughout, MLP 4x wide. Pixel space: 4x4 patches (28x28 -> 49 tokens, 32x32 -> 64), plain DiT blocks. The latent
 # presets (latent_diffusion.LATENT_DIT_PRESETS) use 1x1 patches (the 7x7 grid is already 49 tokens and 7 is prime)
-# and turn on the long skips and local convolutions that were measured to pay there (nn/dit.py, ``DiT``).
-DIT_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "long_skip", "local_conv")
+# and turn on the long skips and local convolutions that were measured to pay there (nn/dit.py, ``DiT``). The label
+# table starts at N(0, 1) (``label_init_std``; the latent S preset's differs: LATENT_DIT_PRESETS says why).
+DIT_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "long_skip", "local_conv", "label_init_std")
 UNET_FIELDS = ("base_channels", "channel_mults", "num_res_blocks", "attention_levels")
 DIT_PRESETS: dict[str, dict[str, Any]] = {
-    "S": {"patch_size": 4, "hidden_size": 64, "depth": 4, "num_heads": 2, "long_skip": False, "local_conv": False},
-    "B": {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4, "long_skip": False, "local_conv": False},
-    "L": {"patch_size": 4, "hidden_size": 192, "depth": 8, "num_heads": 6, "long_skip": False, "local_conv": False},
+    "S": {"patch_size": 4, "hidden_size": 64, "depth": 4, "num_heads": 2, "long_skip": False, "local_conv": False,
+          "label_init_std": 1.0},
+    "B": {"patch_size": 4, "hidden_size": 128, "depth": 6, "num_heads": 4, "long_skip": False, "local_conv": False,
+          "label_init_std": 1.0},
+    "L": {"patch_size": 4, "hidden_size": 192, "depth": 8, "num_heads": 6, "long_skip": False, "local_conv": False,
+          "label_init_std": 1.0},
 }
 BACKBONES = ("unet", "dit")
 
@@ -380,7 +384,7 @@ def build_backbone(config: Any, shape: tuple[int, int, int], num_classes: int) -
     if config.backbone == "dit":
         return DiT(channels, height, width, patch_size=config.patch_size, hidden=config.hidden_size,
                    depth=config.depth, heads=config.num_heads, dropout=config.dropout, num_classes=num_classes,
-                   long_skip=config.long_skip, local=config.local_conv)
+                   long_skip=config.long_skip, local=config.local_conv, label_std=config.label_init_std)
     return UNet(in_channels=channels, base_channels=config.base_channels, channel_mults=config.channel_mults,
                 num_res_blocks=config.num_res_blocks, attention_levels=config.attention_levels,
                 dropout=config.dropout, num_classes=num_classes)
@@ -405,6 +409,7 @@ class NetworkConfig:
     num_heads: int | None = None  # DiT only: attention heads. None: from the preset (S: 2)
     long_skip: bool | None = None  # DiT only: U-ViT's long skips. None: from the preset (pixel: off, latent: on)
     local_conv: bool | None = None  # DiT only: a depthwise 3x3 conv in every block. None: as long_skip
+    label_init_std: float | None = None  # DiT only: the label table's init std. None: the preset's (1; latent S: 0.2)
     dropout: float = 0.0
     class_conditional: bool = False
     cond_drop_prob: float = 0.1  # label dropout, trains the unconditional model for classifier-free guidance

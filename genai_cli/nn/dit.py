@@ -115,6 +115,7 @@ class DiT(nn.Module):
     width d, depth blocks of ``heads`` heads, MLP width mlp_ratio * d. num_classes > 0 adds a label table whose
     row num_classes is the null label (classifier-free guidance); y=None means that row.
 
+    label_std: the label table's initial std (``_init_weights`` says why it is not DiT's 0.02).
     long_skip: U-ViT's long skips (Bao et al. 2023): block depth-1-i takes block i's output, i < depth // 2.
     local: a depthwise 3 x 3 convolution of the token grid in every block (``DiTBlock``). Off, this is DiT; the
     latent presets turn both on: on the 49 tokens of the 7x7 latent grid, trained for a few hundred steps, they
@@ -123,7 +124,7 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, height: int, width: int, patch_size: int = 2, hidden: int = 64,
                  depth: int = 4, heads: int = 2, mlp_ratio: int = 4, dropout: float = 0.0, num_classes: int = 0,
-                 long_skip: bool = False, local: bool = False):
+                 long_skip: bool = False, local: bool = False, label_std: float = 1.0):
         super().__init__()
         if patch_size < 1 or hidden < 1 or depth < 1 or heads < 1:
             raise GenaiError(f"the DiT needs patch_size, width, depth and heads >= 1, got {patch_size}, {hidden}, "
@@ -133,6 +134,9 @@ class DiT(nn.Module):
                              f"set model.num_heads to a divisor of model.hidden_size")
         if not 0.0 <= dropout < 1.0:
             raise GenaiError(f"dropout must be in [0, 1), got {dropout}")
+        if not label_std > 0:
+            raise GenaiError(f"the DiT's label table needs a positive init std (model.label_init_std), got {label_std}")
+        self.label_std = label_std
         self.in_channels, self.patch_size, self.hidden, self.depth, self.heads = in_channels, patch_size, hidden, \
             depth, heads
         self.num_classes = num_classes
@@ -155,12 +159,13 @@ class DiT(nn.Module):
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) for the time MLP, and zeros for every adaLN
-        regression and the output layer (adaLN-Zero); but N(0, 1) for the label table (nn.Embedding's default, the
-        UNet's), not DiT's N(0, 0.02). With the time MLP at 0.02 too, a 0.02 label row leaves the condition c, the
-        only input of every adaLN regression, near 0, and the label barely moves the network for hundreds of Adam
-        steps (lr 2e-3 moves a weight by at most 2e-3 a step): DiT trains for 400k steps, a CPU budget for a few
-        hundred. Measured: DiT-S's classifier-FID at 72 CPU-s fell from 139 to 63 (benchmarks/README.md,
-        "Scaling"). The long skips and local convolutions keep torch's default initialisation, as measured."""
+        regression and the output layer (adaLN-Zero); but N(0, label_std^2) for the label table, 1 by default
+        (nn.Embedding's default, the UNet's), not DiT's 0.02. With the time MLP at 0.02 too, a 0.02 label row leaves
+        the condition c, the only input of every adaLN regression, near 0, and the label barely moves the network for
+        hundreds of Adam steps (lr 2e-3 moves a weight by at most 2e-3 a step): DiT trains for 400k steps, a CPU
+        budget for a few hundred. Measured: DiT-S's classifier-FID at 72 CPU-s fell from 139 to 63 at 1. The latent
+        S preset starts at 0.2 (benchmarks/README.md, "Scaling": better guided samples at the top budget for S, worse
+        at every budget for B). The long skips and local convolutions keep torch's default initialisation."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -169,7 +174,7 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         if self.class_emb is not None:
-            nn.init.normal_(self.class_emb.weight, std=1.0)
+            nn.init.normal_(self.class_emb.weight, std=self.label_std)
         for blk in self.blocks:
             for layer in (blk.skip, blk.local):
                 if layer is not None:
