@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import GenaiError
 
@@ -278,6 +279,24 @@ def recurrent_in_fp32(device: torch.device) -> bool:
     """Whether a recurrent kernel (nn.LSTM) must leave bf16 autocast: oneDNN has no bf16 LSTM without
     AVX512-BF16/AMX ("could not create a primitive descriptor"), so on such CPUs it runs in fp32."""
     return device.type == "cpu" and not cpu_native_bf16()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, **options)``, in fp32 when it would run in bf16 on a CPU (bf16
+    tensors, or bf16 autocast), the result cast back to q's dtype. The CPU's bf16 attention kernels are slow where
+    its bf16 products are fast: forward + backward over 12 x 64 tokens of 4 heads took 36-60 ms in bf16 (flash),
+    12-17 ms in bf16 (math, which materialises L x L) and 7.5-8.5 ms in fp32 (flash) with the casts, from 49 to 784
+    positions fp32 was fastest (benchmarks/README.md, issue 18 section 4). Half of a character transformer's bf16
+    training step was spent in the bf16 flash backward, which made bf16 training measure slower than fp32."""
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if q.device.type == "cpu" and (q.dtype == torch.bfloat16 or autocast_bf16):
+        mask = options.get("attn_mask")
+        if mask is not None and mask.is_floating_point():
+            options["attn_mask"] = mask.float()
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **options)
 
 
 def cpu_name() -> str:

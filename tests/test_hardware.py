@@ -297,3 +297,27 @@ def test_auto_measures_a_texts_precision_only_when_the_text_is_longer_than_the_p
     generate.draw(model, generate.SampleRequest(n=1, options={"max_new_tokens": new_tokens}), precision="auto")
     assert bool(calls) == probed
 
+
+
+@pytest.mark.parametrize("mask", ["causal", "bool", "additive"])
+def test_bf16_attention_on_a_cpu_is_computed_in_fp32_and_keeps_the_callers_dtype(mask):
+    """The CPU's bf16 attention kernels are several times slower than fp32's over short sequences (hardware.attention):
+    under bf16 the attention is fp32 SDPA of the same values, rounded once, and its gradients reach bf16 inputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 49, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    keep = torch.rand(49, 49, generator=g) > 0.3
+    keep.fill_diagonal_(True)
+    options = {"causal": {"is_causal": True}, "bool": {"attn_mask": keep},
+               "additive": {"attn_mask": torch.zeros(49, 49).masked_fill(~keep, -1e4).bfloat16()}}[mask]
+    with torch.autocast("cpu", torch.bfloat16):
+        y = hardware.attention(q, k, v, **options)
+    fp32_options = {key: o.float() if key == "attn_mask" and o.is_floating_point() else o
+                    for key, o in options.items()}
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), **fp32_options)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, reference.bfloat16())
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0 for t in (q, k, v))
+    # Outside bf16 it is torch's own SDPA call, bit for bit.
+    x = [t.detach().float() for t in (q, k, v)]
+    assert torch.equal(hardware.attention(*x, **fp32_options),
+                       torch.nn.functional.scaled_dot_product_attention(*x, **fp32_options))

@@ -20,11 +20,9 @@ adaLN-Zero wraps it instead of copying it. Sizes: ``patch_size`` must divide bot
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import GenaiError
 from .transformer import Block
@@ -56,15 +54,6 @@ def sincos_position_embedding(dim: int, rows: int, cols: int) -> Tensor:
     rr, cc = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     # timestep_embedding gives [cos, sin] of position * 10000^(-i / (dim/4)), i < dim/4, for each axis.
     return torch.cat([timestep_embedding(rr.flatten(), dim // 2), timestep_embedding(cc.flatten(), dim // 2)], dim=1)
-
-
-def attention_kernel(x: Tensor) -> AbstractContextManager:
-    """SDPA's plain (math) kernel for bf16 on a CPU, else torch's choice. On the CPU, the flash kernel's bf16
-    backward over these short sequences was ~10x slower than in fp32 (a DiT-S step spent 63 % of its time there);
-    the math kernel's bf16 matmuls run on AMX. Measured: benchmarks/README.md, "Scaling"."""
-    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" and bf16 else nullcontext()
 
 
 def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -104,8 +93,7 @@ class DiTBlock(nn.Module):
             x = x + self.local(x.transpose(1, 2).reshape(b, d, *grid)).flatten(2).transpose(1, 2)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(c).chunk(6, dim=1)  # (B, d) each
         b = self.block
-        with attention_kernel(x):
-            x = x + gate_a[:, None] * b.attention(modulate(b.ln1(x), shift_a, scale_a))
+        x = x + gate_a[:, None] * b.attention(modulate(b.ln1(x), shift_a, scale_a))
         return x + gate_m[:, None] * b.mlp(modulate(b.ln2(x), shift_m, scale_m))
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hardware import attention
 from .autoregressive import causal_mask
 
 
@@ -94,7 +95,7 @@ class Block(nn.Module):
         k_all, v_all = cache.extend(qkv)
         # One new position sees every cached key: no mask needed (and SDPA is faster without one).
         mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
+        y = attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
         return x + self.mlp(self.ln2(x))
 
@@ -106,7 +107,7 @@ class Block(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2) for t in qkv.split(d, dim=-1))
         p = self.dropout if self.training else 0.0
         # softmax(Q K^T / sqrt(d_k)) V with future keys masked, Vaswani et al. Eq. 1; (B, heads, L, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
+        y = attention(q, k, v, is_causal=self.causal, dropout_p=p)
         return F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
 
     def step(self, x: Tensor, cache: KVCache, pos: int) -> Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
+from ..hardware import attention
 
 
 def norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -94,7 +95,7 @@ class Attention(nn.Module):
         # (B, C, H, W) -> (B, H*W, C): a view when x is channels_last, one copy otherwise.
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q, k, v = self.qkv(tokens).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, head_dim)
+        out = attention(q, k, v)  # (B, heads, H*W, head_dim)
         out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))  # (B, H*W, C)
         # Back to (B, C, H, W) with the strides of x, so channels_last inputs stay channels_last.
         return x + out.transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=_format_of(x))
