@@ -2,6 +2,7 @@
 
     python benchmarks/bench_precision.py [--config configs/pixelcnn_mnist.yaml] [--steps 60] [--warmup 5]
                                          [--settings fp32,bf16,fp32+cl,bf16+cl,fp32+compile,bf16+compile]
+    python benchmarks/bench_precision.py --attention [--threads 1]   # bf16 attention per kernel and length
 
 1. Peak: the best of several (n x n) @ (n x n) products, fp32 and bf16, in FLOP/s (2 n^3 per product) with
    the threads this process has (torch.get_num_threads()).
@@ -20,6 +21,7 @@ Prints a markdown table. Settings that cannot run here (fp16 without CUDA) are l
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -99,6 +101,43 @@ class Bench:
         return float(counter.get_total_flops())
 
 
+def attention_table(lengths: tuple[int, ...] = (49, 64, 128, 196, 256, 400, 784), tokens: int = 12 * 64 * 4,
+                    head_dim: int = 32, rounds: int = 3) -> str:
+    """Forward + backward of one attention call over ``tokens`` query positions (B = tokens / L sequences of L,
+    4 heads) on bf16 inputs, per kernel: what ``hardware.attention`` chose against SDPA's own bf16 kernels.
+    ms per call, the best of ``rounds`` pairs."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from genai_cli.hardware import attention
+
+    def bf16_kernel(backend):
+        def run(q, k, v, **options):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, **options)
+        return run
+    kernels = {"bf16 flash (torch's choice)": bf16_kernel(SDPBackend.FLASH_ATTENTION),
+               "bf16 math": bf16_kernel(SDPBackend.MATH), "fp32 flash, cast (hardware.attention)": attention}
+    rows = []
+    for length in lengths:
+        for causal in (False, True):
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(max(1, tokens // length), 4, length, head_dim, generator=g, dtype=torch.bfloat16)
+                       .requires_grad_() for _ in range(3))
+            row = [str(length), "causal" if causal else "full"]
+            for run in kernels.values():
+                best = math.inf
+                for _ in range(rounds + 1):  # the first pair warms the kernel up
+                    start = time.perf_counter()
+                    for _ in range(2):
+                        run(q, k, v, is_causal=causal).float().sum().backward()
+                    best = min(best, (time.perf_counter() - start) / 2)
+                row.append(f"{best * 1e3:.1f}")
+            rows.append(row)
+    head = "| positions | mask | " + " | ".join(f"{name}, ms" for name in kernels) + " |"
+    return "\n".join([head, "|---|---|" + "---:|" * len(kernels)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "pixelcnn_mnist.yaml"))
@@ -110,9 +149,15 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention", action="store_true", help="only the attention kernels' table: forward + "
+                        "backward of bf16 attention per kernel and sequence length")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.attention:
+        print(f"# bf16 attention, forward + backward, 3072 query positions, 4 heads of 32; {machine_line()}\n")
+        print(attention_table())
+        return
     overrides = [f"train.device={args.device}", *args.overrides]
     cfg = load_config(args.config, overrides)
     data = load_data(cfg.data)
