@@ -371,7 +371,7 @@ def inspect(
         table.add_row("lineage", escape("\n".join(lines)))
     table.add_row("steps trained", f"{state['step']:,}" + (" (finished)" if summary.get("finished") else ""))
     table.add_row("time spent", f"{state.get('elapsed_seconds', 0):.0f} s training"
-                  + (f", {summary['images_per_sec']:.0f} img/s" if "images_per_sec" in summary else ""))
+                  + (f", {model.spec.describe_rate(summary['images_per_sec'])}" if "images_per_sec" in summary else ""))
     table.add_row("precision", f"{cfg['train'].get('precision', 'fp32')}"
                   + (f" -> {summary['precision']}" if "precision" in summary else ""))
     for key in ("first_loss", "last_loss", "best_val_loss"):

@@ -52,6 +52,10 @@ class ImageSpec:
         """What ``genai train`` and ``inspect`` print beside the dataset's name."""
         return f"{self.shape}" + (f", {self.num_classes} classes" if self.num_classes else "")
 
+    def describe_rate(self, per_second: float) -> str:
+        """A training rate of ``per_second`` samples, as the progress line and ``inspect`` print it."""
+        return f"{per_second:,.0f} img/s"
+
     @property
     def scored_by_classes(self) -> bool:
         """Whether an evaluator network (a classifier of this data) can score samples: labelled images."""
@@ -96,6 +100,9 @@ class TokenSpec:
 
     def describe_data(self) -> str:
         return f"text, {self.block_size}-character blocks, {self.vocab_size}-character vocabulary"
+
+    def describe_rate(self, per_second: float) -> str:
+        return f"{per_second * self.block_size:,.0f} tokens/s"  # per_second blocks of block_size characters
 
     def encode(self, text: str, blank: str | None = None) -> list[int]:
         """Characters -> token ids; ``blank`` (a masked model's placeholder) -> -1. An unknown character is a one-line

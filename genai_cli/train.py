@@ -721,7 +721,7 @@ class Trainer:
             return
         t = self.cfg.train
         self.summary["images_per_sec"] = rate
-        info = f"loss {logs['loss']:.4f} | {rate:.0f} img/s"
+        info = f"loss {logs['loss']:.4f} | {self.data.spec.describe_rate(rate)}"
         if self.step % t.log_every == 0 or self.step == 1:
             lr = next(iter(self.optimizers.values())).param_groups[0]["lr"]
             self.log({"step": self.step, "split": "train", "lr": lr, "images_per_sec": round(rate, 2),

@@ -144,6 +144,14 @@ def test_unknown_prompt_character_is_one_line(tmp_path):
     assert '"bits_per_char"' in ev.stdout and '"distinct_4grams"' in ev.stdout
     insp = invoke("inspect", tmp_path / "runs" / "t")
     assert "vocabulary" in insp.stdout and "a sample" in insp.stdout
+    assert " tokens/s" in insp.stdout and "img/s" not in insp.stdout  # a text run's rate is in characters
+
+
+def test_training_rates_are_told_in_the_units_of_the_data():
+    from genai_cli.spec import ImageSpec, TokenSpec
+
+    assert ImageSpec(1, 28, 10).describe_rate(401.4) == "401 img/s"
+    assert TokenSpec(vocab="ab", block_size=64).describe_rate(300.0) == "19,200 tokens/s"  # 300 blocks of 64
 
 
 def test_image_run_refuses_prompts():

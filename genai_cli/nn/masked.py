@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import GenaiError
+from ..hardware import attention
 from ..sampling import token_sampler
 from . import weights_key
 from .transformer import Block
@@ -154,7 +155,7 @@ class MaskedTransformer(nn.Module):
                         gelu, _)) in enumerate(blocks):
             h = torch.layer_norm(x, shape, w1n, b1n, e1)
             q, k, v = torch.addmm(b_qkv, h, w_qkv).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b * n, d)  # (B N, d)
+            y = attention(q, k, v).transpose(1, 2).reshape(b * n, d)  # (B N, d), as Block.attention
             if at is not None and i == len(blocks) - 1:  # keys and values needed every row, the rest only these
                 rows = at.view(-1).nonzero().squeeze(1)
                 x, y = x.index_select(0, rows), y.index_select(0, rows)

@@ -128,7 +128,7 @@ class Block(nn.Module):
         else:
             slot.copy_(torch.addmm(bqkv, h, wqkv))
         cache.length = pos + 1
-        y = F.scaled_dot_product_attention(q, k, v)  # (n, heads, 1, head_dim), contiguous
+        y = attention(q, k, v)  # (n, heads, 1, head_dim), contiguous
         x = x + torch.addmm(bproj, y.view(x.shape), wproj)
         h = torch.layer_norm(x, shape, ln2w, ln2b, eps2)
         hidden = F.gelu(torch.addmm(b1, h, w1), approximate=gelu)  # (n, mlp_ratio d)
