@@ -567,7 +567,7 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
       is moved there; default: where it is). precision: "auto" (what the hardware runs natively; see
       ``genai_cli.hardware``), "fp32" or "bf16". The same seed gives the same images on the same machine.
     """
-    from .hardware import measured_precision, pick_device, resolve_precision
+    from .hardware import largest_layer, measured_precision, pick_device, resolve_precision
 
     request = request or SampleRequest()
     p = plan(model, request)
@@ -598,7 +598,7 @@ def draw(model, request: SampleRequest | None = None, *, images: Tensor | None =
             # Writing a text one token at a time multiplies tiny matrices, where native bf16 can lose to fp32: auto
             # times a few tokens of this very workload in both and keeps the faster (once per process and shape).
             prec = measured_precision(prec, dev, key=(p.family, p.n, dev.type), probe=lambda: model.sample(
-                p.n, generator=torch.Generator(dev).manual_seed(0), **probe))
+                p.n, generator=torch.Generator(dev).manual_seed(0), **probe), macs=p.n * largest_layer(model))
         with torch.no_grad(), prec.autocast(dev):
             samples = DRAWERS[type(p.mode)](model, p, images, dev)
     finally:

@@ -120,12 +120,17 @@ def native_bf16(device: torch.device) -> bool:
 SERIAL_BELOW_MACS = 1 << 24
 
 
+def serial_steps(macs: int, device: torch.device) -> bool:
+    """Whether ``step_threads`` runs a loop of operations of ``macs`` multiply-adds in the small-step setting."""
+    return device.type == "cpu" and macs < SERIAL_BELOW_MACS
+
+
 @contextmanager
 def step_threads(macs: int, device: torch.device):
     """A context for a loop of small sequential operations, each about ``macs`` multiply-adds (e.g. batch x the
     largest weight matrix): below ``SERIAL_BELOW_MACS`` on a CPU, one thread and oneDNN off; a no-op on a GPU or
     for large work. Both settings are restored on exit, even on an error."""
-    if device.type != "cpu" or macs >= SERIAL_BELOW_MACS:
+    if not serial_steps(macs, device):
         yield
         return
     threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
@@ -240,13 +245,21 @@ def probe_training_precision(auto: Precision, run_step, *, rounds: int = 3,
 _measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process
 
 
-def measured_precision(auto: Precision, device: torch.device, probe, key: object, rounds: int = 3) -> Precision:
+def measured_precision(auto: Precision, device: torch.device, probe, key: object, rounds: int = 3,
+                       macs: int | None = None) -> Precision:
     """``auto`` (what ``resolve_precision("auto", ...)`` chose), or fp32 where a short piece of the workload,
     ``probe()``, runs faster in it: ``probe_training_precision``'s rule for any workload, e.g. decoding a text one
     token at a time, whose tiny matrix products (batch 1, width 128) lose more to autocast's casts than bf16 saves.
-    Only where ``training_probe_wanted`` says a probe is due; the answer is kept per ``key`` (family, batch, ...)."""
+    Only where ``training_probe_wanted`` says a probe is due; the answer is kept per ``key`` (family, batch, ...).
+
+    A workload of small steps (``macs`` per operation, ``serial_steps``) is fp32 without a probe: it runs with oneDNN
+    off, where a bf16 product takes ATen's reference kernel on every CPU (a 16 x 128 by 128 x 512 product: 268 us
+    against fp32's 27; one row: 21 against 9), so there is nothing for bf16 to win and the probe's bf16 draws
+    would cost a long text ~5 % (benchmarks/README.md, decoding)."""
     if not training_probe_wanted(auto, device):
         return auto
+    if macs is not None and serial_steps(macs, device):
+        return Precision("auto", "fp32", "small steps: without oneDNN bf16 products have no native kernel")
     if key not in _measured:
         def run(p: Precision) -> None:
             with torch.no_grad(), p.autocast(device):

@@ -291,11 +291,40 @@ def test_auto_measures_a_texts_precision_only_when_the_text_is_longer_than_the_p
     calls = []
     monkeypatch.setattr(hardware, "training_probe_wanted", lambda *a: True)
     monkeypatch.setattr(hardware, "_measured", {})
+    monkeypatch.setattr(hardware, "SERIAL_BELOW_MACS", 0)  # this tiny model's steps count as large ones here
     monkeypatch.setattr(hardware, "probe_training_precision", lambda auto, run, rounds: (calls.append(1), (auto,))[1])
     cls = MODELS.get("transformer")
     model = cls(cls.Config(d_model=16, heads=2, layers=1), TokenSpec(vocab="ab ", block_size=8))
     generate.draw(model, generate.SampleRequest(n=1, options={"max_new_tokens": new_tokens}), precision="auto")
     assert bool(calls) == probed
+
+
+def test_a_text_of_small_steps_is_drawn_in_fp32_without_a_probe(monkeypatch):
+    """Small steps run with oneDNN off, where bf16 products take ATen's reference kernel on every CPU: auto takes
+    fp32 there without timing anything, and says why; an explicit bf16 is still honoured."""
+    import genai_cli.models  # noqa: F401  (registers the families)
+    from genai_cli import generate
+    from genai_cli.registry import MODELS
+    from genai_cli.spec import TokenSpec
+
+    calls, seen = [], []
+    monkeypatch.setattr(hardware, "training_probe_wanted", lambda p, d: p.requested == "auto")
+    monkeypatch.setattr(hardware, "_measured", {})
+    monkeypatch.setattr(hardware, "resolve_precision",
+                        lambda requested, device: hardware.Precision(requested, "bf16", "a CPU with AMX"))
+    monkeypatch.setattr(hardware, "probe_training_precision", lambda auto, run, rounds: (calls.append(1), (auto,))[1])
+    cls = MODELS.get("transformer")
+    model = cls(cls.Config(d_model=16, heads=2, layers=1), TokenSpec(vocab="ab ", block_size=8))
+    real_sample = model.sample
+    monkeypatch.setattr(model, "sample", lambda *a, **k: (seen.append(torch.is_autocast_enabled("cpu")),
+                                                          real_sample(*a, **k))[1])
+    request = generate.SampleRequest(n=1, options={"max_new_tokens": 65})
+    generate.draw(model, request, precision="auto")
+    assert not calls and seen == [False]  # no probe, and the draw ran without autocast
+    assert "oneDNN" in hardware.measured_precision(hardware.Precision("auto", "bf16", ""), CPU, None, "k",
+                                                   macs=65536).reason
+    generate.draw(model, request, precision="bf16")
+    assert not calls and seen[-1] is True
 
 
 
