@@ -94,6 +94,7 @@ def train(
             args=["train", *([str(config)] if config is not None else []), *[a for s in set_ for a in ("--set", s)],
                   *(["--name", name] if name else []), *(["--resume", resume] if resume else []),
                   *(["--force"] if force else []), "--runs-dir", str(root), *(["--quiet"] if quiet else [])]))
+    from .hardware import describe_threads
     from .session import resume_run, start_run
 
     try:
@@ -104,10 +105,12 @@ def train(
         ctx = distributed.context()
         talk = out if ctx.is_main else Console(quiet=True)
         processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
+        counted = trainer.summary.get("thread_probe")
+        threads = describe_threads(counted) if counted else ""
         talk.print(f"run [bold]{trainer.run_dir}[/] | family {cfg.family} | data {cfg.data.name} "
                    f"{trainer.data.spec.describe_data()} | "
                    f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters "
-                   f"| device {trainer.device} | precision {trainer.precision.describe()}"
+                   f"| device {trainer.device} | precision {trainer.precision.describe()}{threads}"
                    f"{processes} | steps {trainer.step}->{trainer.total_steps}")
         try:
             result = trainer.fit()

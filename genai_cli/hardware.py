@@ -242,6 +242,58 @@ def probe_training_precision(auto: Precision, run_step, *, rounds: int = 3,
     return chosen, record
 
 
+def thread_probe_wanted(device: torch.device) -> bool:
+    """Whether a new run should time its step on fewer CPU threads too (``probe_threads``): on a CPU where torch runs
+    several, unless ``OMP_NUM_THREADS`` says how many (the user's count, and the test suite's) or
+    ``GENAI_PRECISION_PROBE=0`` turns the start-up probes off."""
+    return (device.type == "cpu" and torch.get_num_threads() > 1 and not os.environ.get("OMP_NUM_THREADS", "").strip()
+            and os.environ.get(PROBE_ENV, "").strip() != "0")
+
+
+def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[str, float]]:
+    """The CPU thread count that runs ``run_step()`` fastest, among torch's own (one per core), half of it and one;
+    set with ``torch.set_num_threads``; and the record of why.
+
+    Every parallel operation ends at a barrier where its threads wait for each other, so while another process
+    holds a core, torch's threads wait for a descheduled one at each of a step's hundreds of operations: on a 2-core
+    CPU with one core busy, a character transformer trained at 6 sequences/s on two threads and 369 on one
+    (benchmarks/README.md, "Threads"). On an idle machine all threads win and are kept. Each count runs once
+    untimed, then all are timed in alternation ``rounds`` times; the lowest median wins, ties to more threads."""
+    start = clock()
+    most = torch.get_num_threads()
+    counts = sorted({most, max(1, most // 2), 1}, reverse=True)
+    times: dict[int, list[float]] = {c: [] for c in counts}
+    try:
+        for c in counts:
+            torch.set_num_threads(c)
+            run_step()
+        for _ in range(rounds):
+            for c in counts:
+                torch.set_num_threads(c)
+                t0 = clock()
+                run_step()
+                times[c].append(clock() - t0)
+    except BaseException:
+        torch.set_num_threads(most)
+        raise
+    ms = {c: 1000 * sorted(t)[len(t) // 2] for c, t in times.items()}
+    chosen = min(counts, key=lambda c: (ms[c], -c))
+    torch.set_num_threads(chosen)
+    record: dict[str, float] = {f"threads_{c}_ms_per_step": round(v, 3) for c, v in ms.items()}
+    record.update(threads=chosen, of_threads=most, probe_seconds=round(clock() - start, 3))
+    return chosen, record
+
+
+def describe_threads(record: dict[str, float]) -> str:
+    """' | threads 1 of 2 (measured: 28.1 against 1960.0 ms/step)' where the probe chose fewer than torch's count;
+    '' otherwise (the run header names threads only when they were cut)."""
+    chosen, most = int(record["threads"]), int(record["of_threads"])
+    if chosen == most:
+        return ""
+    return (f" | threads {chosen} of {most} (measured: {record[f'threads_{chosen}_ms_per_step']:.1f} against "
+            f"{record[f'threads_{most}_ms_per_step']:.1f} ms/step)")
+
+
 _measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process
 
 

@@ -77,7 +77,7 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
 
     run = distributed.share_from_main(create)  # rank 0 names and makes the folder
     try:
-        trainer = Trainer.from_parts(assemble(cfg, run, data=data, console=console), quiet=quiet)
+        trainer = Trainer.from_parts(assemble(cfg, run, data=data, console=console, threads=True), quiet=quiet)
     except GenaiError:
         if ctx.is_main:  # nothing was trained: remove the empty folder just made
             for sub in ("checkpoints", "samples"):
@@ -92,7 +92,9 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
 def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | None = None) -> Trainer:
     """The Trainer of an existing run, loaded from its checkpoint (model, EMA, optimizers, step). Refuses a run
     that has already trained its whole budget. Returns the Trainer."""
-    from .hardware import pick_device, resolve_precision
+    import torch
+
+    from .hardware import pick_device, resolve_precision, thread_probe_wanted
     from .lineage import embedded_parents
     from .runs import check_writable, load_checkpoint_file, write_text_atomically
     from .train import Trainer, assemble, started_precision
@@ -104,6 +106,11 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     # The precision the run started with (auto may have chosen it by timing): never probed again, so the resumed
     # steps are those of an uninterrupted run. Older checkpoints resolve the request as they did then, untimed.
     precision = started_precision(state, cfg.train.precision) or resolve_precision(cfg.train.precision, device)
+    # The CPU thread count the run started with, where its start measured it (hardware.probe_threads): not timed
+    # again, so the resumed steps' parallel reductions split as the uninterrupted run's did.
+    counted = (state.get("summary") or {}).get("thread_probe")
+    if counted and thread_probe_wanted(device):
+        torch.set_num_threads(int(counted["threads"]))
     parts = assemble(cfg, run, console=console, parents=embedded_parents(state, where=str(ckpt)), precision=precision)
     trainer = Trainer.from_parts(parts, quiet=quiet)
     trainer.load_state_dict(state)

@@ -43,8 +43,10 @@ from .generate import SampleRequest, draw, plan
 from .hardware import (
     Precision,
     pick_device,
+    probe_threads,
     probe_training_precision,
     resolve_precision,
+    thread_probe_wanted,
     training_probe_wanted,
     warn_if_emulated,
 )
@@ -208,13 +210,17 @@ class RunParts:
     tb_class: Any  # TensorBoard's SummaryWriter when train.log asks for it
     grid_evaluator: tuple[Any, str] | None  # (network, its checkpoint) scoring every grid, rank 0 only
     precision_probe: dict[str, float] | None = None  # the timings auto chose by (new runs only)
+    thread_probe: dict[str, float] | None = None  # the timings the CPU thread count was chosen by (new runs only)
 
 
 def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, console: Console | None = None,
-             parents: dict[str, Parent] | None = None, precision: Precision | None = None) -> RunParts:
+             parents: dict[str, Parent] | None = None, precision: Precision | None = None,
+             threads: bool = False) -> RunParts:
     """Distribution, data, parents, the model on its device, optimizers, EMA, precision, compile/DDP and the evaluator
     lookup, in the order they depend on each other. ``precision``: the one a resumed run started with (its checkpoint
-    says); None resolves ``train.precision`` here, timing fp32 against bf16 where auto needs it."""
+    says); None resolves ``train.precision`` here, timing fp32 against bf16 where auto needs it. ``threads``: this
+    process is the run's own (``session.start_run``): a new run may also choose its CPU thread count by timing it
+    (``hardware.probe_threads``), a process-wide setting that a caller holding its own count (a benchmark) keeps."""
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     dist, device = distributed.setup(pick_device(t.device))
@@ -240,12 +246,16 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
     for opt in optimizers.values():
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
-    probe = None
+    probe = counted = None
     if precision is None:
         precision = resolve_precision(t.precision, device)
-        if training_probe_wanted(precision, device):
+        # One process (torchrun sets each rank's threads): time the step on fewer threads where a busy core would
+        # stall torch's (a resumed run keeps the count it started with, session.resume_run).
+        want_threads = threads and not dist.enabled and thread_probe_wanted(device)
+        if want_threads or training_probe_wanted(precision, device):
             # Every rank must train in the same precision: rank 0 measures, all take its answer.
-            precision, probe = distributed.share_from_main(lambda: probe_precision(cfg, model, data, device, precision))
+            precision, probe, counted = distributed.share_from_main(
+                lambda: probe_run(cfg, model, data, device, precision, want_threads))
     if dist.is_main:
         warn_if_emulated(precision, device, lambda line: console.print(line, markup=False))
     ema = EMA(model, t.ema_decay) if t.ema_decay and dist.is_main else None
@@ -260,7 +270,7 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
         except GenaiError as e:  # an evaluator run that cannot be read: train on, unscored, and say so
             console.print(f"sample grids are not scored: {e}", markup=False, highlight=False)
     return RunParts(cfg, run_dir, dist, device, console, data, model, optimizers, ema, precision, stepper, ddp,
-                    loss_route, tb_class, grid, probe)
+                    loss_route, tb_class, grid, probe, counted)
 
 
 def grid_request(cfg: Config) -> SampleRequest:
@@ -269,11 +279,12 @@ def grid_request(cfg: Config) -> SampleRequest:
     return SampleRequest(n=cfg.train.sample_n, seed=cfg.train.sample_seed, options=cfg.sample.options())
 
 
-def probe_precision(cfg: Config, model: GenerativeModel, data: DataBundle, device: torch.device,
-                    auto: Precision) -> tuple[Precision, dict[str, float]]:
-    """``hardware.probe_training_precision`` on the run's own model: full steps (the family's train_step, its
-    optimizers) of one micro-batch of the first training batch, on a copy, so the run's weights, optimizer state
-    and random draws are untouched (exact resume and the same-seed result do not depend on the probe)."""
+def probe_run(cfg: Config, model: GenerativeModel, data: DataBundle, device: torch.device, auto: Precision,
+              threads: bool) -> tuple[Precision, dict[str, float] | None, dict[str, float] | None]:
+    """``hardware.probe_threads`` (where ``threads``), then ``hardware.probe_training_precision`` (where auto wants
+    it) on the run's own model: full steps (the family's train_step, its optimizers) of one micro-batch of the first
+    training batch, on a copy, so the run's weights, optimizer state and random draws are untouched (exact resume
+    and the same-seed result do not depend on the probes). Returns (precision, its record, the threads' record)."""
     t = cfg.train
     share = max(1, t.batch_size // (t.grad_accum * distributed.context().world_size))
     idx = epoch_order(len(data), t.seed, 0)[:share]
@@ -290,7 +301,10 @@ def probe_precision(cfg: Config, model: GenerativeModel, data: DataBundle, devic
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(t.seed)
-        return probe_training_precision(auto, run_step)
+        counted = probe_threads(lambda: run_step(auto))[1] if threads else None
+        if not training_probe_wanted(auto, device):
+            return auto, None, counted
+        return (*probe_training_precision(auto, run_step), counted)
 
 
 def route_loss(cfg: Config, model: GenerativeModel, dist: distributed.DistContext, device: torch.device,
@@ -400,6 +414,8 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         if parts.precision_probe is not None:
             self.summary["precision_probe"] = parts.precision_probe
+        if parts.thread_probe is not None:
+            self.summary["thread_probe"] = parts.thread_probe
         if self.grid_evaluator is not None:
             self.summary["grid_evaluator"] = self.grid_evaluator[1]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -608,6 +624,8 @@ class Trainer:
             if self.is_main and "precision_probe" in self.summary:  # why auto chose what it did (genai inspect)
                 self.log({"step": 0, "split": "precision_probe", "precision": self.precision.resolved,
                           **self.summary["precision_probe"]})
+            if self.is_main and "thread_probe" in self.summary:
+                self.log({"step": 0, "split": "thread_probe", **self.summary["thread_probe"]})
             self.prepare()
         try:
             with self.stops:

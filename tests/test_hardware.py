@@ -350,3 +350,95 @@ def test_bf16_attention_on_a_cpu_is_computed_in_fp32_and_keeps_the_callers_dtype
     x = [t.detach().float() for t in (q, k, v)]
     assert torch.equal(hardware.attention(*x, **fp32_options),
                        torch.nn.functional.scaled_dot_product_attention(*x, **fp32_options))
+
+
+@pytest.fixture
+def threads():
+    """torch's CPU thread count, set for a test and restored after it."""
+    before = torch.get_num_threads()
+
+    def set_(n: int) -> None:
+        torch.set_num_threads(n)
+    yield set_
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ms, chosen", [({4: 900.0, 2: 40.0, 1: 60.0}, 2), ({4: 20.0, 2: 30.0, 1: 50.0}, 4),
+                                        ({4: 30.0, 2: 30.0, 1: 30.0}, 4)])
+def test_the_thread_probe_keeps_the_fastest_count(threads, ms, chosen):
+    """A busy core stalls every barrier of a many-threaded step: the probe times all, half and one thread and keeps
+    the fastest (ties: more threads), and leaves torch set to it."""
+    threads(4)
+    now = [0.0]
+
+    def run_step():
+        now[0] += ms[torch.get_num_threads()] / 1000
+    count, record = hardware.probe_threads(run_step, rounds=3, clock=lambda: now[0])
+    assert count == chosen == torch.get_num_threads() == record["threads"] and record["of_threads"] == 4
+    assert {k: v for k, v in record.items() if k.endswith("ms_per_step")} == {
+        f"threads_{c}_ms_per_step": v for c, v in ms.items()}
+    said = hardware.describe_threads(record)
+    assert said == ("" if chosen == 4 else f" | threads {chosen} of 4 (measured: {ms[chosen]:.1f} against "
+                                           f"{ms[4]:.1f} ms/step)")
+
+
+def test_the_thread_probe_restores_the_count_when_a_step_fails(threads):
+    threads(2)
+
+    def run_step():
+        if torch.get_num_threads() == 1:
+            raise RuntimeError("out of memory")
+    with pytest.raises(RuntimeError):
+        hardware.probe_threads(run_step)
+    assert torch.get_num_threads() == 2
+
+
+def test_the_thread_probe_runs_only_where_the_count_is_torchs_own(monkeypatch, threads):
+    threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(hardware.PROBE_ENV, raising=False)
+    assert hardware.thread_probe_wanted(CPU)
+    assert not hardware.thread_probe_wanted(torch.device("cuda"))
+    monkeypatch.setenv(hardware.PROBE_ENV, "0")  # probes off
+    assert not hardware.thread_probe_wanted(CPU)
+    monkeypatch.delenv(hardware.PROBE_ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's count
+    assert not hardware.thread_probe_wanted(CPU)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads(1)
+    assert not hardware.thread_probe_wanted(CPU)
+
+
+def test_a_run_that_cut_its_threads_says_so_records_why_and_resumes_with_them(tmp_path, config_file, monkeypatch,
+                                                                              threads):
+    """The probe's answer is in the run header, the summary and metrics.jsonl; a resumed run takes the count it
+    started with, unprobed."""
+    import json
+
+    threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(hardware.PROBE_ENV, "1")
+    calls = []
+    real = hardware.probe_threads
+
+    def probe(run_step, **kw):
+        calls.append(1)
+        run_step()  # the run's real step runs
+        now = [0.0]
+
+        def timed():
+            now[0] += {2: 2.0, 1: 0.05}[torch.get_num_threads()]
+        return real(timed, clock=lambda: now[0])
+
+    monkeypatch.setattr("genai_cli.train.probe_threads", probe)
+    cfg = config_file(precision="fp32", max_steps=4, checkpoint_every=2)
+    r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
+    assert "threads 1 of 2 (measured: 50.0 against 2000.0 ms/step)" in r.stdout and torch.get_num_threads() == 1
+    run = tmp_path / "runs" / "r"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["summary"]["thread_probe"]["threads"] == 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["threads"] for r in records if r["split"] == "thread_probe"] == [1]
+    threads(2)
+    invoke("train", "--resume", run, "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs", "--quiet")
+    assert len(calls) == 1 and torch.get_num_threads() == 1
