@@ -251,24 +251,28 @@ def thread_probe_wanted(device: torch.device) -> bool:
 
 
 def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[str, float]]:
-    """The CPU thread count that runs ``run_step()`` fastest, among torch's own (one per core), half of it and one;
-    set with ``torch.set_num_threads``; and the record of why.
+    """The CPU thread count that runs ``run_step()`` faster, torch's own (one per core) or half of it; set with
+    ``torch.set_num_threads``; and the record of why.
 
     Every parallel operation ends at a barrier where its threads wait for each other, so while another process
     holds a core, torch's threads wait for a descheduled one at each of a step's hundreds of operations: on a 2-core
     CPU with one core busy, a character transformer trained at 6 sequences/s on two threads and 369 on one
     (benchmarks/README.md, "Threads"). On an idle machine all threads win and are kept. Each count runs once
-    untimed, then all are timed in alternation ``rounds`` times; the lowest median wins, ties to more threads."""
+    untimed, then both are timed in alternation ``rounds`` times; the lowest median wins, ties to more threads. A
+    count more than twice as slow as the other in the first round is not timed again (its steps are the probe's
+    cost: seconds each when it stalls)."""
     start = clock()
     most = torch.get_num_threads()
-    counts = sorted({most, max(1, most // 2), 1}, reverse=True)
+    counts = [most, max(1, most // 2)]
     times: dict[int, list[float]] = {c: [] for c in counts}
     try:
         for c in counts:
             torch.set_num_threads(c)
             run_step()
-        for _ in range(rounds):
+        for i in range(rounds):
             for c in counts:
+                if i and times[c][0] > 2 * min(t[0] for t in times.values()):
+                    continue
                 torch.set_num_threads(c)
                 t0 = clock()
                 run_step()

@@ -363,18 +363,21 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("ms, chosen", [({4: 900.0, 2: 40.0, 1: 60.0}, 2), ({4: 20.0, 2: 30.0, 1: 50.0}, 4),
-                                        ({4: 30.0, 2: 30.0, 1: 30.0}, 4)])
-def test_the_thread_probe_keeps_the_fastest_count(threads, ms, chosen):
-    """A busy core stalls every barrier of a many-threaded step: the probe times all, half and one thread and keeps
-    the fastest (ties: more threads), and leaves torch set to it."""
+@pytest.mark.parametrize("ms, chosen, steps", [({4: 900.0, 2: 40.0}, 2, {4: 2, 2: 4}), ({4: 20.0, 2: 30.0}, 4, None),
+                                               ({4: 30.0, 2: 30.0}, 4, None)])
+def test_the_thread_probe_keeps_the_faster_count(threads, ms, chosen, steps):
+    """A busy core stalls every barrier of a many-threaded step: the probe times torch's count and half of it and
+    keeps the faster (ties: more threads), and leaves torch set to it; a count twice as slow in the first round is
+    not timed again."""
     threads(4)
-    now = [0.0]
+    now, ran = [0.0], {4: 0, 2: 0}
 
     def run_step():
+        ran[torch.get_num_threads()] += 1
         now[0] += ms[torch.get_num_threads()] / 1000
     count, record = hardware.probe_threads(run_step, rounds=3, clock=lambda: now[0])
     assert count == chosen == torch.get_num_threads() == record["threads"] and record["of_threads"] == 4
+    assert ran == (steps or {4: 4, 2: 4})  # 1 untimed + 3 timed each, or fewer for a stalled count
     assert {k: v for k, v in record.items() if k.endswith("ms_per_step")} == {
         f"threads_{c}_ms_per_step": v for c, v in ms.items()}
     said = hardware.describe_threads(record)
