@@ -211,26 +211,34 @@ def training_probe_wanted(precision: Precision, device: torch.device) -> bool:
             and forced != "0" and os.environ.get(NATIVE_BF16_ENV, "").strip() not in ("0", "1"))
 
 
+def time_alternating(runs: dict, rounds: int = 3, clock=time.perf_counter) -> dict:
+    """Median milliseconds per call of each of ``runs`` (key -> a call): each once untimed (first-call allocations),
+    then all timed in alternation ``rounds`` times, so that a neighbour's load hits all alike. A run more than twice
+    as slow as the fastest in the first round is not timed again: it has lost, and a stalled run costs seconds."""
+    times: dict = {key: [] for key in runs}
+    for run in runs.values():
+        run()
+    for i in range(rounds):
+        for key, run in runs.items():
+            if i and times[key][0] > 2 * min(t[0] for t in times.values()):
+                continue
+            t0 = clock()
+            run()
+            times[key].append(clock() - t0)
+    return {key: 1000 * sorted(t)[len(t) // 2] for key, t in times.items()}
+
+
 def probe_training_precision(auto: Precision, run_step, *, rounds: int = 3,
                              clock=time.perf_counter) -> tuple[Precision, dict[str, float]]:
-    """``auto`` (bf16 on a CPU with bf16 units) or fp32, whichever runs ``run_step`` faster, and the record of why.
+    """``auto`` (bf16 on a CPU with bf16 units) or fp32, whichever runs ``run_step`` faster (``time_alternating``;
+    the lower median wins, ties to ``auto``), and the record of why.
 
     ``run_step(precision)`` runs one training step (forward, backward, optimizer) of the run's model under that
-    precision. Each is run once untimed (first-call allocations), then both are timed in alternation ``rounds``
-    times, so that a neighbour's load hits both alike; the lower median wins, ties to ``auto``. The record gives
-    both medians in ms per step and the probe's cost in seconds (``clock`` is injectable for tests)."""
+    precision. The record gives both medians in ms per step and the probe's cost in seconds (``clock`` is injectable
+    for tests)."""
     start = clock()
-    fp32 = Precision("auto", "fp32", "")
-    candidates = {auto.resolved: auto, "fp32": fp32}
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for p in candidates.values():
-        run_step(p)
-    for _ in range(rounds):
-        for name, p in candidates.items():
-            t0 = clock()
-            run_step(p)
-            times[name].append(clock() - t0)
-    ms = {name: 1000 * sorted(t)[len(t) // 2] for name, t in times.items()}
+    candidates = {auto.resolved: auto, "fp32": Precision("auto", "fp32", "")}
+    ms = time_alternating({name: (lambda p=p: run_step(p)) for name, p in candidates.items()}, rounds, clock)
     other = auto.resolved
     measured = f"{other} {ms[other]:.1f} against fp32 {ms['fp32']:.1f} ms/step"
     if ms["fp32"] < ms[other]:
@@ -257,30 +265,22 @@ def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tupl
     Every parallel operation ends at a barrier where its threads wait for each other, so while another process
     holds a core, torch's threads wait for a descheduled one at each of a step's hundreds of operations: on a 2-core
     CPU with one core busy, a character transformer trained at 6 sequences/s on two threads and 369 on one
-    (benchmarks/README.md, "Threads"). On an idle machine all threads win and are kept. Each count runs once
-    untimed, then both are timed in alternation ``rounds`` times; the lowest median wins, ties to more threads. A
-    count more than twice as slow as the other in the first round is not timed again (its steps are the probe's
-    cost: seconds each when it stalls)."""
+    (benchmarks/README.md, "Threads"). On an idle machine all threads win and are kept. Timed by
+    ``time_alternating``; the lower median wins, ties to more threads."""
     start = clock()
     most = torch.get_num_threads()
     counts = [most, max(1, most // 2)]
-    times: dict[int, list[float]] = {c: [] for c in counts}
-    try:
-        for c in counts:
-            torch.set_num_threads(c)
+
+    def on(count: int):
+        def run() -> None:
+            torch.set_num_threads(count)
             run_step()
-        for i in range(rounds):
-            for c in counts:
-                if i and times[c][0] > 2 * min(t[0] for t in times.values()):
-                    continue
-                torch.set_num_threads(c)
-                t0 = clock()
-                run_step()
-                times[c].append(clock() - t0)
+        return run
+    try:
+        ms = time_alternating({c: on(c) for c in counts}, rounds, clock)
     except BaseException:
         torch.set_num_threads(most)
         raise
-    ms = {c: 1000 * sorted(t)[len(t) // 2] for c, t in times.items()}
     chosen = min(counts, key=lambda c: (ms[c], -c))
     torch.set_num_threads(chosen)
     record: dict[str, float] = {f"threads_{c}_ms_per_step": round(v, 3) for c, v in ms.items()}
