@@ -128,7 +128,9 @@ class Block(nn.Module):
         else:
             slot.copy_(torch.addmm(bqkv, h, wqkv))
         cache.length = pos + 1
-        y = attention(q, k, v)  # (n, heads, 1, head_dim), contiguous
+        # (n, heads, 1, head_dim), contiguous. hardware.attention's check of autocast, decided once: without it
+        # (in_place) it is torch's own call.
+        y = (F.scaled_dot_product_attention if in_place else attention)(q, k, v)
         x = x + torch.addmm(bproj, y.view(x.shape), wproj)
         h = torch.layer_norm(x, shape, ln2w, ln2b, eps2)
         hidden = F.gelu(torch.addmm(b1, h, w1), approximate=gelu)  # (n, mlp_ratio d)
