@@ -21,7 +21,6 @@ Prints a markdown table. Settings that cannot run here (fp16 without CUDA) are l
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -105,11 +104,12 @@ def attention_table(lengths: tuple[int, ...] = (49, 64, 128, 196, 256, 400, 784)
                     head_dim: int = 32, rounds: int = 3) -> str:
     """Forward + backward of one attention call over ``tokens`` query positions (B = tokens / L sequences of L,
     4 heads) on bf16 inputs, per kernel: what ``hardware.attention`` chose against SDPA's own bf16 kernels.
-    ms per call, the best of ``rounds`` pairs."""
+    ms per call, the median of ``rounds`` alternating calls (``hardware.time_alternating``)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from genai_cli.hardware import attention
+    from genai_cli.compare import markdown_table
+    from genai_cli.hardware import attention, time_alternating
 
     def bf16_kernel(backend):
         def run(q, k, v, **options):
@@ -124,18 +124,12 @@ def attention_table(lengths: tuple[int, ...] = (49, 64, 128, 196, 256, 400, 784)
             g = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(max(1, tokens // length), 4, length, head_dim, generator=g, dtype=torch.bfloat16)
                        .requires_grad_() for _ in range(3))
-            row = [str(length), "causal" if causal else "full"]
-            for run in kernels.values():
-                best = math.inf
-                for _ in range(rounds + 1):  # the first pair warms the kernel up
-                    start = time.perf_counter()
-                    for _ in range(2):
-                        run(q, k, v, is_causal=causal).float().sum().backward()
-                    best = min(best, (time.perf_counter() - start) / 2)
-                row.append(f"{best * 1e3:.1f}")
-            rows.append(row)
-    head = "| positions | mask | " + " | ".join(f"{name}, ms" for name in kernels) + " |"
-    return "\n".join([head, "|---|---|" + "---:|" * len(kernels)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+            def call(kernel, q=q, k=k, v=v, causal=causal):
+                return lambda: kernel(q, k, v, is_causal=causal).float().sum().backward()
+            ms = time_alternating({name: call(kernel) for name, kernel in kernels.items()}, rounds)
+            rows.append([str(length), "causal" if causal else "full", *(f"{ms[name]:.1f}" for name in kernels)])
+    return markdown_table(["positions", "mask", *(f"{name}, ms" for name in kernels)], rows, right={2, 3, 4})
 
 
 def main() -> None:
