@@ -203,12 +203,18 @@ def training_probe_wanted(precision: Precision, device: torch.device) -> bool:
     because the CPU has bf16 units. There bf16 is fast for large matrix products but can be slower for tiny ones
     (width 128, batch 12: each autocast cast costs more than the bf16 product saves). An explicit request, a GPU,
     ``GENAI_CPU_NATIVE_BF16`` (which says what auto must assume) or ``GENAI_PRECISION_PROBE=0`` skip it."""
+    return (precision.requested == "auto" and precision.resolved == "bf16" and device.type == "cpu"
+            and probes_allowed() and os.environ.get(NATIVE_BF16_ENV, "").strip() not in ("0", "1"))
+
+
+def probes_allowed() -> bool:
+    """False where ``GENAI_PRECISION_PROBE=0`` turns every start-up probe off (precision and threads); a value other
+    than 1 or 0 is a one-line error."""
     forced = os.environ.get(PROBE_ENV, "").strip()
     if forced not in ("", "0", "1"):
-        raise GenaiError(f"{PROBE_ENV} must be 1 or 0 (time the model in fp32 and bf16 under precision auto), got "
-                         f"'{forced}'; unset it to probe where it matters")
-    return (precision.requested == "auto" and precision.resolved == "bf16" and device.type == "cpu"
-            and forced != "0" and os.environ.get(NATIVE_BF16_ENV, "").strip() not in ("0", "1"))
+        raise GenaiError(f"{PROBE_ENV} must be 1 or 0 (time the model's step before training: precision auto, CPU "
+                         f"threads), got '{forced}'; unset it to probe where it matters")
+    return forced != "0"
 
 
 def time_alternating(runs: dict, rounds: int = 3, clock=time.perf_counter) -> dict:
@@ -255,7 +261,7 @@ def thread_probe_wanted(device: torch.device) -> bool:
     several, unless ``OMP_NUM_THREADS`` says how many (the user's count, and the test suite's) or
     ``GENAI_PRECISION_PROBE=0`` turns the start-up probes off."""
     return (device.type == "cpu" and torch.get_num_threads() > 1 and not os.environ.get("OMP_NUM_THREADS", "").strip()
-            and os.environ.get(PROBE_ENV, "").strip() != "0")
+            and probes_allowed())
 
 
 def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[str, float]]:
