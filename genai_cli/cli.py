@@ -106,11 +106,11 @@ def train(
         talk = out if ctx.is_main else Console(quiet=True)
         processes = f" x {ctx.world_size} processes" if ctx.enabled else ""
         counted = trainer.summary.get("thread_probe")
-        threads = describe_threads(counted) if counted else ""
+        cut = describe_threads(counted) if counted else ""
         talk.print(f"run [bold]{trainer.run_dir}[/] | family {cfg.family} | data {cfg.data.name} "
                    f"{trainer.data.spec.describe_data()} | "
                    f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters "
-                   f"| device {trainer.device} | precision {trainer.precision.describe()}{threads}"
+                   f"| device {trainer.device} | precision {trainer.precision.describe()}{f' | {cut}' if cut else ''}"
                    f"{processes} | steps {trainer.step}->{trainer.total_steps}")
         try:
             result = trainer.fit()
@@ -198,7 +198,7 @@ def sample(
     from .api import model_from_state
     from .config import from_dict
     from .export import load_target
-    from .hardware import pick_device
+    from .hardware import pick_device, settle_threads
     from .runs import run_of_checkpoint
     from .runs import runs_dir as resolve_runs_dir
 
@@ -226,6 +226,9 @@ def sample(
                                   plan.mode, model.spec)
     dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
+    threads = settle_threads(dev)  # fewer CPU threads where another process holds a core
+    if threads and not quiet:
+        err.print(threads, markup=False)
     samples = gen.draw(model, request, images=images, device=dev)
     samples.save(out_file)
     if not quiet:
@@ -513,7 +516,11 @@ def evaluate(
                 out.print(f"reliability diagram: {r['reliability_diagram']}", markup=False)
         return
     from .evaluation.run import evaluate_run
+    from .hardware import pick_device, settle_threads
 
+    threads = settle_threads(pick_device(device, "--device"))  # fewer CPU threads where another process holds a core
+    if threads:
+        log(threads)
     results = [evaluate_run(t, root=root, n=SAMPLES_PER_RUN if n is None else n, seed=seed, device=device,
                             evaluator=evaluator, train_missing=train_evaluator, log=log, console=err)
                for t in targets]

@@ -294,14 +294,35 @@ def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tupl
     return chosen, record
 
 
-def describe_threads(record: dict[str, float]) -> str:
-    """' | threads 1 of 2 (measured: 28.1 against 1960.0 ms/step)' where the probe chose fewer than torch's count;
-    '' otherwise (the run header names threads only when they were cut)."""
+def describe_threads(record: dict[str, float], per: str = "/step") -> str:
+    """'threads 1 of 2 (measured: 28.1 against 1960.0 ms/step)' where the probe chose fewer than torch's count
+    (``per``: what was timed, e.g. ' per test product'); '' otherwise (threads are named only when they were cut)."""
     chosen, most = int(record["threads"]), int(record["of_threads"])
     if chosen == most:
         return ""
-    return (f" | threads {chosen} of {most} (measured: {record[f'threads_{chosen}_ms_per_step']:.1f} against "
-            f"{record[f'threads_{most}_ms_per_step']:.1f} ms/step)")
+    return (f"threads {chosen} of {most} (measured: {record[f'threads_{chosen}_ms_per_step']:.1f} against "
+            f"{record[f'threads_{most}_ms_per_step']:.1f} ms{per})")
+
+
+CORE_PROBE_SIZE = 512  # probe_cores' test product, (512 x 512) @ (512 x 512): ~2 ms on one core, parallel on more
+
+
+def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[str, float]]:
+    """``probe_threads`` timing a fixed parallel product instead of a run's step: for a command that runs one
+    workload and ends (``genai sample``, ``genai evaluate``), with no step to spare. A core held by another process
+    stalls the product's barrier as it stalls every parallel operation of the workload: on a 2-core CPU with one
+    core busy, 10.3 against 1.8 ms per product, and the demo's ``genai sample`` took 51 s on two threads against
+    6.7 s on one (benchmarks/README.md, "Threads"). On idle cores more threads win and are kept. 15-40 ms."""
+    a = torch.randn(CORE_PROBE_SIZE, CORE_PROBE_SIZE)
+    return probe_threads(lambda: torch.mm(a, a), rounds=rounds, clock=clock)
+
+
+def settle_threads(device: torch.device) -> str:
+    """``probe_cores`` where ``thread_probe_wanted``; the process keeps the count it chose. What to tell the user:
+    ``describe_threads``'s line where the count was cut, else ''."""
+    if not thread_probe_wanted(device):
+        return ""
+    return describe_threads(probe_cores()[1], per=" per test product")
 
 
 _measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process

@@ -381,8 +381,8 @@ def test_the_thread_probe_keeps_the_faster_count(threads, ms, chosen, steps):
     assert {k: v for k, v in record.items() if k.endswith("ms_per_step")} == {
         f"threads_{c}_ms_per_step": v for c, v in ms.items()}
     said = hardware.describe_threads(record)
-    assert said == ("" if chosen == 4 else f" | threads {chosen} of 4 (measured: {ms[chosen]:.1f} against "
-                                           f"{ms[4]:.1f} ms/step)")
+    assert said == ("" if chosen == 4 else f"threads {chosen} of 4 (measured: {ms[chosen]:.1f} against "
+                                        f"{ms[4]:.1f} ms/step)")
 
 
 def test_the_thread_probe_restores_the_count_when_a_step_fails(threads):
@@ -445,3 +445,41 @@ def test_a_run_that_cut_its_threads_says_so_records_why_and_resumes_with_them(tm
     threads(2)
     invoke("train", "--resume", run, "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs", "--quiet")
     assert len(calls) == 1 and torch.get_num_threads() == 1
+
+
+def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, config_file, monkeypatch, threads):
+    """A command that runs one workload and ends times a parallel test product on torch's count and on half
+    (``probe_cores``) and keeps the faster; it says so where it cut the count, keeps quiet where it did not, and
+    never probes where the user set OMP_NUM_THREADS."""
+    runs = tmp_path / "runs"
+    invoke("train", config_file(precision="fp32", max_steps=2), "--runs-dir", runs, "--name", "r", "--quiet")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(hardware.PROBE_ENV, "1")
+    real, products = hardware.probe_threads, []
+
+    def probe(run_step, ms, **kw):
+        now = [0.0]
+
+        def timed():
+            run_step()  # the real test product runs
+            products.append(torch.get_num_threads())
+            now[0] += ms[torch.get_num_threads()] / 1000
+        return real(timed, clock=lambda: now[0])
+
+    busy = {2: 2000.0, 1: 50.0}
+    monkeypatch.setattr(hardware, "probe_threads", lambda run_step, **kw: probe(run_step, busy))
+    threads(2)
+    r = invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "a.png")
+    said = "threads 1 of 2 (measured: 50.0 against 2000.0 ms per test product)"
+    assert said in r.stderr and torch.get_num_threads() == 1 and set(products) == {1, 2}
+    threads(2)
+    r = invoke("evaluate", runs / "r", "-n", "4", "--runs-dir", runs, ok=False)  # no evaluator run: refused after
+    assert said in r.stderr and torch.get_num_threads() == 1
+    busy.update({2: 20.0})  # idle cores: the full count wins, nothing is said
+    threads(2)
+    r = invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "b.png")
+    assert "threads" not in r.stderr and torch.get_num_threads() == 2
+    products.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "c.png")
+    assert products == [] and torch.get_num_threads() == 2
