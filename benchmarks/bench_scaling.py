@@ -23,9 +23,11 @@ size, counted by ``torch.utils.flop_counter`` (a grouped convolution's weight gr
 ``grouped_conv_backward_flop``; the frozen encoder's forward pass, the same for every arm, and the
 optimizer are not counted), times the steps taken. Writes benchmarks/scaling/scaling.png (FID and validation loss
 against training GFLOPs, log axes, one line per arm) and benchmarks/scaling/scaling.json, and prints the table and
-the DiT-vs-UNet rows of benchmarks/README.md. ``--precision`` is every arm's ``train.precision`` (fp32 by default:
-every arm in the same precision; bf16 or auto trains each at this machine's native precision, where bf16 speeds the
-DiT more than the UNet; validation runs in the run's precision, sampling in the machine's, as ``genai evaluate``).
+the DiT-vs-UNet rows of benchmarks/README.md (an arm whose run ``train.max_steps`` stops before a budget has no
+point there: paired only where both arms have one, named under the figure if it has none). ``--precision`` is every
+arm's ``train.precision`` (fp32 by default: every arm in the same precision; bf16 or auto trains each at this
+machine's native precision, where bf16 speeds the DiT more than the UNet; validation runs in the run's precision,
+sampling in the machine's, as ``genai evaluate``).
 Each budget's EMA weights are also saved as the run's ``checkpoints/budget_<seconds>.pt`` (to rescore later), and
 ``--top-samples`` scores the largest budget again with that many samples at each of ``--top-seeds`` (a 200-sample
 FID near the floor moves by more than the arms differ), printed as the last table. Runs go to
@@ -194,6 +196,10 @@ def write(results: dict, args) -> None:
     plot(results, args.out)
 
 
+def arm_label(r: dict) -> str:
+    return f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']} ({r['params'] / 1e6:.2f}M)"
+
+
 def plot(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -202,22 +208,30 @@ def plot(results: dict, out: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in results.values():
+    # An arm whose run stopped (train.max_steps) before its first budget has no point: named under the figure, not
+    # drawn (a log axis with no data refuses to be drawn).
+    drawn = [r for r in results.values() if r["points"]]
+    for r in drawn:
         gflops = [p["train_gflops"] for p in r["points"]]
         style = "-o" if r["backbone"] == "dit" else "--s"
-        label = f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']} ({r['params'] / 1e6:.2f}M)"
-        axes[0].plot(gflops, [p["classifier_fid"] for p in r["points"]], style, label=label)
-        axes[1].plot(gflops, [p["val_loss"] for p in r["points"]], style, label=label)
+        axes[0].plot(gflops, [p["classifier_fid"] for p in r["points"]], style, label=arm_label(r))
+        axes[1].plot(gflops, [p["val_loss"] for p in r["points"]], style, label=arm_label(r))
     for ax, name in zip(axes, ("classifier-FID", "validation loss (v, min-SNR-5)"), strict=True):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short log axis
+        if drawn:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a short log axis
         ax.set_xlabel("training compute (GFLOPs, forward + backward)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if drawn:
+        axes[0].legend(fontsize=8)
+    unscored = [arm_label(r) for r in results.values() if not r["points"]]
+    if unscored:
+        fig.text(0.5, 0.01, f"no budget reached (the run stopped first): {', '.join(unscored)}", ha="center",
+                 fontsize=8)
     fig.suptitle("latent diffusion on mnist5k (4x7x7 spatial_ae latents), CPU", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if unscored else 0, 1, 1))
     fig.savefig(out / "scaling.png", dpi=110)
     plt.close(fig)
 
@@ -225,6 +239,9 @@ def plot(results: dict, out: Path) -> None:
 def report(results: dict, args) -> None:
     rows = []
     for r in results.values():
+        if not r["points"]:
+            rows.append([f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']}", f"{r['params']:,}",
+                         f"{r['gflops_per_step']:.2f}", "no budget reached", "", "", "", ""])
         for p in r["points"]:
             rows.append([f"{'DiT' if r['backbone'] == 'dit' else 'UNet'}-{r['size']}", f"{r['params']:,}",
                          f"{r['gflops_per_step']:.2f}", f"{p['budget']:.0f}", str(p["step"]),
@@ -242,12 +259,15 @@ def report(results: dict, args) -> None:
           "budget, < 1x at the largest)\n")
     rows = []
     for d, u in pairs:
-        for pd, pu in zip(results[d]["points"], results[u]["points"], strict=True):
+        unet_at = {p["budget"]: p for p in results[u]["points"]}
+        for pd, pu in ((p, unet_at[p["budget"]]) for p in results[d]["points"] if p["budget"] in unet_at):
             ratio = pd["classifier_fid"] / pu["classifier_fid"]
             rows.append([f"{d} vs {u}", f"{pd['budget']:.0f}", f"{pd['classifier_fid']:.2f}",
                          f"{pu['classifier_fid']:.2f}", f"{ratio:.2f}"])
     print(markdown(["pair", "CPU s", "DiT FID", "UNet FID", "ratio"], rows))
-    tops = [(d, u, results[d]["points"][-1], results[u]["points"][-1]) for d, u in pairs]
+    tops = [(d, u, results[d]["points"][-1], results[u]["points"][-1]) for d, u in pairs
+            if results[d]["points"] and results[u]["points"]
+            and results[d]["points"][-1]["budget"] == results[u]["points"][-1]["budget"]]
     tops = [(d, u, pd, pu) for d, u, pd, pu in tops if "top_fids" in pd and "top_fids" in pu]
     if tops:
         print(f"\nAt the largest budget, {args.top_samples} samples at seeds {args.top_seeds} (classifier-FID per "
