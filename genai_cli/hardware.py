@@ -317,6 +317,42 @@ def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[
     return probe_threads(lambda: torch.mm(a, a), rounds=rounds, clock=clock)
 
 
+FOLLOW_SECONDS = 20.0  # how often a run whose thread count follows the load checks the cores again
+
+
+def cores_busy(most: int) -> bool:
+    """Whether ``probe_cores`` takes fewer than ``most`` threads now (another process holds a core); the count is left
+    as it was."""
+    count = torch.get_num_threads()
+    torch.set_num_threads(most)
+    try:
+        return probe_cores()[0] < most
+    finally:
+        torch.set_num_threads(count)
+
+
+class LoadFollower:
+    """Keeps a run's CPU thread count following the load, between torch's count ``most`` and half of it: at most
+    every ``every`` seconds ``check`` runs ``probe_cores`` again (~25 ms), so a run that started on idle cores drops
+    to half while another process holds one, and goes back when it leaves. Without it, a demo run that chose 2 threads
+    on idle cores trained at 8-16 images/s instead of ~500 for minutes while another job ran, and its time budget
+    ended it at 404 of 910 steps (benchmarks/README.md, "Threads")."""
+
+    def __init__(self, most: int, every: float | None = None, clock=time.perf_counter):
+        self.most, self.every, self.clock = most, FOLLOW_SECONDS if every is None else every, clock
+        self.last = clock()
+
+    def check(self) -> dict[str, float] | None:
+        """The probe's record where the count changed, else None (and nothing is done before ``every`` seconds)."""
+        if self.clock() - self.last < self.every:
+            return None
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.most)
+        count, record = probe_cores()
+        self.last = self.clock()
+        return record if count != before else None
+
+
 def settle_threads(device: torch.device) -> str:
     """``probe_cores`` where ``thread_probe_wanted``; the process keeps the count it chose. What to tell the user:
     ``describe_threads``'s line where the count was cut, else ''."""

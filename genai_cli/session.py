@@ -107,13 +107,17 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     # steps are those of an uninterrupted run. Older checkpoints resolve the request as they did then, untimed.
     precision = started_precision(state, cfg.train.precision) or resolve_precision(cfg.train.precision, device)
     # The CPU thread count the run started with, where its start measured it (hardware.probe_threads): not timed
-    # again, so the resumed steps' parallel reductions split as the uninterrupted run's did.
+    # again, so the resumed steps' parallel reductions split as the uninterrupted run's did; where the start said
+    # the count depends on the load, it follows the load from the first check on, as the run did.
     counted = (state.get("summary") or {}).get("thread_probe")
-    if counted and thread_probe_wanted(device):
+    counted = counted if counted and thread_probe_wanted(device) else None
+    if counted:
         torch.set_num_threads(int(counted["threads"]))
     parts = assemble(cfg, run, console=console, parents=embedded_parents(state, where=str(ckpt)), precision=precision)
     trainer = Trainer.from_parts(parts, quiet=quiet)
     trainer.load_state_dict(state)
+    if counted:  # and from here on, the count follows the load as the run's start said it should
+        trainer.follow_load(counted)
     if trainer.step >= trainer.total_steps:
         raise GenaiError(f"run '{run}' already trained {trainer.step} of {trainer.total_steps} steps; "
                          f"raise the budget, e.g. --set train.epochs={cfg.train.epochs * 2}")

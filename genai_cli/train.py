@@ -41,7 +41,10 @@ from .data import DataBundle, binarize_share, epoch_order, load_data, model_inpu
 from .errors import GenaiError
 from .generate import SampleRequest, draw, plan
 from .hardware import (
+    LoadFollower,
     Precision,
+    cores_busy,
+    describe_threads,
     pick_device,
     probe_threads,
     probe_training_precision,
@@ -302,6 +305,10 @@ def probe_run(cfg: Config, model: GenerativeModel, data: DataBundle, device: tor
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(t.seed)
         counted = probe_threads(lambda: run_step(auto))[1] if threads else None
+        if counted is not None:
+            # The count follows the load from now on (Trainer.follow_load) unless fewer threads won on idle cores:
+            # then the steps are too small for more threads, whatever the load.
+            counted["follow"] = counted["threads"] == counted["of_threads"] or cores_busy(int(counted["of_threads"]))
         if not training_probe_wanted(auto, device):
             return auto, None, counted
         return (*probe_training_precision(auto, run_step), counted)
@@ -414,8 +421,10 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         if parts.precision_probe is not None:
             self.summary["precision_probe"] = parts.precision_probe
+        self.follower: LoadFollower | None = None  # the CPU thread count following the load (follow_load)
         if parts.thread_probe is not None:
             self.summary["thread_probe"] = parts.thread_probe
+            self.follow_load(parts.thread_probe)
         if self.grid_evaluator is not None:
             self.summary["grid_evaluator"] = self.grid_evaluator[1]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -424,6 +433,12 @@ class Trainer:
         self.stops = StopSignals(self.dist.enabled)
         self.shared_elapsed = 0.0  # training seconds, averaged over ranks (train.max_seconds)
         self.stop_agreed = False  # some rank's stop request, as all ranks learnt it in the last step's all-reduce
+
+    def follow_load(self, record: dict[str, Any]) -> None:
+        """Keep the CPU thread count this process chose at the run's start (``record``, ``probe_run``) following the
+        load from now on (``hardware.LoadFollower``), where the start's timing said it depends on the load."""
+        if record.get("follow"):
+            self.follower = LoadFollower(int(record["of_threads"]))
 
     @classmethod
     def from_parts(cls, parts: RunParts, *, quiet: bool = False) -> Trainer:
@@ -679,6 +694,11 @@ class Trainer:
                 self.ema.update(self.model, self.step)
             self.step += 1
             dt = time.perf_counter() - t0
+            if self.follower is not None and (changed := self.follower.check()) is not None:
+                self.log({"step": self.step, "split": "thread_probe", **changed})
+                said = describe_threads(changed, per=" per test product") or (
+                    f"threads {changed['threads']:.0f} of {changed['of_threads']:.0f} again (the cores are free)")
+                reporter.message(f"step {self.step}: {said}")
             self.elapsed += dt
             window_time += dt
             window_images += t.batch_size

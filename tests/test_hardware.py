@@ -483,3 +483,77 @@ def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, c
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "c.png")
     assert products == [] and torch.get_num_threads() == 2
+
+
+def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
+    """``LoadFollower.check`` probes the cores again only every ``every`` seconds, from torch's full count, and
+    reports the record only where the count changed."""
+    threads(1)  # the start chose half of 2
+    now, busy, probed = [0.0], [True], []
+
+    def probe_cores():
+        probed.append(torch.get_num_threads())  # every probe starts from the full count
+        count = 1 if busy[0] else 2
+        torch.set_num_threads(count)
+        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 9.0 if busy[0] else 1.0,
+                       "threads_1_ms_per_step": 2.0}
+    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    follower = hardware.LoadFollower(2, every=20.0, clock=lambda: now[0])
+    now[0] = 19.0
+    assert follower.check() is None and probed == []  # not yet due
+    now[0] = 21.0
+    assert follower.check() is None and probed == [2] and torch.get_num_threads() == 1  # still busy: no change
+    busy[0], now[0] = False, 42.0
+    record = follower.check()
+    assert record["threads"] == 2 and torch.get_num_threads() == 2  # the core is free again
+    busy[0], now[0] = True, 63.0
+    assert follower.check()["threads"] == 1 and torch.get_num_threads() == 1 and probed == [2, 2, 2]
+
+
+@pytest.mark.parametrize("step_choice, cores, follows", [(2, None, True), (1, 1, True), (1, 2, False)])
+def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_cores(
+        tmp_path, config_file, monkeypatch, threads, step_choice, cores, follows):
+    """A run whose step wins on all threads, or on fewer while a core is busy, follows the load through training
+    (a change is logged and said at its step); one whose step wins on fewer threads on idle cores keeps that count."""
+    import json
+
+    threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(hardware.PROBE_ENV, "1")
+    monkeypatch.setattr(hardware, "FOLLOW_SECONDS", 0.0)  # a check after every step
+    real = hardware.probe_threads
+
+    def probe(run_step, **kw):
+        now = [0.0]
+
+        def timed():
+            now[0] += {step_choice: 0.05, 3 - step_choice: 2.0}[torch.get_num_threads()]
+        return real(timed, clock=lambda: now[0])
+    monkeypatch.setattr("genai_cli.train.probe_threads", probe)
+    answers = iter(([cores] if cores else []) + [1, 1, 2, 2])  # the start's check (fewer threads won), the loop's
+
+    def probe_cores():
+        count = next(answers)
+        torch.set_num_threads(count)
+        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 3.0, "threads_1_ms_per_step": 2.0}
+    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    cfg = config_file(precision="fp32", max_steps=4)
+    r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
+    records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    changes = [(row["step"], row["threads"]) for row in records if row["split"] == "thread_probe"]
+    if not follows:
+        assert changes == [(0, 1)] and torch.get_num_threads() == 1
+        return
+    # the loop's checks after steps 1..4 answer 1, 1, 2, 2: changes are logged where the count changed
+    start = [(0, step_choice)]
+    expected = start + ([(3, 2)] if step_choice == 1 else [(1, 1), (3, 2)])
+    assert changes == expected and torch.get_num_threads() == 2
+    assert "step 3: threads 2 of 2 again (the cores are free)" in r.stdout
+    # A resumed run starts on the count its start chose and follows the load again.
+    answers = iter([2, 1])
+    threads(2)
+    invoke("train", "--resume", tmp_path / "runs" / "r", "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs",
+           "--quiet")
+    records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    changes = [(row["step"], row["threads"]) for row in records if row["split"] == "thread_probe" and row["step"] > 4]
+    assert changes == ([(5, 2)] if step_choice == 1 else []) + [(6, 1)] and torch.get_num_threads() == 1
