@@ -16,6 +16,7 @@ import platform
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -294,12 +295,13 @@ def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tupl
     return chosen, record
 
 
-def describe_threads(record: dict[str, float], per: str = "/step") -> str:
+def describe_threads(record: dict[str, Any]) -> str:
     """'threads 1 of 2 (measured: 28.1 against 1960.0 ms/step)' where the probe chose fewer than torch's count
-    (``per``: what was timed, e.g. ' per test product'); '' otherwise (threads are named only when they were cut)."""
+    ('ms per test product' where ``probe_cores`` timed it); '' otherwise (threads are named only when they were cut)."""
     chosen, most = int(record["threads"]), int(record["of_threads"])
     if chosen == most:
         return ""
+    per = " per test product" if record.get("timed") == "product" else "/step"
     return (f"threads {chosen} of {most} (measured: {record[f'threads_{chosen}_ms_per_step']:.1f} against "
             f"{record[f'threads_{most}_ms_per_step']:.1f} ms{per})")
 
@@ -314,21 +316,11 @@ def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[
     core busy, 10.3 against 1.8 ms per product, and the demo's ``genai sample`` took 51 s on two threads against
     6.7 s on one (benchmarks/README.md, "Threads"). On idle cores more threads win and are kept. 15-40 ms."""
     a = torch.randn(CORE_PROBE_SIZE, CORE_PROBE_SIZE)
-    return probe_threads(lambda: torch.mm(a, a), rounds=rounds, clock=clock)
+    count, record = probe_threads(lambda: torch.mm(a, a), rounds=rounds, clock=clock)
+    return count, {**record, "timed": "product"}
 
 
 FOLLOW_SECONDS = 20.0  # how often a run whose thread count follows the load checks the cores again
-
-
-def cores_busy(most: int) -> bool:
-    """Whether ``probe_cores`` takes fewer than ``most`` threads now (another process holds a core); the count is left
-    as it was."""
-    count = torch.get_num_threads()
-    torch.set_num_threads(most)
-    try:
-        return probe_cores()[0] < most
-    finally:
-        torch.set_num_threads(count)
 
 
 class LoadFollower:
@@ -358,7 +350,7 @@ def settle_threads(device: torch.device) -> str:
     ``describe_threads``'s line where the count was cut, else ''."""
     if not thread_probe_wanted(device):
         return ""
-    return describe_threads(probe_cores()[1], per=" per test product")
+    return describe_threads(probe_cores()[1])
 
 
 _measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process

@@ -43,9 +43,9 @@ from .generate import SampleRequest, draw, plan
 from .hardware import (
     LoadFollower,
     Precision,
-    cores_busy,
     describe_threads,
     pick_device,
+    probe_cores,
     probe_threads,
     probe_training_precision,
     resolve_precision,
@@ -284,7 +284,7 @@ def grid_request(cfg: Config) -> SampleRequest:
 
 def probe_run(cfg: Config, model: GenerativeModel, data: DataBundle, device: torch.device, auto: Precision,
               threads: bool) -> tuple[Precision, dict[str, float] | None, dict[str, float] | None]:
-    """``hardware.probe_threads`` (where ``threads``), then ``hardware.probe_training_precision`` (where auto wants
+    """``probe_run_threads`` (where ``threads``), then ``hardware.probe_training_precision`` (where auto wants
     it) on the run's own model: full steps (the family's train_step, its optimizers) of one micro-batch of the first
     training batch, on a copy, so the run's weights, optimizer state and random draws are untouched (exact resume
     and the same-seed result do not depend on the probes). Returns (precision, its record, the threads' record)."""
@@ -304,14 +304,24 @@ def probe_run(cfg: Config, model: GenerativeModel, data: DataBundle, device: tor
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(t.seed)
-        counted = probe_threads(lambda: run_step(auto))[1] if threads else None
-        if counted is not None:
-            # The count follows the load from now on (Trainer.follow_load) unless fewer threads won on idle cores:
-            # then the steps are too small for more threads, whatever the load.
-            counted["follow"] = counted["threads"] == counted["of_threads"] or cores_busy(int(counted["of_threads"]))
+        counted = probe_run_threads(lambda: run_step(auto)) if threads else None
         if not training_probe_wanted(auto, device):
             return auto, None, counted
         return (*probe_training_precision(auto, run_step), counted)
+
+
+def probe_run_threads(run_step) -> dict[str, Any]:
+    """A new run's CPU thread count and the record of why, with ``follow``: whether it follows the load from now on
+    (``Trainer.follow_load``). A core held by another process (``probe_cores``, ~25 ms): half of torch's count, no
+    step timed (a step on all threads then stalls for seconds: 10.3 s against 0.21 measured), and follow. Idle cores:
+    the run's step decides (``probe_threads``); it follows unless fewer threads won, steps too small for more."""
+    most = torch.get_num_threads()
+    count, record = probe_cores()
+    if count < most:
+        return {**record, "follow": True}
+    torch.set_num_threads(most)
+    record = probe_threads(run_step)[1]
+    return {**record, "follow": record["threads"] == most}
 
 
 def route_loss(cfg: Config, model: GenerativeModel, dist: distributed.DistContext, device: torch.device,
@@ -696,7 +706,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             if self.follower is not None and (changed := self.follower.check()) is not None:
                 self.log({"step": self.step, "split": "thread_probe", **changed})
-                said = describe_threads(changed, per=" per test product") or (
+                said = describe_threads(changed) or (
                     f"threads {changed['threads']:.0f} of {changed['of_threads']:.0f} again (the cores are free)")
                 reporter.message(f"step {self.step}: {said}")
             self.elapsed += dt

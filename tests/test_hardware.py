@@ -434,6 +434,7 @@ def test_a_run_that_cut_its_threads_says_so_records_why_and_resumes_with_them(tm
         return real(timed, clock=lambda: now[0])
 
     monkeypatch.setattr("genai_cli.train.probe_threads", probe)
+    monkeypatch.setattr("genai_cli.train.probe_cores", lambda: (2, {"threads": 2}))  # idle cores: the step decides
     cfg = config_file(precision="fp32", max_steps=4, checkpoint_every=2)
     r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
     assert "threads 1 of 2 (measured: 50.0 against 2000.0 ms/step)" in r.stdout and torch.get_num_threads() == 1
@@ -510,43 +511,49 @@ def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
     assert follower.check()["threads"] == 1 and torch.get_num_threads() == 1 and probed == [2, 2, 2]
 
 
-@pytest.mark.parametrize("step_choice, cores, follows", [(2, None, True), (1, 1, True), (1, 2, False)])
+@pytest.mark.parametrize("cores, step_choice, follows", [(1, None, True), (2, 2, True), (2, 1, False)])
 def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_cores(
-        tmp_path, config_file, monkeypatch, threads, step_choice, cores, follows):
-    """A run whose step wins on all threads, or on fewer while a core is busy, follows the load through training
-    (a change is logged and said at its step); one whose step wins on fewer threads on idle cores keeps that count."""
+        tmp_path, config_file, monkeypatch, threads, cores, step_choice, follows):
+    """A run that starts beside a busy core takes half the threads without timing its step on all of them; on idle
+    cores its step decides. It follows the load through training (a change is logged and said at its step) unless
+    its step won on fewer threads on idle cores; a resumed run follows again from the count its start chose."""
     import json
 
     threads(2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv(hardware.PROBE_ENV, "1")
     monkeypatch.setattr(hardware, "FOLLOW_SECONDS", 0.0)  # a check after every step
-    real = hardware.probe_threads
+    real, stepped = hardware.probe_threads, []
 
     def probe(run_step, **kw):
+        stepped.append(1)
         now = [0.0]
 
         def timed():
             now[0] += {step_choice: 0.05, 3 - step_choice: 2.0}[torch.get_num_threads()]
         return real(timed, clock=lambda: now[0])
     monkeypatch.setattr("genai_cli.train.probe_threads", probe)
-    answers = iter(([cores] if cores else []) + [1, 1, 2, 2])  # the start's check (fewer threads won), the loop's
+    answers = iter([cores, 1, 1, 2, 2])  # the start's, then the loop's after steps 1..4
 
     def probe_cores():
         count = next(answers)
         torch.set_num_threads(count)
-        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 3.0, "threads_1_ms_per_step": 2.0}
+        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 3.0, "threads_1_ms_per_step": 2.0,
+                       "timed": "product"}
     monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    monkeypatch.setattr("genai_cli.train.probe_cores", probe_cores)
     cfg = config_file(precision="fp32", max_steps=4)
     r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
+    assert len(stepped) == (cores == 2)  # beside a busy core no step is timed
+    start = cores if cores == 1 else step_choice
+    if cores == 1:
+        assert "threads 1 of 2 (measured: 2.0 against 3.0 ms per test product)" in r.stdout
     records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
     changes = [(row["step"], row["threads"]) for row in records if row["split"] == "thread_probe"]
     if not follows:
         assert changes == [(0, 1)] and torch.get_num_threads() == 1
         return
-    # the loop's checks after steps 1..4 answer 1, 1, 2, 2: changes are logged where the count changed
-    start = [(0, step_choice)]
-    expected = start + ([(3, 2)] if step_choice == 1 else [(1, 1), (3, 2)])
+    expected = [(0, start)] + ([(3, 2)] if start == 1 else [(1, 1), (3, 2)])
     assert changes == expected and torch.get_num_threads() == 2
     assert "step 3: threads 2 of 2 again (the cores are free)" in r.stdout
     # A resumed run starts on the count its start chose and follows the load again.
@@ -556,4 +563,4 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
            "--quiet")
     records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
     changes = [(row["step"], row["threads"]) for row in records if row["split"] == "thread_probe" and row["step"] > 4]
-    assert changes == ([(5, 2)] if step_choice == 1 else []) + [(6, 1)] and torch.get_num_threads() == 1
+    assert changes == ([(5, 2)] if start == 1 else []) + [(6, 1)] and torch.get_num_threads() == 1
