@@ -310,8 +310,9 @@ CORE_PROBE_SIZE = 512  # probe_cores' test product, (512 x 512) @ (512 x 512): ~
 
 
 def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[str, float]]:
-    """``probe_threads`` timing a fixed parallel product instead of a run's step: for a command that runs one
-    workload and ends (``genai sample``, ``genai evaluate``), with no step to spare. A core held by another process
+    """``probe_threads`` timing a fixed parallel product instead of a step: whether a core is busy, for a command
+    with no step to spare (``genai sample``, ``genai evaluate``), a run's start and its checks (``LoadFollower``).
+    A core held by another process
     stalls the product's barrier as it stalls every parallel operation of the workload: on a 2-core CPU with one
     core busy, 10.3 against 1.8 ms per product, and the demo's ``genai sample`` took 51 s on two threads against
     6.7 s on one (benchmarks/README.md, "Threads"). On idle cores more threads win and are kept. 15-40 ms."""

@@ -319,7 +319,6 @@ def probe_run_threads(run_step) -> dict[str, Any]:
     count, record = probe_cores()
     if count < most:
         return {**record, "follow": True}
-    torch.set_num_threads(most)
     record = probe_threads(run_step)[1]
     return {**record, "follow": record["threads"] == most}
 
