@@ -322,27 +322,34 @@ def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[
 
 
 FOLLOW_SECONDS = 20.0  # how often a run whose thread count follows the load checks the cores again
+SPIKE = 3.0  # ... and sooner, after a step this many times its typical time (at least 2 s after the last check)
 
 
 class LoadFollower:
-    """Keeps a run's CPU thread count following the load, between torch's count ``most`` and half of it: at most
-    every ``every`` seconds ``check`` runs ``probe_cores`` again (~25 ms), so a run that started on idle cores drops
-    to half while another process holds one, and goes back when it leaves. Without it, a demo run that chose 2 threads
-    on idle cores trained at 8-16 images/s instead of ~500 for minutes while another job ran, and its time budget
-    ended it at 404 of 910 steps (benchmarks/README.md, "Threads")."""
+    """Keeps a run's CPU thread count following the load, between torch's count ``most`` and half of it:
+    ``check`` runs ``probe_cores`` again (~25 ms) every ``every`` seconds, and after a step ``SPIKE`` times slower
+    than its recent typical time, so a run that started on idle cores drops to half as soon as another process holds
+    a core, and goes back within ``every`` seconds of its leaving. Without it, a demo run that chose 2 threads on idle
+    cores trained at 8-16 images/s instead of ~500 for minutes while another job ran, and its time budget ended it at
+    404 of 910 steps (benchmarks/README.md, "Threads")."""
 
     def __init__(self, most: int, every: float | None = None, clock=time.perf_counter):
         self.most, self.every, self.clock = most, FOLLOW_SECONDS if every is None else every, clock
         self.last = clock()
+        self.typical: float | None = None  # a moving average of the step's seconds since the last check
 
-    def check(self) -> dict[str, float] | None:
-        """The probe's record where the count changed, else None (and nothing is done before ``every`` seconds)."""
-        if self.clock() - self.last < self.every:
-            return None
+    def check(self, step_seconds: float) -> dict[str, float] | None:
+        """After a step that took ``step_seconds``: the probe's record where the count changed, else None."""
+        now = self.clock()
+        spike = self.typical is not None and step_seconds > SPIKE * self.typical and now - self.last >= 2.0
+        if not spike:
+            self.typical = step_seconds if self.typical is None else 0.9 * self.typical + 0.1 * step_seconds
+            if now - self.last < self.every:
+                return None
         before = torch.get_num_threads()
         torch.set_num_threads(self.most)
         count, record = probe_cores()
-        self.last = self.clock()
+        self.last, self.typical = self.clock(), None  # the steps' time is learnt again at the count now set
         return record if count != before else None
 
 

@@ -703,7 +703,7 @@ class Trainer:
                 self.ema.update(self.model, self.step)
             self.step += 1
             dt = time.perf_counter() - t0
-            if self.follower is not None and (changed := self.follower.check()) is not None:
+            if self.follower is not None and (changed := self.follower.check(dt)) is not None:
                 self.log({"step": self.step, "split": "thread_probe", **changed})
                 said = describe_threads(changed) or (
                     f"threads {changed['threads']:.0f} of {changed['of_threads']:.0f} again (the cores are free)")

@@ -500,15 +500,25 @@ def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
                        "threads_1_ms_per_step": 2.0}
     monkeypatch.setattr(hardware, "probe_cores", probe_cores)
     follower = hardware.LoadFollower(2, every=20.0, clock=lambda: now[0])
-    now[0] = 19.0
-    assert follower.check() is None and probed == []  # not yet due
+    for t in (1.0, 2.0, 19.0):
+        now[0] = t
+        assert follower.check(0.1) is None and probed == []  # not yet due
     now[0] = 21.0
-    assert follower.check() is None and probed == [2] and torch.get_num_threads() == 1  # still busy: no change
+    assert follower.check(0.1) is None and probed == [2] and torch.get_num_threads() == 1  # still busy: no change
     busy[0], now[0] = False, 42.0
-    record = follower.check()
+    record = follower.check(0.1)
     assert record["threads"] == 2 and torch.get_num_threads() == 2  # the core is free again
-    busy[0], now[0] = True, 63.0
-    assert follower.check()["threads"] == 1 and torch.get_num_threads() == 1 and probed == [2, 2, 2]
+    # A step far slower than the steps before it is checked at once, not 20 s later (but not within 2 s of a check).
+    busy[0] = True
+    for t in (42.5, 43.0):
+        now[0] = t
+        assert follower.check(0.1) is None
+    now[0] = 43.5
+    assert follower.check(5.0) is None and probed == [2, 2]  # 1.5 s after the last check
+    now[0] = 44.5
+    assert follower.check(5.0)["threads"] == 1 and torch.get_num_threads() == 1 and probed == [2, 2, 2]
+    now[0] = 47.0
+    assert follower.check(5.0) is None and probed == [2, 2, 2]  # the first step after a check sets the typical
 
 
 @pytest.mark.parametrize("cores, step_choice, follows", [(1, None, True), (2, 2, True), (2, 1, False)])
