@@ -118,10 +118,12 @@ def train(
             if ctx.is_main:
                 err.print(f"interrupted at step {trainer.step}; checkpoint saved; continue with: "
                           f"genai train --resume {trainer.run_dir}", markup=False)
+            distributed.shutdown(together=True)  # every rank stopped after the same step
             raise typer.Exit(130) from None
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         talk.print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         talk.print(f"samples: {trainer.run_dir / 'samples'} | next: genai sample {trainer.run_dir}")
+        distributed.shutdown(together=True)
     except GenaiError:
         if not distributed.context().is_main:
             # From here on every rank fails alike (rank 0's errors are shared, losses averaged): rank 0 says it.

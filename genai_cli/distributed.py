@@ -93,9 +93,16 @@ def setup(device: torch.device) -> tuple[DistContext, torch.device]:
     return _context, device
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. ``together``: every rank got here the same way (a run that finished or stopped at
+    the agreed step): wait for all at a barrier first, so that no rank tears down its connections while another
+    still writes its last checkpoint or grid (a rank leaving early once ended the other with "terminate called
+    without an active exception" in gloo's threads). Never after an error: a rank that failed alone would leave the
+    others waiting at the barrier."""
     global _context
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
     _context = DistContext()
 
