@@ -401,6 +401,9 @@ def inspect(
         if train_losses:
             table.add_row("logged train loss", f"first {train_losses[0]:.5g}, last {train_losses[-1]:.5g}, "
                           f"best {min(train_losses):.5g} ({len(train_losses)} records)")
+        probes = [r for r in rows if r.get("split") == "thread_probe"]
+        if probes:
+            table.add_row("CPU threads", threads_history(probes))
         # The curve is drawn again only when metrics.jsonl changed after it: matplotlib costs ~0.5 s of start-up.
         curve = run / "loss_curve.png"
         if up_to_date(curve, run / "metrics.jsonl") or (os.access(run, os.W_OK) and write_loss_curve(rows, curve)):
@@ -424,6 +427,17 @@ def inspect(
     out.print(table)
     out.print(parameter_table(model))
     out.print(config_table(cfg))
+
+
+def threads_history(probes: list[dict[str, Any]], shown: int = 4) -> str:
+    """'2 of 2 at the start; 1 from step 142, 2 from step 430' from a run's thread_probe records (its start's, then
+    each change of the count as it followed the load: hardware.LoadFollower)."""
+    first, changes = probes[0], probes[1:]
+    said = f"{first['threads']:.0f} of {first['of_threads']:.0f} at the start"
+    if changes:
+        said += "; " + ", ".join(f"{r['threads']:.0f} from step {r['step']}" for r in changes[:shown])
+        said += f" and {len(changes) - shown} more changes" if len(changes) > shown else ""
+    return said + " (measured, following the load)" if first.get("follow") else said + " (measured)"
 
 
 def class_history(model, cfg: dict[str, Any], rows: list[dict[str, Any]], run: Path) -> str | None:

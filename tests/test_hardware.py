@@ -8,7 +8,7 @@ import yaml
 from helpers import SPEC, invoke, tiny_config, tiny_model
 from rich.console import Console
 
-from genai_cli import hardware
+from genai_cli import cli, hardware
 from genai_cli.config import from_dict
 from genai_cli.errors import GenaiError
 from genai_cli.train import Trainer
@@ -566,6 +566,10 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     expected = [(0, start)] + ([(3, 2)] if start == 1 else [(1, 1), (3, 2)])
     assert changes == expected and torch.get_num_threads() == 2
     assert "step 3: threads 2 of 2 again (the cores are free)" in r.stdout
+    assert "CPU threads" in invoke("inspect", tmp_path / "runs" / "r").stdout  # the history, as threads_history says
+    assert cli.threads_history([r for r in records if r["split"] == "thread_probe"]) == (
+        f"{start} of 2 at the start; " + ("" if start == 1 else "1 from step 1, ")
+        + "2 from step 3 (measured, following the load)")
     # A resumed run starts on the count its start chose and follows the load again.
     answers = iter([2, 1])
     threads(2)
