@@ -316,7 +316,7 @@ def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[
     stalls the product's barrier as it stalls every parallel operation of the workload: on a 2-core CPU with one
     core busy, 10.3 against 1.8 ms per product, and the demo's ``genai sample`` took 51 s on two threads against
     6.7 s on one (benchmarks/README.md, "Threads"). On idle cores more threads win and are kept. 15-40 ms."""
-    a = torch.randn(CORE_PROBE_SIZE, CORE_PROBE_SIZE)
+    a = torch.full((CORE_PROBE_SIZE, CORE_PROBE_SIZE), 0.5)  # not torch.randn: a run's random stream stays untouched
     count, record = probe_threads(lambda: torch.mm(a, a), rounds=rounds, clock=clock)
     return count, {**record, "timed": "product"}
 

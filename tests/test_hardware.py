@@ -486,6 +486,17 @@ def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, c
     assert products == [] and torch.get_num_threads() == 2
 
 
+def test_the_core_probe_leaves_the_random_stream_alone(threads):
+    """A run's checks of the cores come between its steps: they must not draw from torch's generator, or the run's
+    noise would depend on when the load changed."""
+    threads(2)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    hardware.probe_cores()
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
     """``LoadFollower.check`` probes the cores again only every ``every`` seconds, from torch's full count, and
     reports the record only where the count changed."""
