@@ -11,6 +11,7 @@ from rich.console import Console
 from genai_cli import cli, hardware
 from genai_cli.config import from_dict
 from genai_cli.errors import GenaiError
+from genai_cli.runs import MetricsLog
 from genai_cli.train import Trainer
 
 CPU = torch.device("cpu")
@@ -363,6 +364,37 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def probes_on(monkeypatch, threads):
+    """Where a run may choose its threads: 2 of them, OMP_NUM_THREADS unset, the start-up probes allowed."""
+    threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(hardware.PROBE_ENV, "1")
+
+
+def clocked_probe_threads(seconds: dict[int, float], seen: list[int] | None = None, run: bool = False):
+    """``hardware.probe_threads`` on a fake clock: a timed call at n threads takes ``seconds[n]`` (read at each
+    call, so a test may change it); ``seen`` gets the thread count of each call; ``run``: the real call runs too."""
+    real = hardware.probe_threads
+
+    def probe(run_step, **kw):
+        now = [0.0]
+
+        def timed():
+            if run:
+                run_step()
+            if seen is not None:
+                seen.append(torch.get_num_threads())
+            now[0] += seconds[torch.get_num_threads()]
+        return real(timed, clock=lambda: now[0])
+    return probe
+
+
+def thread_records(run) -> list[dict]:
+    """A run's thread_probe rows of metrics.jsonl: its start's choice, then each change as it followed the load."""
+    return [row for row in MetricsLog(run / "metrics.jsonl").read() if row["split"] == "thread_probe"]
+
+
 @pytest.mark.parametrize("ms, chosen, steps", [({4: 900.0, 2: 40.0}, 2, {4: 2, 2: 4}), ({4: 20.0, 2: 30.0}, 4, None),
                                                ({4: 30.0, 2: 30.0}, 4, None)])
 def test_the_thread_probe_keeps_the_faster_count(threads, ms, chosen, steps):
@@ -413,27 +445,11 @@ def test_the_thread_probe_runs_only_where_the_count_is_torchs_own(monkeypatch, t
 
 
 def test_a_run_that_cut_its_threads_says_so_records_why_and_resumes_with_them(tmp_path, config_file, monkeypatch,
-                                                                              threads):
+                                                                              probes_on, threads):
     """The probe's answer is in the run header, the summary and metrics.jsonl; a resumed run takes the count it
     started with, unprobed."""
-    import json
-
-    threads(2)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setenv(hardware.PROBE_ENV, "1")
-    calls = []
-    real = hardware.probe_threads
-
-    def probe(run_step, **kw):
-        calls.append(1)
-        run_step()  # the run's real step runs
-        now = [0.0]
-
-        def timed():
-            now[0] += {2: 2.0, 1: 0.05}[torch.get_num_threads()]
-        return real(timed, clock=lambda: now[0])
-
-    monkeypatch.setattr("genai_cli.train.probe_threads", probe)
+    calls: list[int] = []
+    monkeypatch.setattr("genai_cli.train.probe_threads", clocked_probe_threads({2: 2.0, 1: 0.05}, calls, run=True))
     monkeypatch.setattr("genai_cli.train.probe_cores", lambda: (2, {"threads": 2}))  # idle cores: the step decides
     cfg = config_file(precision="fp32", max_steps=4, checkpoint_every=2)
     r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
@@ -441,34 +457,25 @@ def test_a_run_that_cut_its_threads_says_so_records_why_and_resumes_with_them(tm
     run = tmp_path / "runs" / "r"
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["summary"]["thread_probe"]["threads"] == 1
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["threads"] for r in records if r["split"] == "thread_probe"] == [1]
+    assert [r["threads"] for r in thread_records(run)] == [1]
+    probed = len(calls)
     threads(2)
     invoke("train", "--resume", run, "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs", "--quiet")
-    assert len(calls) == 1 and torch.get_num_threads() == 1
+    assert probed and len(calls) == probed and torch.get_num_threads() == 1
 
 
-def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, config_file, monkeypatch, threads):
+def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, config_file, monkeypatch, threads,
+                                                                     probes_on):
     """A command that runs one workload and ends times a parallel test product on torch's count and on half
     (``probe_cores``) and keeps the faster; it says so where it cut the count, keeps quiet where it did not, and
     never probes where the user set OMP_NUM_THREADS."""
     runs = tmp_path / "runs"
+    monkeypatch.setenv(hardware.PROBE_ENV, "0")  # the tiny run itself is trained unprobed
     invoke("train", config_file(precision="fp32", max_steps=2), "--runs-dir", runs, "--name", "r", "--quiet")
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv(hardware.PROBE_ENV, "1")
-    real, products = hardware.probe_threads, []
-
-    def probe(run_step, ms, **kw):
-        now = [0.0]
-
-        def timed():
-            run_step()  # the real test product runs
-            products.append(torch.get_num_threads())
-            now[0] += ms[torch.get_num_threads()] / 1000
-        return real(timed, clock=lambda: now[0])
-
-    busy = {2: 2000.0, 1: 50.0}
-    monkeypatch.setattr(hardware, "probe_threads", lambda run_step, **kw: probe(run_step, busy))
+    products: list[int] = []
+    busy = {2: 2.0, 1: 0.05}  # seconds per test product (the real product runs too)
+    monkeypatch.setattr(hardware, "probe_threads", clocked_probe_threads(busy, products, run=True))
     threads(2)
     r = invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "a.png")
     said = "threads 1 of 2 (measured: 50.0 against 2000.0 ms per test product)"
@@ -476,7 +483,7 @@ def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, c
     threads(2)
     r = invoke("evaluate", runs / "r", "-n", "4", "--runs-dir", runs, ok=False)  # no evaluator run: refused after
     assert said in r.stderr and torch.get_num_threads() == 1
-    busy.update({2: 20.0})  # idle cores: the full count wins, nothing is said
+    busy.update({2: 0.02})  # idle cores: the full count wins, nothing is said
     threads(2)
     r = invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "b.png")
     assert "threads" not in r.stderr and torch.get_num_threads() == 2
@@ -534,26 +541,14 @@ def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
 
 @pytest.mark.parametrize("cores, step_choice, follows", [(1, None, True), (2, 2, True), (2, 1, False)])
 def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_cores(
-        tmp_path, config_file, monkeypatch, threads, cores, step_choice, follows):
+        tmp_path, config_file, monkeypatch, threads, probes_on, cores, step_choice, follows):
     """A run that starts beside a busy core takes half the threads without timing its step on all of them; on idle
     cores its step decides. It follows the load through training (a change is logged and said at its step) unless
     its step won on fewer threads on idle cores; a resumed run follows again from the count its start chose."""
-    import json
-
-    threads(2)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setenv(hardware.PROBE_ENV, "1")
     monkeypatch.setattr(hardware, "FOLLOW_SECONDS", 0.0)  # a check after every step
-    real, stepped = hardware.probe_threads, []
-
-    def probe(run_step, **kw):
-        stepped.append(1)
-        now = [0.0]
-
-        def timed():
-            now[0] += {step_choice: 0.05, 3 - step_choice: 2.0}[torch.get_num_threads()]
-        return real(timed, clock=lambda: now[0])
-    monkeypatch.setattr("genai_cli.train.probe_threads", probe)
+    stepped: list[int] = []
+    seconds = {step_choice: 0.05, 3 - step_choice: 2.0} if step_choice else {}  # no step is timed beside a busy core
+    monkeypatch.setattr("genai_cli.train.probe_threads", clocked_probe_threads(seconds, stepped))
     answers = iter([cores, 1, 1, 2, 2])  # the start's, then the loop's after steps 1..4
 
     def probe_cores():
@@ -565,12 +560,12 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     monkeypatch.setattr("genai_cli.train.probe_cores", probe_cores)
     cfg = config_file(precision="fp32", max_steps=4)
     r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
-    assert len(stepped) == (cores == 2)  # beside a busy core no step is timed
+    assert bool(stepped) == (cores == 2)  # beside a busy core no step is timed
     start = cores if cores == 1 else step_choice
     if cores == 1:
         assert "threads 1 of 2 (measured: 2.0 against 3.0 ms per test product)" in r.stdout
-    records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
-    changes = [(row["step"], row["threads"]) for row in records if row["split"] == "thread_probe"]
+    records = thread_records(tmp_path / "runs" / "r")
+    changes = [(row["step"], row["threads"]) for row in records]
     if not follows:
         assert changes == [(0, 1)] and torch.get_num_threads() == 1
         return
@@ -578,7 +573,7 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     assert changes == expected and torch.get_num_threads() == 2
     assert "step 3: threads 2 of 2 again (the cores are free)" in r.stdout
     assert "CPU threads" in invoke("inspect", tmp_path / "runs" / "r").stdout  # the history, as threads_history says
-    assert cli.threads_history([r for r in records if r["split"] == "thread_probe"]) == (
+    assert cli.threads_history(records) == (
         f"{start} of 2 at the start; " + ("" if start == 1 else "1 from step 1, ")
         + "2 from step 3 (measured, following the load)")
     # A resumed run starts on the count its start chose and follows the load again.
@@ -586,6 +581,5 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     threads(2)
     invoke("train", "--resume", tmp_path / "runs" / "r", "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs",
            "--quiet")
-    records = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
-    changes = [(row["step"], row["threads"]) for row in records if row["split"] == "thread_probe" and row["step"] > 4]
+    changes = [(row["step"], row["threads"]) for row in thread_records(tmp_path / "runs" / "r") if row["step"] > 4]
     assert changes == ([(5, 2)] if start == 1 else []) + [(6, 1)] and torch.get_num_threads() == 1
