@@ -228,9 +228,8 @@ def sample(
                                   plan.mode, model.spec)
     dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
-    threads = settle_threads(dev)  # fewer CPU threads where another process holds a core
-    if threads and not quiet:
-        err.print(threads, markup=False)
+    # Fewer CPU threads where another process holds a core.
+    settle_threads(dev, say=(lambda line: None) if quiet else (lambda line: err.print(line, markup=False)))
     samples = gen.draw(model, request, images=images, device=dev)
     samples.save(out_file)
     if not quiet:
@@ -534,9 +533,7 @@ def evaluate(
     from .evaluation.run import evaluate_run
     from .hardware import pick_device, settle_threads
 
-    threads = settle_threads(pick_device(device, "--device"))  # fewer CPU threads where another process holds a core
-    if threads:
-        log(threads)
+    settle_threads(pick_device(device, "--device"), say=log)  # fewer CPU threads where another process holds a core
     results = [evaluate_run(t, root=root, n=SAMPLES_PER_RUN if n is None else n, seed=seed, device=device,
                             evaluator=evaluator, train_missing=train_evaluator, log=log, console=err)
                for t in targets]

@@ -353,12 +353,11 @@ class LoadFollower:
         return record if count != before else None
 
 
-def settle_threads(device: torch.device) -> str:
-    """``probe_cores`` where ``thread_probe_wanted``; the process keeps the count it chose. What to tell the user:
-    ``describe_threads``'s line where the count was cut, else ''."""
-    if not thread_probe_wanted(device):
-        return ""
-    return describe_threads(probe_cores()[1])
+def settle_threads(device: torch.device, say=lambda line: None) -> None:
+    """``probe_cores`` where ``thread_probe_wanted``; the process keeps the count it chose, and ``say`` gets
+    ``describe_threads``'s line where the count was cut."""
+    if thread_probe_wanted(device) and (line := describe_threads(probe_cores()[1])):
+        say(line)
 
 
 _measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process
