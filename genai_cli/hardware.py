@@ -322,7 +322,8 @@ def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[
 
 
 FOLLOW_SECONDS = 20.0  # how often a run whose thread count follows the load checks the cores again
-SPIKE = 3.0  # ... and sooner, after a step this many times its typical time (at least 2 s after the last check)
+SPIKE = 3.0  # ... and sooner, after a step this many times its typical time
+SPIKE_GAP_SECONDS = 2.0  # but not sooner than this after the last check
 
 
 class LoadFollower:
@@ -341,7 +342,8 @@ class LoadFollower:
     def check(self, step_seconds: float) -> dict[str, float] | None:
         """After a step that took ``step_seconds``: the probe's record where the count changed, else None."""
         now = self.clock()
-        spike = self.typical is not None and step_seconds > SPIKE * self.typical and now - self.last >= 2.0
+        spike = (self.typical is not None and step_seconds > SPIKE * self.typical
+                 and now - self.last >= SPIKE_GAP_SECONDS)
         if not spike:
             self.typical = step_seconds if self.typical is None else 0.9 * self.typical + 0.1 * step_seconds
             if now - self.last < self.every:

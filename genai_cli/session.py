@@ -106,7 +106,7 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     # The precision the run started with (auto may have chosen it by timing): never probed again, so the resumed
     # steps are those of an uninterrupted run. Older checkpoints resolve the request as they did then, untimed.
     precision = started_precision(state, cfg.train.precision) or resolve_precision(cfg.train.precision, device)
-    # The CPU thread count the run started with, where its start measured it (hardware.probe_threads): not timed
+    # The CPU thread count the run started with, where its start measured it (train.probe_run_threads): not timed
     # again, so the resumed steps' parallel reductions split as the uninterrupted run's did; where the start said
     # the count depends on the load, it follows the load from the first check on, as the run did.
     counted = (state.get("summary") or {}).get("thread_probe")
