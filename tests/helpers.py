@@ -113,3 +113,21 @@ def checksum(folder) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def metric_rows(run, split: str | None = None) -> list[dict]:
+    """A run's metrics.jsonl rows (of one ``split`` if given). Strict: a line that is not JSON fails the test,
+    where the toolkit's own reader (runs.MetricsLog) would skip it."""
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows if split is None else [r for r in rows if r["split"] == split]
+
+
+def train_losses(run) -> dict[int, float]:
+    """step -> training loss of a run's log, which must read like one run: no step twice (a resumed run appends
+    after its checkpoint's step; in a distributed run only rank 0 writes)."""
+    rows = metric_rows(run, "train")
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step logged twice in {run / 'metrics.jsonl'}"
+    return {r["step"]: r["loss"] for r in rows}

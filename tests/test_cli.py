@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import yaml
-from helpers import invoke
+from helpers import invoke, metric_rows
 from PIL import Image
 
 
@@ -22,7 +20,7 @@ def test_train_writes_the_run_directory(trained):
     runs, run = trained
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run)
     assert {r["split"] for r in rows} == {"train", "val"}
     assert all("loss" in r for r in rows if r["split"] == "train")
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -94,7 +92,7 @@ def test_resume_continues_the_step_count(trained):
 
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 6
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in metric_rows(run)]
     assert max(steps) == 6 and steps == sorted(steps)
 
 

@@ -8,7 +8,6 @@ ranks stay identical (same weights everywhere after training).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import tiny_config, train_losses
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -33,13 +32,6 @@ from genai_cli.train import Trainer
 runner = CliRunner()
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the ranks")
 REPO = Path(__file__).resolve().parent.parent
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if r["split"] == "train"]
-    assert len(steps) == len(set(steps)), "one record per step: only rank 0 writes"
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 def max_difference(a: dict, b: dict) -> float:

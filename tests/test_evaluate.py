@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import invoke, tiny_config, tiny_model
+from helpers import invoke, metric_rows, tiny_config, tiny_model
 
 from genai_cli.config import DataConfig
 from genai_cli.data import load_data
@@ -192,7 +192,7 @@ def test_evaluate_trains_the_evaluator_then_compares_runs(runs):
     config_text = (ev_run / "config.yaml").read_text()
     assert "# resolved: " in config_text
     assert yaml.safe_load(config_text)["model"]["family"] in evaluators.evaluator_families()
-    records = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    records = metric_rows(a)
     assert records[-1]["split"] == "evaluate" and records[-1]["classifier_fid"] == pytest.approx(m["classifier_fid"])
     # The second time the evaluator is found; two runs give one table and a bar chart.
     r = invoke("evaluate", a, b, "--runs-dir", root, "-n", 16, "--chart", root / "cmp.png")

@@ -9,7 +9,6 @@ no second import of torch; SIGKILL gives them no chance to clean up, exactly lik
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import signal
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import tiny_config, train_tiny_parents  # noqa: E402
+from helpers import tiny_config, train_losses, train_tiny_parents  # noqa: E402
 
 import genai_cli.models  # noqa: E402, F401  (registers the families the tests are parametrised over)
 from genai_cli.capabilities import has  # noqa: E402
@@ -99,13 +98,6 @@ def config(folder: Path, **train) -> Path:
     return path
 
 
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if r["split"] == "train"]
-    assert len(steps) == len(set(steps)), "a resumed run's log reads like one run: no step twice"
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-
-
 def temp_files(run: Path) -> list[str]:
     return [p.name for folder in (run, run / "checkpoints") for p in folder.glob(".*.tmp-*")]
 
@@ -143,7 +135,7 @@ def kill_repeatedly(folder: Path, kills: int, seed: int = 0, log=print) -> dict:
             f"{', cut a write: ' + ', '.join(left) if left else ''}")
     assert wait(start(["train", "--resume", str(run), *common])) == 0
     assert not temp_files(run), "resume tidies temporary files left by kills"
-    straight, cut = losses(runs / "straight"), losses(run)
+    straight, cut = train_losses(runs / "straight"), train_losses(run)
     a = torch.load(runs / "straight" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(checkpoints / "last.pt", weights_only=True)
     same = straight == cut and all(torch.equal(a[part][key], b[part][key]) for part in ("model", "ema")
@@ -174,7 +166,7 @@ def test_sigterm_stops_at_a_step_boundary_and_resume_is_exact(tmp_path):
     state = load_checkpoint_file(runs / "cut" / "checkpoints" / "last.pt")
     assert 2 <= state["step"] < 12
     assert wait(start(["train", "--resume", str(runs / "cut"), *common])) == 0
-    assert losses(runs / "straight") == losses(runs / "cut")
+    assert train_losses(runs / "straight") == train_losses(runs / "cut")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -258,7 +250,7 @@ def test_exact_resume_across_families_and_an_epoch_boundary(tmp_path, monkeypatc
     monkeypatch.undo()
     r = invoke(app, ["train", "--resume", str(runs / "cut"), "--runs-dir", str(runs), "-q"])
     assert r.exit_code == 0, r.stderr
-    assert losses(runs / "straight") == losses(runs / "cut")
+    assert train_losses(runs / "straight") == train_losses(runs / "cut")
     a, b = (torch.load(runs / run / "checkpoints" / "last.pt", weights_only=True) for run in ("straight", "cut"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from helpers import SPEC, invoke, tiny_config, tiny_model
+from helpers import SPEC, invoke, metric_rows, tiny_config, tiny_model
 from rich.console import Console
 
 from genai_cli import cli, hardware
 from genai_cli.config import from_dict
 from genai_cli.errors import GenaiError
-from genai_cli.runs import MetricsLog
 from genai_cli.train import Trainer
 
 CPU = torch.device("cpu")
@@ -392,7 +391,7 @@ def clocked_probe_threads(seconds: dict[int, float], seen: list[int] | None = No
 
 def thread_records(run) -> list[dict]:
     """A run's thread_probe rows of metrics.jsonl: its start's choice, then each change as it followed the load."""
-    return [row for row in MetricsLog(run / "metrics.jsonl").read() if row["split"] == "thread_probe"]
+    return metric_rows(run, "thread_probe")
 
 
 @pytest.mark.parametrize("ms, chosen, steps", [({4: 900.0, 2: 40.0}, 2, {4: 2, 2: 4}), ({4: 20.0, 2: 30.0}, 4, None),

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import SPEC, invoke, tiny_config, untrained_parent
+from helpers import SPEC, invoke, metric_rows, tiny_config, untrained_parent
 
 from genai_cli.api import build_model, load_checkpoint
 from genai_cli.config import DataConfig, from_dict, load_config
@@ -128,7 +127,7 @@ def test_training_leaves_the_autoencoder_unchanged_and_logs_the_measured_varianc
     ae_state = load_checkpoint_file(tmp_path / "ae" / "checkpoints" / "last.pt")
     ae_weights = ae_state["ema"] if ae_state.get("ema") is not None else ae_state["model"]  # what a child builds on
     assert (tmp_path / "ae" / "samples" / "recon_step_000004.png").exists(), "reconstruction grids are written"
-    assert "val_mse" in [json.loads(line) for line in (tmp_path / "ae" / "metrics.jsonl").open()][-1]
+    assert "val_mse" in metric_rows(tmp_path / "ae")[-1]
 
     raw = tiny_config("latent_ddpm", max_steps=4)
     raw["model"]["autoencoder"] = "ae"
@@ -143,7 +142,7 @@ def test_training_leaves_the_autoencoder_unchanged_and_logs_the_measured_varianc
     assert all(torch.equal(after[k], v) for k, v in ae_weights.items()), "the frozen autoencoder changed"
     assert any(not torch.equal(own_before[k], v) for k, v in trainer.model.unet.state_dict().items())
 
-    first = json.loads((run / "metrics.jsonl").open().readline())
+    first = metric_rows(run)[0]
     assert first["step"] == 0 and first["split"] == "prepare" and first["latent_var"] > 0
     assert first["latent_var_scaled"] == pytest.approx(1.0, abs=1e-4)
     state = load_checkpoint_file(run / "checkpoints" / "last.pt")

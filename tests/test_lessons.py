@@ -3,18 +3,17 @@ diagram, the knobs the lessons turn (GAN player steps, the autoregressive VAE de
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import invoke, tiny_config, tiny_model
+from helpers import invoke, metric_rows, tiny_config, tiny_model
 
 from genai_cli.errors import GenaiError
 from genai_cli.evaluation import metrics
 from genai_cli.models.base import ImageSpec
-from genai_cli.runs import MetricsLog, load_checkpoint_file
+from genai_cli.runs import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = sorted((ROOT / "configs").glob("lesson_*.yaml"))
@@ -48,7 +47,7 @@ def scored(tmp_path_factory):
 # -- 1. watching training -----------------------------------------------------------------------
 def test_every_training_grid_is_scored_and_its_histogram_sums_to_the_grid_size(scored):
     _, run = scored
-    grids = [r for r in MetricsLog(run / "metrics.jsonl").read() if r.get("split") == "samples"]
+    grids = [r for r in metric_rows(run) if r.get("split") == "samples"]
     assert [r["step"] for r in grids] == [2, 4], "one record per grid the loop drew"
     for r in grids:
         assert len(r["class_histogram"]) == 4 and sum(r["class_histogram"]) == r["grid_size"] == 6
@@ -74,7 +73,7 @@ def test_inspect_draws_the_class_history_beside_the_loss_curve(scored):
 def test_inspect_says_in_one_line_how_to_get_an_evaluator(tmp_path):
     root = tmp_path / "runs"
     run = train(root, "dcgan", "gan", max_steps=2, sample_every=2)
-    assert not any(r.get("split") == "samples" for r in MetricsLog(run / "metrics.jsonl").read())
+    assert not any(r.get("split") == "samples" for r in metric_rows(run))
     r = invoke("inspect", run, "--runs-dir", root)
     assert not (run / "class_history.png").exists()
     line = next(line for line in r.stdout.splitlines() if "class history" in line)
@@ -197,4 +196,4 @@ def test_every_lesson_config_trains_a_few_steps(path, tmp_path):
            "--set", "train.checkpoint_every=2", "--set", "train.precision=fp32")
     state = load_checkpoint_file(runs / "lesson" / "checkpoints" / "last.pt")
     assert state["step"] == 2 and state["config"]["data"]["name"] == "mnist5k"
-    assert json.loads((runs / "lesson" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert metric_rows(runs / "lesson")[-1]["step"] == 2

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import train_losses
 from typer.testing import CliRunner
 
 from genai_cli import load_checkpoint
@@ -52,11 +51,6 @@ def test_load_checkpoint_api_gives_a_model_ready_to_sample(tmp_path, config_file
     save_checkpoint({**state, "spec": {**state["spec"], "kind": "video"}}, tmp_path / "text.pt")
     with pytest.raises(GenaiError, match="data spec of kind 'video' is unknown"):
         load_checkpoint(tmp_path / "text.pt")
-
-
-def train_losses(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 def stop_then_resume(monkeypatch, cfg, run, *, code: int, message: str, saved_step: int) -> None:

@@ -5,7 +5,6 @@ read from its memory-mapped token ids equals the in-memory tokenisation; bad dat
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import checksum, tiny_config
+from helpers import checksum, tiny_config, train_losses
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -129,11 +128,8 @@ def test_a_streamed_run_resumed_equals_the_uninterrupted_one(folder, tmp_path, m
     monkeypatch.undo()
     assert train("--resume", runs / "cut") == 0
 
-    def losses(run: str) -> dict[int, float]:
-        rows = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-
-    assert len(losses("straight")) == 5 and losses("straight") == losses("cut")
+    straight, cut = train_losses(runs / "straight"), train_losses(runs / "cut")
+    assert len(straight) == 5 and straight == cut
     a, b = (torch.load(runs / r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in ("straight", "cut"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
