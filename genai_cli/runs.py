@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise GenaiError(f"checkpoint '{path}' not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it may not read; the error below says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or "Unsupported global" in str(e):
             raise GenaiError(f"checkpoint '{path}' holds Python objects other than weights (loading it could run "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,10 @@ def test_bad_input_gives_one_clear_line(world, name, argv, needle):
     if "--runs-dir" not in args:
         args += ["--runs-dir", str(runs)]
     before = checksum(runs)
-    result = runner.invoke(app, args)
+    with warnings.catch_warnings(record=True) as caught:  # a warning would print lines before the error
+        warnings.simplefilter("always")
+        result = runner.invoke(app, args)
+    assert not caught, [str(w.message)[:200] for w in caught]
     assert result.exit_code not in (0, None), result.stdout
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
     lines = result.stderr.strip().splitlines()
