@@ -324,6 +324,7 @@ def probe_cores(*, rounds: int = 3, clock=time.perf_counter) -> tuple[int, dict[
 FOLLOW_SECONDS = 20.0  # how often a run whose thread count follows the load checks the cores again
 SPIKE = 3.0  # ... and sooner, after a step this many times its typical time
 SPIKE_GAP_SECONDS = 2.0  # but not sooner than this after the last check
+CONFIRM_SECONDS = 2.0  # a check that finds the cores free again is repeated this long after, before threads are added
 
 
 class LoadFollower:
@@ -332,12 +333,17 @@ class LoadFollower:
     than its recent typical time, so a run that started on idle cores drops to half as soon as another process holds
     a core, and goes back within ``every`` seconds of its leaving. Without it, a demo run that chose 2 threads on idle
     cores trained at 8-16 images/s instead of ~500 for minutes while another job ran, and its time budget ended it at
-    404 of 910 steps (benchmarks/README.md, "Threads")."""
+    404 of 910 steps (benchmarks/README.md, "Threads").
+
+    Threads are cut at once but added back only when a second check, ``CONFIRM_SECONDS`` later, finds the cores
+    free too: a busy neighbour's pause of a few milliseconds looks free to one probe, and the two steps a demo run
+    then took on two threads beside it cost it ~20 s (benchmarks/README.md, "Threads")."""
 
     def __init__(self, most: int, every: float | None = None, clock=time.perf_counter):
         self.most, self.every, self.clock = most, FOLLOW_SECONDS if every is None else every, clock
         self.last = clock()
         self.typical: float | None = None  # a moving average of the step's seconds since the last check
+        self.free_once = False  # the last check found the cores free while the run had fewer threads
 
     def check(self, step_seconds: float) -> dict[str, float] | None:
         """After a step that took ``step_seconds``: the probe's record where the count changed, else None."""
@@ -351,6 +357,12 @@ class LoadFollower:
         before = torch.get_num_threads()
         torch.set_num_threads(self.most)
         count, record = probe_cores()
+        if count > before and not self.free_once:  # free at the first look: the count stays, checked again soon
+            self.free_once = True
+            torch.set_num_threads(before)
+            self.last = self.clock() - self.every + min(self.every, CONFIRM_SECONDS)
+            return None
+        self.free_once = False
         self.last, self.typical = self.clock(), None  # the steps' time is learnt again at the count now set
         return record if count != before else None
 

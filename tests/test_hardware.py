@@ -505,7 +505,8 @@ def test_the_core_probe_leaves_the_random_stream_alone(threads):
 
 def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
     """``LoadFollower.check`` probes the cores again only every ``every`` seconds, from torch's full count, and
-    reports the record only where the count changed."""
+    reports the record only where the count changed; it cuts threads at once but adds them only when a second check,
+    ``CONFIRM_SECONDS`` later, finds the cores free too."""
     threads(1)  # the start chose half of 2
     now, busy, probed = [0.0], [True], []
 
@@ -522,20 +523,33 @@ def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
         assert follower.check(0.1) is None and probed == []  # not yet due
     now[0] = 21.0
     assert follower.check(0.1) is None and probed == [2] and torch.get_num_threads() == 1  # still busy: no change
+    # The core looks free for one check: a neighbour's pause. The count stays; the next check is 2 s later, not 20.
     busy[0], now[0] = False, 42.0
+    assert follower.check(0.1) is None and probed == [2, 2] and torch.get_num_threads() == 1
+    busy[0], now[0] = True, 43.0
+    assert follower.check(0.1) is None and probed == [2, 2]  # not yet due
+    now[0] = 44.0
+    assert follower.check(0.1) is None and probed == [2, 2, 2] and torch.get_num_threads() == 1  # busy again
+    now[0] = 46.0
+    assert follower.check(0.1) is None and probed == [2, 2, 2]  # back to checks every 20 s
+    # Free at two checks 2 s apart: the threads come back.
+    busy[0], now[0] = False, 64.0
+    assert follower.check(0.1) is None and torch.get_num_threads() == 1
+    now[0] = 66.0
     record = follower.check(0.1)
-    assert record["threads"] == 2 and torch.get_num_threads() == 2  # the core is free again
-    # A step far slower than the steps before it is checked at once, not 20 s later (but not within 2 s of a check).
+    assert record["threads"] == 2 and torch.get_num_threads() == 2 and probed == [2] * 5  # the core is free again
+    # A step far slower than the steps before it is checked at once, not 20 s later (but not within 2 s of a check),
+    # and threads are cut at the first check that finds a core busy.
     busy[0] = True
-    for t in (42.5, 43.0):
+    for t in (66.5, 67.0):
         now[0] = t
         assert follower.check(0.1) is None
-    now[0] = 43.5
-    assert follower.check(5.0) is None and probed == [2, 2]  # 1.5 s after the last check
-    now[0] = 44.5
-    assert follower.check(5.0)["threads"] == 1 and torch.get_num_threads() == 1 and probed == [2, 2, 2]
-    now[0] = 47.0
-    assert follower.check(5.0) is None and probed == [2, 2, 2]  # the first step after a check sets the typical
+    now[0] = 67.5
+    assert follower.check(5.0) is None and probed == [2] * 5  # 1.5 s after the last check
+    now[0] = 68.5
+    assert follower.check(5.0)["threads"] == 1 and torch.get_num_threads() == 1 and probed == [2] * 6
+    now[0] = 71.0
+    assert follower.check(5.0) is None and probed == [2] * 6  # the first step after a check sets the typical
 
 
 @pytest.mark.parametrize("cores, step_choice, follows", [(1, None, True), (2, 2, True), (2, 1, False)])
@@ -548,7 +562,7 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     stepped: list[int] = []
     seconds = {step_choice: 0.05, 3 - step_choice: 2.0} if step_choice else {}  # no step is timed beside a busy core
     monkeypatch.setattr("genai_cli.train.probe_threads", clocked_probe_threads(seconds, stepped))
-    answers = iter([cores, 1, 1, 2, 2])  # the start's, then the loop's after steps 1..4
+    answers = iter([cores, 1, 1, 2, 2])  # the start's, then the loop's after steps 1..4 (free twice: threads added)
 
     def probe_cores():
         count = next(answers)
@@ -568,17 +582,17 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     if not follows:
         assert changes == [(0, 1)] and torch.get_num_threads() == 1
         return
-    expected = [(0, start)] + ([(3, 2)] if start == 1 else [(1, 1), (3, 2)])
+    expected = [(0, start)] + ([(4, 2)] if start == 1 else [(1, 1), (4, 2)])
     assert changes == expected and torch.get_num_threads() == 2
-    assert "step 3: threads 2 of 2 again (the cores are free)" in r.stdout
+    assert "step 4: threads 2 of 2 again (the cores are free)" in r.stdout
     assert "CPU threads" in invoke("inspect", tmp_path / "runs" / "r").stdout  # the history, as threads_history says
     assert cli.threads_history(records) == (
         f"{start} of 2 at the start; " + ("" if start == 1 else "1 from step 1, ")
-        + "2 from step 3 (measured, following the load)")
+        + "2 from step 4 (measured, following the load)")
     # A resumed run starts on the count its start chose and follows the load again.
-    answers = iter([2, 1])
+    answers = iter([2, 2, 1])
     threads(2)
-    invoke("train", "--resume", tmp_path / "runs" / "r", "--set", "train.max_steps=6", "--runs-dir", tmp_path / "runs",
+    invoke("train", "--resume", tmp_path / "runs" / "r", "--set", "train.max_steps=7", "--runs-dir", tmp_path / "runs",
            "--quiet")
     changes = [(row["step"], row["threads"]) for row in thread_records(tmp_path / "runs" / "r") if row["step"] > 4]
-    assert changes == ([(5, 2)] if start == 1 else []) + [(6, 1)] and torch.get_num_threads() == 1
+    assert changes == ([(6, 2)] if start == 1 else []) + [(7, 1)] and torch.get_num_threads() == 1
