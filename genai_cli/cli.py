@@ -200,7 +200,7 @@ def sample(
     from .api import model_from_state
     from .config import from_dict
     from .export import load_target
-    from .hardware import pick_device, settle_threads
+    from .hardware import following_load, pick_device
     from .runs import run_of_checkpoint
     from .runs import runs_dir as resolve_runs_dir
 
@@ -228,9 +228,9 @@ def sample(
                                   plan.mode, model.spec)
     dev = pick_device(device, "--device")
     images = gen.validation_images(cfg.data, plan.real_images) if plan.real_images else None
-    # Fewer CPU threads where another process holds a core.
-    settle_threads(dev, say=(lambda line: None) if quiet else (lambda line: err.print(line, markup=False)))
-    samples = gen.draw(model, request, images=images, device=dev)
+    # Fewer CPU threads while another process holds a core.
+    with following_load(dev, say=(lambda line: None) if quiet else (lambda line: err.print(line, markup=False))):
+        samples = gen.draw(model, request, images=images, device=dev)
     samples.save(out_file)
     if not quiet:
         if samples.texts is not None:
@@ -531,12 +531,12 @@ def evaluate(
                 out.print(f"reliability diagram: {r['reliability_diagram']}", markup=False)
         return
     from .evaluation.run import evaluate_run
-    from .hardware import pick_device, settle_threads
+    from .hardware import following_load, pick_device
 
-    settle_threads(pick_device(device, "--device"), say=log)  # fewer CPU threads where another process holds a core
-    results = [evaluate_run(t, root=root, n=SAMPLES_PER_RUN if n is None else n, seed=seed, device=device,
-                            evaluator=evaluator, train_missing=train_evaluator, log=log, console=err)
-               for t in targets]
+    with following_load(pick_device(device, "--device"), say=log):  # fewer CPU threads while a core is busy
+        results = [evaluate_run(t, root=root, n=SAMPLES_PER_RUN if n is None else n, seed=seed, device=device,
+                                evaluator=evaluator, train_missing=train_evaluator, log=log, console=err)
+                   for t in targets]
     chart_path = None
     if chart is not None or len(results) > 1:
         chart_path = report.comparison_chart(results, chart or root / "comparison.png")

@@ -138,10 +138,48 @@ def step_threads(macs: int, device: torch.device):
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     try:
-        yield
+        with threads_held():
+            yield
     finally:
         torch.set_num_threads(threads)
         torch.backends.mkldnn.enabled = onednn
+
+
+class _ModuleCallCheck:
+    """``following_load``'s check on every module call: a global forward pre-hook, attached only while no
+    ``threads_held`` context is open (a hook puts every module call on torch's slower path: ~1.5 us each)."""
+
+    def __init__(self, check):
+        self.check, self.handle = check, None
+
+    def attach(self) -> None:
+        if self.handle is None:
+            self.handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: self.check())
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+_held = 0  # threads_held contexts open in this process
+_following: _ModuleCallCheck | None = None  # following_load's, while one is open
+
+
+@contextmanager
+def threads_held():
+    """Code that sets the CPU thread count itself (``step_threads``' loops, a run trained inside another command, which
+    follows the load its own way): ``following_load`` leaves the count alone meanwhile, and its hook is detached."""
+    global _held
+    _held += 1
+    if _following is not None:
+        _following.detach()
+    try:
+        yield
+    finally:
+        _held -= 1
+        if _following is not None and not _held:
+            _following.attach()
 
 
 def largest_layer(model: torch.nn.Module) -> int:
@@ -367,11 +405,45 @@ class LoadFollower:
         return record if count != before else None
 
 
-def settle_threads(device: torch.device, say=lambda line: None) -> None:
-    """``probe_cores`` where ``thread_probe_wanted``; the process keeps the count it chose, and ``say`` gets
-    ``describe_threads``'s line where the count was cut."""
-    if thread_probe_wanted(device) and (line := describe_threads(probe_cores()[1])):
+def describe_change(record: dict[str, Any]) -> str:
+    """What a ``LoadFollower`` check that changed the count says: ``describe_threads``'s line for a cut, else that
+    the full count is back."""
+    return describe_threads(record) or (
+        f"threads {record['threads']:.0f} of {record['of_threads']:.0f} again (the cores are free)")
+
+
+SAMPLE_FOLLOW_SECONDS = 5.0  # how often a command without training steps (genai sample, evaluate) checks the cores
+
+
+@contextmanager
+def following_load(device: torch.device, say=lambda line: None, clock=time.perf_counter):
+    """A context for a command that runs one workload and ends (``genai sample``, ``genai evaluate``): where
+    ``thread_probe_wanted``, ``probe_cores`` picks the thread count at its start, then a ``LoadFollower`` checks the
+    cores again every ``SAMPLE_FOLLOW_SECONDS`` through it, looking at the clock at every module's forward call (a
+    global pre-hook, removed on exit): such a command has no steps of its own to time, and a draw of many images
+    that met a busy core on two threads would run ~8x slower to its end (benchmarks/README.md, "Threads"). ``say``
+    gets the line of each change (``describe_change``); code in ``threads_held`` is left alone."""
+    global _following
+    if not thread_probe_wanted(device) or _following is not None:
+        yield
+        return
+    record = probe_cores()[1]
+    if line := describe_threads(record):
         say(line)
+    follower = LoadFollower(int(record["of_threads"]), every=SAMPLE_FOLLOW_SECONDS, clock=clock)
+
+    def check() -> None:
+        if (changed := follower.check(0.0)) is not None:
+            say(describe_change(changed))
+
+    _following = _ModuleCallCheck(check)
+    if not _held:
+        _following.attach()
+    try:
+        yield
+    finally:
+        _following.detach()
+        _following = None
 
 
 _measured: dict[object, Precision] = {}  # measured_precision's answers, by workload key, for this process

@@ -43,7 +43,7 @@ from .generate import SampleRequest, draw, plan
 from .hardware import (
     LoadFollower,
     Precision,
-    describe_threads,
+    describe_change,
     pick_device,
     probe_cores,
     probe_threads,
@@ -705,9 +705,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             if self.follower is not None and (changed := self.follower.check(dt)) is not None:
                 self.log({"step": self.step, "split": "thread_probe", **changed})
-                said = describe_threads(changed) or (
-                    f"threads {changed['threads']:.0f} of {changed['of_threads']:.0f} again (the cores are free)")
-                reporter.message(f"step {self.step}: {said}")
+                reporter.message(f"step {self.step}: {describe_change(changed)}")
             self.elapsed += dt
             window_time += dt
             window_images += t.batch_size

@@ -492,6 +492,47 @@ def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, c
     assert products == [] and torch.get_num_threads() == 2
 
 
+def test_a_long_draw_follows_the_load_between_module_calls(monkeypatch, probes_on):
+    """``following_load`` (genai sample, genai evaluate) picks the count at the start, then checks the cores again
+    every few seconds at module calls through the draw, cutting at once and adding back after two free checks; it
+    says each change, never probes inside a loop of small steps (its hook is detached there), and leaves no hook."""
+    now, busy, said, probed = [0.0], [True], [], []
+
+    def probe_cores():
+        probed.append(now[0])
+        count = 1 if busy[0] else 2
+        torch.set_num_threads(count)
+        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 9.0 if busy[0] else 1.0,
+                       "threads_1_ms_per_step": 2.0, "timed": "product"}
+    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    net = torch.nn.Linear(2, 2)
+    hooks = torch.nn.modules.module._global_forward_pre_hooks
+    with torch.no_grad(), hardware.following_load(torch.device("cpu"), say=said.append, clock=lambda: now[0]):
+        assert torch.get_num_threads() == 1 and said == ["threads 1 of 2 (measured: 2.0 against 9.0 ms per test "
+                                                         "product)"]
+        busy[0] = False
+        for t in (1.0, 4.9):
+            now[0] = t
+            net(torch.ones(1, 2))
+        assert probed == [0.0]  # not yet due
+        now[0] = hardware.SAMPLE_FOLLOW_SECONDS
+        net(torch.ones(1, 2))
+        assert torch.get_num_threads() == 1 and len(probed) == 2  # free once: not yet
+        with hardware.step_threads(1, torch.device("cpu")):  # a loop of small steps: one thread, no checks
+            now[0] += hardware.CONFIRM_SECONDS
+            net(torch.ones(1, 2))
+            assert len(probed) == 2 and not hooks
+        net(torch.ones(1, 2))  # after the loop: checked again, free again
+        assert torch.get_num_threads() == 2 and len(probed) == 3
+        assert said[-1] == "threads 2 of 2 again (the cores are free)"
+        busy[0], now[0] = True, now[0] + hardware.SAMPLE_FOLLOW_SECONDS
+        net(torch.ones(1, 2))
+        assert torch.get_num_threads() == 1 and said[-1].startswith("threads 1 of 2")
+    assert not hooks
+    net(torch.ones(1, 2))
+    assert len(probed) == 4
+
+
 def test_the_core_probe_leaves_the_random_stream_alone(threads):
     """A run's checks of the cores come between its steps: they must not draw from torch's generator, or the run's
     noise would depend on when the load changed."""

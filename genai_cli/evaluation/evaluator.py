@@ -113,6 +113,7 @@ def train_evaluator(data_cfg, root: Path, log: Callable[[str], None] = lambda s:
     """
     from ..config import from_dict
     from ..data import load_data
+    from ..hardware import threads_held
     from ..session import start_run
 
     raw = evaluator_config(data_cfg)
@@ -126,9 +127,11 @@ def train_evaluator(data_cfg, root: Path, log: Callable[[str], None] = lambda s:
         raw["train"]["max_steps"] = EVALUATOR_MAX_STEPS
         cfg = from_dict(raw, source="the evaluator recipe")
     stem = f"evaluator-{data_cfg.name}-{data.spec.channels}x{data.spec.size}"
-    trainer = start_run(cfg, root, stem=stem, data=data, quiet=True, console=console)
-    log(f"training the evaluator network for '{data_cfg.name}' into {trainer.run_dir} ({trainer.total_steps} steps)")
-    result = trainer.fit()
+    with threads_held():  # the run picks its threads and follows the load itself (genai evaluate follows it too)
+        trainer = start_run(cfg, root, stem=stem, data=data, quiet=True, console=console)
+        log(f"training the evaluator network for '{data_cfg.name}' into {trainer.run_dir} "
+            f"({trainer.total_steps} steps)")
+        result = trainer.fit()
     log(f"evaluator trained: validation accuracy {result.get('val_accuracy', float('nan')):.4f}")
     return trainer.run_dir / "checkpoints" / "last.pt"
 
