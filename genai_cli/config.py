@@ -228,7 +228,9 @@ def coerce(value: Any, tp, key: str) -> Any:
     raise GenaiError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
-def build_dataclass(cls, raw: dict[str, Any], section: str):
+def build_dataclass(cls, raw: dict[str, Any], section: str, read_before: tuple[str, ...] = ()):
+    """``cls`` from the section's keys; ``read_before``: keys the section also holds that were taken out before
+    (model.family), named among the valid keys of a typo's error."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -238,8 +240,9 @@ def build_dataclass(cls, raw: dict[str, Any], section: str):
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise GenaiError(f"unknown config key '{section}.{key}'{did_you_mean(key, names)}; "
-                             f"valid keys in '{section}': {', '.join(names)}")
+            valid = [*read_before, *names]
+            raise GenaiError(f"unknown config key '{section}.{key}'{did_you_mean(key, valid)}; "
+                             f"valid keys in '{section}': {', '.join(valid)}")
         kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
 
@@ -286,7 +289,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     cls = MODELS.get(str(family))
     cfg = Config(
         family=str(family),
-        model=build_dataclass(cls.Config, model_raw, "model"),
+        model=build_dataclass(cls.Config, model_raw, "model", read_before=("family",)),
         data=build_dataclass(DataConfig, raw.get("data"), "data"),
         train=build_dataclass(TrainConfig, raw.get("train"), "train"),
         sample=build_dataclass(SampleConfig, raw.get("sample"), "sample"),

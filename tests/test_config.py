@@ -32,6 +32,7 @@ def test_overrides_are_typed_by_the_dataclass(tmp_path):
 @pytest.mark.parametrize("override, needle", [
     (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
     (["model.base_chanels=8"], "did you mean 'base_channels'?"),
+    (["model.famly=ddpm"], "did you mean 'family'?); valid keys in 'model': family, "),
     (["trian.epochs=3"], "did you mean 'train'?"),
     (["train.epochs=three"], "'train.epochs' must be int"),
     (["train.batch_size=0"], "'train.batch_size' must be at least 1"),
