@@ -121,7 +121,8 @@ def train(
             distributed.shutdown(together=True)  # every rank stopped after the same step
             raise typer.Exit(130) from None
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        talk.print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        rate = trainer.data.spec.describe_rate  # the run's unit: img/s, tokens/s
+        talk.print("done: " + ", ".join(rate(v) if k == "images_per_sec" else f"{k} {v:.4g}" for k, v in shown.items()))
         talk.print(f"samples: {trainer.run_dir / 'samples'} | next: genai sample {trainer.run_dir}")
         distributed.shutdown(together=True)
     except GenaiError:

@@ -128,7 +128,8 @@ def test_unknown_prompt_character_is_one_line(tmp_path):
     raw = write_text(tmp_path, PHRASE * 20, max_steps=2)
     raw["model"] = {"family": "transformer", "d_model": 16, "heads": 2, "layers": 1}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    invoke("train", tmp_path / "c.yaml", "--runs-dir", tmp_path / "runs", "--name", "t", "-q")
+    done = invoke("train", tmp_path / "c.yaml", "--runs-dir", tmp_path / "runs", "--name", "t").stdout
+    assert " tokens/s" in done and "images_per_sec" not in done and "img/s" not in done  # the end says characters
     r = invoke("sample", tmp_path / "runs" / "t", "--prompt", "hello Z", ok=False)
     assert r.exit_code == 2 and "character 'Z'" in r.output and len(r.output.strip().splitlines()) == 1
     r = invoke("sample", tmp_path / "runs" / "t", "--prefix-rows", "2", ok=False)
