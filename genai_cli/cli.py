@@ -623,6 +623,9 @@ def runs_table(root: Path) -> Table | None:
     return table
 
 
+LIST_PIPE_WIDTH = 160  # genai list's width when its output is not a terminal
+
+
 @app.command("list")
 @one_line_errors
 def list_cmd(
@@ -637,29 +640,31 @@ def list_cmd(
     from .registry import DATASETS, MODELS
     from .runs import runs_dir as resolve_runs_dir
 
+    # Piped (grep, less, a file), rich would lay the tables out in 80 columns; a terminal sets its own width.
+    view = out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=LIST_PIPE_WIDTH)
     table = Table(title="model families")
     for col in ("family", "data", "what", "sample options", "can"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # one name per line; a narrow terminal folds a long one, never cuts it
     kinds = {"image": "images", "tokens": "text"}
     for e in MODELS.entries():
         aliases = MODELS.aliases_of(e.name)
         name = e.name + (f"\n(was {', '.join(aliases)})" if aliases else "")
         table.add_row(name, ", ".join(kinds.get(k, k) for k in e.obj.modalities), e.summary,
-                      ", ".join(flag_of(o) for o in sorted(e.obj.sample_options)), ", ".join(shown(e.obj)))
-    out.print(table)
+                      "\n".join(flag_of(o) for o in sorted(e.obj.sample_options)), "\n".join(shown(e.obj)))
+    view.print(table)
     table = Table(title="capabilities (the can column)")
     table.add_column("capability")
     table.add_column("gives")
     for c in CAPABILITIES.values():
         if not c.hook:
             table.add_row(c.name, c.summary)
-    out.print(table)
+    view.print(table)
     table = Table(title="datasets")
     table.add_column("dataset")
     table.add_column("what")
     for e in DATASETS.entries():
         table.add_row(e.name, e.summary)
-    out.print(table)
+    view.print(table)
     table = Table(title="bundled configs")
     for col in ("config", "family", "dataset"):
         table.add_column(col)
@@ -671,10 +676,10 @@ def list_cmd(
                           str((raw.get("data") or {}).get("name", "?")))
         except yaml.YAMLError:
             table.add_row(str(p), "(invalid YAML)", "")
-    out.print(table)
+    view.print(table)
     runs = runs_table(resolve_runs_dir(runs_dir))
     if runs is not None:
-        out.print(runs)
+        view.print(runs)
 
 
 def main() -> None:

@@ -83,6 +83,10 @@ def test_list_shows_families_and_datasets():
     r = invoke("list")
     for word in ("ddpm", "mnist5k", "shapes", "image_folder", "quickstart.yaml"):
         assert word in r.stdout
+    # Piped (not a terminal), no flag or capability is cut short ("--choice-temperat…" in 80 columns).
+    for word in ("--choice-temperature", "--traverse-dim", "calibration_logits", "likelihood_estimate"):
+        assert word in r.stdout
+    assert "…" not in r.stdout
 
 
 def test_resume_continues_the_step_count(trained):
