@@ -5,6 +5,9 @@
                                              [--precision fp32|bf16|auto] [--set KEY=VALUE ...]
                                              [--top-samples 1000 [--top-seeds 1 2 3]]
                                              [--name bench-scaling] [--out DIR] [--resume] [--merge JSON ...]
+    python benchmarks/bench_scaling.py rescore --pairs DIT_RUN:UNET_RUN [...] [--guidance 1.25 1.5 2 2.5 3]
+                                               [--budget 200] [--top-samples 1000] [--top-seeds 1 2 3] [--steps 8]
+                                               [--threads 1] [--out JSON]
     python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 1]
 
 study: every arm is ``configs/latent_ddpm_mnist.yaml`` (class-conditional, v-prediction with min-SNR-5, EMA 0.995,
@@ -32,6 +35,16 @@ Each budget's EMA weights are also saved as the run's ``checkpoints/budget_<seco
 ``--top-samples`` scores the largest budget again with that many samples at each of ``--top-seeds`` (a 200-sample
 FID near the floor moves by more than the arms differ), printed as the last table. Runs go to
 benchmarks/runs/<--name>-<backbone>-<size>: a pilot's own ``--name`` leaves the study's runs alone.
+
+rescore: the study's saved snapshots scored again at other guidance scales, both arms of each pair alike: each run's
+(benchmarks/runs/<RUN>) ``checkpoints/budget_<--budget>.pt`` (its EMA weights), ``--top-samples`` samples at each of
+``--top-seeds`` with the study's sampler (DPM-Solver++(2M), ``--steps`` steps) at each of ``--guidance``, scored as
+the study scores them (classifier-FID and the rest of ``sample_quality`` against the same validation images, the
+same evaluator); at guidance 2 it reproduces the study's ``--top-samples`` figures. Every seed's scores go to
+``--out`` (default benchmarks/scaling/rescore.json) as they are measured; a second call with the same file skips what
+it has (a killed call resumes; more seeds or guidances add to it; a different budget, sample count or step count
+is refused). Prints per pair and guidance DiT's and UNet's mean classifier-FID over the seeds and their ratio, the
+same pooled over the pairs (the mean of every seed of every pair), and each arm pooled at its own best guidance.
 
 speed: parameters and training images per second of this process's CPU time (forward, backward, AdamW step; mean of
 ``--steps`` after one warm-up; with 1 thread, images/s of one core, which a machine shared with others keeps) of
@@ -64,6 +77,7 @@ from genai_cli.train import Trainer
 
 OUT = ROOT / "benchmarks" / "scaling"  # the committed figure and JSON; --out elsewhere for trial runs
 AE_RUN = "bench-scaling-ae"
+GUIDANCE = 2.0  # the study's classifier-free guidance scale, the same for every arm
 
 
 class SnapshotTrainer(Trainer):
@@ -119,18 +133,41 @@ def step_flops(model, batch_size: int) -> int:
     return counter.get_total_flops()
 
 
-def study(args) -> None:
-    cpu = torch.device("cpu")
+def sampler_options(steps: int, guidance: float = GUIDANCE) -> dict:
+    """The study's sampler: DPM-Solver++(2M) with ``steps`` steps at classifier-free guidance ``guidance``."""
+    return {"sampler": "dpm++2m", "steps": steps, "guidance": guidance}
+
+
+def study_data():
+    """(mnist5k at 28x28, the evaluator network): what every sample of the study is scored against."""
     data_cfg = DataConfig(name="mnist5k", image_size=28)
     data = load_data(data_cfg)
     evaluator, ev_acc, ev_ckpt = evaluator_for(data_cfg, data.spec)
     log(f"evaluator {ev_ckpt} (validation accuracy {ev_acc})")
+    return data_cfg, data, evaluator
+
+
+def score_at_seeds(model, evaluator, data, n: int, seeds: list[int], options: dict, done=None) -> list[dict]:
+    """``sample_quality`` of ``n`` samples of ``model`` drawn with ``options`` at each of ``seeds`` (the sampling
+    seed is also the KID's), one dict per seed; ``done(seed, quality)`` is called after each (to save it)."""
+    cpu = torch.device("cpu")
+    out = []
+    for seed in seeds:
+        out.append(sample_quality(evaluator, data, draw_samples(model, n, seed, options, cpu)[0], cpu, seed))
+        if done is not None:
+            done(seed, out[-1])
+    return out
+
+
+def study(args) -> None:
+    cpu = torch.device("cpu")
+    data_cfg, data, evaluator = study_data()
     ae_run = RUNS / AE_RUN
     if not (ae_run / "checkpoints" / "last.pt").exists():
         log(f"autoencoder: {AUTOENCODER} for {args.ae_seconds:.0f} CPU s")
         ae_run = train_for(AUTOENCODER, args.ae_seconds, data, AE_RUN)[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    options = {"sampler": "dpm++2m", "steps": args.steps, "guidance": 2.0}
+    options = sampler_options(args.steps)
     results = json.loads((args.out / "scaling.json").read_text())["arms"] if args.resume else {}
     for path in args.merge:  # arms measured by another process of the same study (run side by side)
         results.update({k: v for k, v in json.loads(path.read_text())["arms"].items() if k not in results})
@@ -175,9 +212,9 @@ def study(args) -> None:
             log(f"{arm}: {snap['budget']:.0f} CPU s, step {snap['step']}, {points[-1]['train_gflops']:.0f} GFLOPs, "
                 f"val loss {val['val_loss']:.4f}, classifier-FID {quality['classifier_fid']:.2f}")
         if args.top_samples and points:  # the largest budget again, with less noise: several seeds of more samples
-            points[-1]["top_fids"] = [sample_quality(evaluator, data, draw_samples(model, args.top_samples, seed,
-                                                                                   options, cpu)[0], cpu, seed)
-                                      ["classifier_fid"] for seed in args.top_seeds]
+            points[-1]["top_fids"] = [q["classifier_fid"] for q in score_at_seeds(model, evaluator, data,
+                                                                                   args.top_samples, args.top_seeds,
+                                                                                   options)]
             log(f"{arm}: {points[-1]['budget']:.0f} CPU s, classifier-FID of {args.top_samples} samples at seeds "
                 f"{args.top_seeds}: {', '.join(f'{f:.2f}' for f in points[-1]['top_fids'])}")
         results[arm] = {"backbone": backbone, "size": size, "params": params, "gflops_per_step": flops / 1e9,
@@ -248,7 +285,7 @@ def report(results: dict, args) -> None:
                          f"{p['train_gflops']:.0f}", f"{p['val_loss']:.4f}", f"{p['classifier_fid']:.2f}"])
     print(f"\nScaling study: latent_ddpm on mnist5k, budgets {args.budgets} CPU s per arm ({args.threads} thread, "
           f"{args.precision}), "
-          f"{args.samples} samples each (dpm++2m {args.steps} steps, guidance 2); {machine()}\n")
+          f"{args.samples} samples each (dpm++2m {args.steps} steps, guidance {GUIDANCE:g}); {machine()}\n")
     print(markdown(["arm", "parameters", "GFLOPs / step", "CPU s", "steps", "train GFLOPs", "val loss",
                     "classifier-FID"], rows))
     pairs = [(d, u) for d, u in (("dit:S", "unet:S"), ("dit:B", "unet:M"), ("dit:L", "unet:L"))
@@ -279,6 +316,84 @@ def report(results: dict, args) -> None:
                          f"{md:.2f}", " / ".join(f"{f:.2f}" for f in pu["top_fids"]), f"{mu:.2f}", f"{md / mu:.2f}"])
         print(markdown(["pair", "CPU s", "DiT FID per seed", "DiT mean", "UNet FID per seed", "UNet mean", "ratio"],
                        rows))
+
+
+# -- rescore -----------------------------------------------------------------------------------------
+def rescore(args) -> None:
+    pairs = [tuple(pair.split(":")) for pair in args.pairs]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit("--pairs takes DIT_RUN:UNET_RUN")
+    settings = {"budget": args.budget, "samples": args.top_samples, "steps": args.steps}
+    saved = json.loads(args.out.read_text()) if args.out.exists() else {**settings, "runs": {}}
+    if any(saved[k] != v for k, v in settings.items()):
+        raise SystemExit(f"{args.out} holds {({k: saved[k] for k in settings})}, not {settings}: another --out")
+    runs = saved["runs"]
+    _, data, evaluator = study_data()
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**saved, "machine": machine(), "threads": args.threads}, indent=2))
+        tmp.replace(args.out)  # a kill while writing leaves the last whole file
+
+    def recorder(name: str, key: str, have: dict):
+        """``score_at_seeds``'s ``done`` for one run at one guidance: each seed's scores into ``have``, saved."""
+        start = time.perf_counter()
+
+        def done(seed: int, quality: dict) -> None:
+            nonlocal start
+            have[str(seed)] = {**{k: quality[k] for k in ("classifier_fid", "kid", "precision", "recall")},
+                               "seconds": round(time.perf_counter() - start, 1)}
+            log(f"{name} guidance {key} seed {seed}: classifier-FID {quality['classifier_fid']:.2f}, recall "
+                f"{quality['recall']:.3f} ({have[str(seed)]['seconds']:.0f} s)")
+            save()
+            start = time.perf_counter()
+        return done
+
+    for guidance in args.guidance:
+        key = f"{guidance:g}"
+        for name in dict.fromkeys(run for pair in pairs for run in pair):
+            have = runs.setdefault(name, {}).setdefault(key, {})
+            seeds = [seed for seed in args.top_seeds if str(seed) not in have]
+            if seeds:
+                model = load_checkpoint(RUNS / name / "checkpoints" / f"budget_{args.budget:g}.pt")
+                score_at_seeds(model, evaluator, data, args.top_samples, seeds, sampler_options(args.steps, guidance),
+                               recorder(name, key, have))
+    rescore_report(runs, pairs, args)
+
+
+def rescore_report(runs: dict, pairs: list[tuple[str, str]], args) -> None:
+    def fids(name: str, key: str) -> list[float]:
+        return [runs[name][key][str(seed)]["classifier_fid"] for seed in args.top_seeds]
+
+    def recall(name: str, key: str) -> float:
+        return sum(runs[name][key][str(seed)]["recall"] for seed in args.top_seeds) / len(args.top_seeds)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    keys = [f"{g:g}" for g in args.guidance]
+    print(f"\nThe {args.budget:g} CPU-s snapshots, {args.top_samples} samples at seeds {args.top_seeds} "
+          f"(DPM-Solver++(2M), {args.steps} steps), classifier-FID per seed and mean; recall: mean over the seeds; "
+          f"{machine()}\n")
+    rows = []
+    for key in keys:
+        for d, u in pairs:
+            fd, fu = fids(d, key), fids(u, key)
+            rows.append([f"{d} vs {u}", key, " / ".join(f"{f:.2f}" for f in fd), f"{mean(fd):.2f}",
+                         " / ".join(f"{f:.2f}" for f in fu), f"{mean(fu):.2f}", f"{mean(fd) / mean(fu):.2f}",
+                         f"{recall(d, key):.3f} / {recall(u, key):.3f}"])
+    print(markdown(["pair", "guidance", "DiT FID per seed", "DiT mean", "UNet FID per seed", "UNet mean",
+                    "DiT / UNet", "recall DiT / UNet"], rows))
+    pooled = {key: (mean([f for d, _ in pairs for f in fids(d, key)]),
+                    mean([f for _, u in pairs for f in fids(u, key)])) for key in keys}
+    print(f"\nPooled over the {len(pairs)} pairs ({len(pairs) * len(args.top_seeds)} FIDs per arm and guidance)\n")
+    print(markdown(["guidance", "DiT mean", "UNet mean", "DiT / UNet"],
+                   [[key, f"{md:.2f}", f"{mu:.2f}", f"{md / mu:.2f}"] for key, (md, mu) in pooled.items()]))
+    best_d = min(keys, key=lambda k: pooled[k][0])
+    best_u = min(keys, key=lambda k: pooled[k][1])
+    print(f"\nEach arm at its best guidance, pooled: DiT {pooled[best_d][0]:.2f} (guidance {best_d}), UNet "
+          f"{pooled[best_u][1]:.2f} (guidance {best_u}), DiT / UNet {pooled[best_d][0] / pooled[best_u][1]:.2f}")
 
 
 # -- speed -------------------------------------------------------------------------------------------
@@ -360,13 +475,24 @@ def main() -> None:
                    help="runs go to benchmarks/runs/NAME-<backbone>-<size> (a pilot's own NAME keeps the study's runs)")
     s.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="scaling.json files of the same study whose arms are kept (arms split over processes)")
+    r = sub.add_parser("rescore", help="the study's saved snapshots scored again at other guidance scales")
+    r.add_argument("--pairs", nargs="+", required=True, metavar="DIT_RUN:UNET_RUN",
+                   help="run names under benchmarks/runs/, a DiT's and the UNet it is compared with")
+    r.add_argument("--guidance", type=float, nargs="+", default=[1.25, 1.5, 2.0, 2.5, 3.0])
+    r.add_argument("--budget", type=float, default=200.0, help="which snapshot: checkpoints/budget_<BUDGET>.pt")
+    r.add_argument("--top-samples", type=int, default=1000, help="samples per seed")
+    r.add_argument("--top-seeds", type=int, nargs="+", default=[1, 2, 3])
+    r.add_argument("--steps", type=int, default=8, help="DPM-Solver++(2M) steps per sample")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--out", type=Path, default=OUT / "rescore.json",
+                   help="where every seed's scores go as measured (and what a second call skips)")
     p = sub.add_parser("speed", help="training images/s of every DiT preset, fp32 and bf16")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    study(args) if args.command == "study" else speed(args)
+    {"study": study, "rescore": rescore, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":
