@@ -153,9 +153,10 @@ def parse_temperature(value: Any, family: str, cls, ckpt: Path, step: int) -> An
         raise GenaiError(f"--temperature must be a number or 'calibrated', got '{value}'") from None
 
 
-def sampling_flags(fn):
+def sampling_flags(fn, rows=None):
     """Give ``fn(..., **options)`` one Typer option per row of genai_cli/options.py (the sampling options and the
-    modes), so a new option needs no edit here: the flags, their help and their types come from the table."""
+    modes; ``rows``: those only), so a new option needs no edit here: the flags, their help and their types come
+    from the table."""
     import inspect
 
     from .options import OPTIONS
@@ -163,7 +164,7 @@ def sampling_flags(fn):
     sig = inspect.signature(fn)
     fixed = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     added, hints = [], {}
-    for o in OPTIONS:
+    for o in OPTIONS if rows is None else rows:
         if o.type is bool:
             default, hint = typer.Option(False, o.cli_flag, help=o.help), bool
         else:
@@ -173,6 +174,14 @@ def sampling_flags(fn):
     fn.__signature__ = sig.replace(parameters=[*fixed, *added])
     fn.__annotations__ = {**{k: v for k, v in typing.get_type_hints(fn).items()}, **hints}
     return fn
+
+
+def drawing_flags(fn):
+    """``sampling_flags`` without the modes and --label: the options of a plain draw of every class, as ``genai
+    evaluate`` measures one."""
+    from .options import OPTIONS
+
+    return sampling_flags(fn, [o for o in OPTIONS if not o.mode and o.name != "labels"])
 
 
 @app.command()
@@ -483,6 +492,7 @@ SAMPLES_PER_RUN = 1000  # genai evaluate -n
 
 @app.command()
 @one_line_errors
+@drawing_flags
 def evaluate(
     targets: Optional[list[str]] = typer.Argument(None, help="Runs (folders, names or checkpoints) to measure and "
                                                   "compare (default: the newest run)."),
@@ -501,18 +511,31 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    **flags: Any,
 ):
     """Measure samples offline (classifier-FID, KID, precision/recall/density/coverage, class histogram),
-    bits/dim and diagnostics; or --calibrate a sampling temperature."""
+    bits/dim and diagnostics; or --calibrate a sampling temperature.
+
+    The sampling options (--guidance, --steps, --sampler, --temperature, ...) replace the run's sample: defaults
+    for this draw, e.g. to measure another guidance scale; they are recorded with the results."""
     from .evaluation import report
+    from .options import flag_of
     from .runs import runs_dir as resolve_runs_dir
 
     root = resolve_runs_dir(runs_dir)
     targets = targets or [None]
     log = (lambda text: None) if quiet else (lambda text: err.print(text, markup=False))
+    options = {k: v for k, v in flags.items() if v is not None and v is not False}  # the flags given
+    if "temperature" in options:
+        try:
+            options["temperature"] = float(options["temperature"])
+        except ValueError:
+            raise GenaiError(f"genai evaluate --temperature takes a number, got '{options['temperature']}' (a "
+                             f"calibrated one is measured by --calibrate)") from None
     if calibrate:
         given = [flag for flag, value in (("-n", n), ("--seed", seed), ("--evaluator", evaluator), ("--chart", chart),
                                           ("--train-evaluator", train_evaluator or None)) if value is not None]
+        given += [flag_of(k) for k in options]
         if given:
             raise GenaiError(f"--calibrate fits a temperature on the validation split and draws no samples; "
                              f"it takes no {', '.join(given)}")
@@ -536,7 +559,8 @@ def evaluate(
 
     with following_load(pick_device(device, "--device"), say=log):  # fewer CPU threads while a core is busy
         results = [evaluate_run(t, root=root, n=SAMPLES_PER_RUN if n is None else n, seed=seed, device=device,
-                                evaluator=evaluator, train_missing=train_evaluator, log=log, console=err)
+                                evaluator=evaluator, train_missing=train_evaluator, sample_options=options or None,
+                                log=log, console=err)
                    for t in targets]
     chart_path = None
     if chart is not None or len(results) > 1:

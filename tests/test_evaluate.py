@@ -194,6 +194,17 @@ def test_evaluate_trains_the_evaluator_then_compares_runs(runs):
     assert yaml.safe_load(config_text)["model"]["family"] in evaluators.evaluator_families()
     records = metric_rows(a)
     assert records[-1]["split"] == "evaluate" and records[-1]["classifier_fid"] == pytest.approx(m["classifier_fid"])
+    # Sampling options replace the run's sample: defaults for the draw, and are recorded with its figures.
+    r = invoke("evaluate", a, "--runs-dir", root, "-n", 16, "--sampler", "ddim", "--steps", 3, "--json", "-q")
+    other = json.loads(r.stdout)
+    assert other["sample_options"]["sampler"] == "ddim" and other["sample_options"]["steps"] == 3
+    assert other["metrics"]["classifier_fid"] != pytest.approx(m["classifier_fid"])
+    assert metric_rows(a)[-1]["sample_options"] == other["sample_options"]
+    for flags, needle in ((["--top-k", 5], "--top-k is not an option of family 'ddpm'"),
+                          (["--temperature", "warm"], "--temperature takes a number"),
+                          (["--calibrate", "--guidance", 1.5], "it takes no -n, --guidance")):
+        r = invoke("evaluate", a, "--runs-dir", root, "-n", 16, *flags, ok=False)  # refused before any work
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
     # The second time the evaluator is found; two runs give one table and a bar chart.
     r = invoke("evaluate", a, b, "--runs-dir", root, "-n", 16, "--chart", root / "cmp.png")
     assert (root / "cmp.png").is_file() and "bits/dim" in r.stdout and "classifier-FID" in r.stdout

@@ -183,6 +183,10 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     result: dict[str, Any] = {"run": str(run or ckpt), "family": state["family"], "dataset": cfg.data.name,
                               "step": int(state["step"]), "seed": seed}
     metrics: dict[str, Any] = {}
+    if model.generative and sample_options:  # options the family cannot honour: refused before any work
+        from ..generate import SampleRequest, plan
+
+        plan(model, SampleRequest(n=n, seed=seed, options={**cfg.sample.options(), **sample_options}))
 
     if model.generative and spec.sample_quality == "texts":
         metrics.update(text_quality(model, data, min(n, TEXT_SAMPLES), seed, cfg.sample.options(), sample_options,
@@ -233,7 +237,8 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     if record and run is not None and writable(run):
         MetricsLog(run / "metrics.jsonl").append({"step": result["step"], "split": "evaluate", **metrics,
                                                   "class_histogram": result.get("class_histogram"),
-                                                  "evaluator": result.get("evaluator"), "n_samples": n, "seed": seed})
+                                                  "evaluator": result.get("evaluator"), "n_samples": n, "seed": seed,
+                                                  "sample_options": result.get("sample_options")})
     return result
 
 
