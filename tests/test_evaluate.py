@@ -200,6 +200,8 @@ def test_evaluate_trains_the_evaluator_then_compares_runs(runs):
     assert other["sample_options"]["sampler"] == "ddim" and other["sample_options"]["steps"] == 3
     assert other["metrics"]["classifier_fid"] != pytest.approx(m["classifier_fid"])
     assert metric_rows(a)[-1]["sample_options"] == other["sample_options"]
+    said = invoke("inspect", a).stdout  # genai inspect tells the newest evaluation
+    assert "evaluated" in said and "classifier-FID" in said and "sampler=ddim" in said and "(newest" in said
     for flags, needle in ((["--top-k", 5], "--top-k is not an option of family 'ddpm'"),
                           (["--temperature", "warm"], "--temperature takes a number"),
                           (["--calibrate", "--guidance", 1.5], "it takes no -n, --guidance")):
