@@ -93,9 +93,12 @@ class Block(nn.Module):
         p = self.dropout if self.training else 0.0
         # Incremental decoding (causal models only): every key and value so far, (n, heads, S, head_dim).
         k_all, v_all = cache.extend(qkv)
-        # One new position sees every cached key: no mask needed (and SDPA is faster without one).
-        mask = None if length == 1 else causal_mask(length, k_all.shape[2], x.device)
-        y = attention(q, k_all, v_all, attn_mask=mask, dropout_p=p)
+        # One new position sees every cached key: no mask needed (and SDPA is faster without one); a prefix into an
+        # empty cache (a text's first call, a window's slide) is plain causal attention, with no mask to build.
+        if length == 1 or length == k_all.shape[2]:
+            y = attention(q, k_all, v_all, is_causal=length > 1, dropout_p=p)
+        else:
+            y = attention(q, k_all, v_all, attn_mask=causal_mask(length, k_all.shape[2], x.device), dropout_p=p)
         x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, length, d)), p, self.training)
         return x + self.mlp(self.ln2(x))
 
