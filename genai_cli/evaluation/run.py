@@ -127,13 +127,12 @@ def distinct_ngrams(texts: list[str], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def text_quality(model, data, k: int, seed: int, defaults: dict[str, Any], overrides: dict | None,
-                 device: torch.device, log: Callable[[str], None]) -> dict[str, float]:
+def text_quality(model, data, k: int, seed: int, options: dict[str, Any], device: torch.device,
+                 log: Callable[[str], None]) -> dict[str, float]:
     """A text run's samples: distinct 1..4-gram shares of k texts (beside the same shares in as many characters of
     validation text, the reference a model that does not loop reaches), and characters written per second."""
-    options = {**defaults, **(overrides or {})}
     new = options.get("max_new_tokens") or TEXT_NEW_TOKENS
-    options["max_new_tokens"] = new
+    options = {**options, "max_new_tokens": new}
     log(f"writing {k} texts of {new} characters (seed {seed})")
     tokens, seconds = draw_samples(model, k, seed, options, device)
     given = tokens.shape[1] - new
@@ -183,16 +182,16 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
     result: dict[str, Any] = {"run": str(run or ckpt), "family": state["family"], "dataset": cfg.data.name,
                               "step": int(state["step"]), "seed": seed}
     metrics: dict[str, Any] = {}
+    options = {**cfg.sample.options(), **(sample_options or {})}  # the run's sampling defaults, then the caller's
     if model.generative and sample_options:  # options the family cannot honour: refused before any work
         from ..generate import SampleRequest, plan
 
-        plan(model, SampleRequest(n=n, seed=seed, options={**cfg.sample.options(), **sample_options}))
+        plan(model, SampleRequest(n=n, seed=seed, options=options))
 
     if model.generative and spec.sample_quality == "texts":
-        metrics.update(text_quality(model, data, min(n, TEXT_SAMPLES), seed, cfg.sample.options(), sample_options,
-                                    dev, log))
+        metrics.update(text_quality(model, data, min(n, TEXT_SAMPLES), seed, options, dev, log))
         result["n_samples"] = min(n, TEXT_SAMPLES)
-        result["sample_options"] = {**cfg.sample.options(), **(sample_options or {})}
+        result["sample_options"] = options
     elif model.generative:
         ev_run = resolve_evaluator(evaluator, cfg.data, spec, root, train_missing=train_missing,
                                    target=target or str(run or ckpt), log=log, console=console)
@@ -201,7 +200,6 @@ def evaluate_run(target: str | None, *, root: Path, n: int = 1000, seed: int | N
             f"{ev_run.source} (step {ev_run.step})")
         result["evaluator"] = ev_run.source
         result["evaluator_accuracy"] = ev_accuracy
-        options = {**cfg.sample.options(), **(sample_options or {})}
         log(f"drawing {n} samples (seed {seed}{', ' if options else ''}"
             f"{', '.join(f'{k}={v}' for k, v in options.items())})")
         fake, seconds = draw_samples(model, n, seed, options, dev)
