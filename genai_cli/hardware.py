@@ -383,13 +383,15 @@ class LoadFollower:
         self.typical: float | None = None  # a moving average of the step's seconds since the last check
         self.free_once = False  # the last check found the cores free while the run had fewer threads
 
-    def check(self, step_seconds: float) -> dict[str, float] | None:
-        """After a step that took ``step_seconds``: the probe's record where the count changed, else None."""
+    def check(self, step_seconds: float | None = None) -> dict[str, float] | None:
+        """After a step that took ``step_seconds`` (None: a caller with no steps, the timer alone): the probe's record
+        where the count changed, else None."""
         now = self.clock()
-        spike = (self.typical is not None and step_seconds > SPIKE * self.typical
+        spike = (step_seconds is not None and self.typical is not None and step_seconds > SPIKE * self.typical
                  and now - self.last >= SPIKE_GAP_SECONDS)
         if not spike:
-            self.typical = step_seconds if self.typical is None else 0.9 * self.typical + 0.1 * step_seconds
+            if step_seconds is not None:
+                self.typical = step_seconds if self.typical is None else 0.9 * self.typical + 0.1 * step_seconds
             if now - self.last < self.every:
                 return None
         before = torch.get_num_threads()
@@ -433,7 +435,7 @@ def following_load(device: torch.device, say=lambda line: None, clock=time.perf_
     follower = LoadFollower(int(record["of_threads"]), every=SAMPLE_FOLLOW_SECONDS, clock=clock)
 
     def check() -> None:
-        if (changed := follower.check(0.0)) is not None:
+        if (changed := follower.check()) is not None:
             say(describe_change(changed))
 
     _following = _ModuleCallCheck(check)

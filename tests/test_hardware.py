@@ -389,6 +389,21 @@ def clocked_probe_threads(seconds: dict[int, float], seen: list[int] | None = No
     return probe
 
 
+def fake_probe_cores(monkeypatch, answer, on_call=lambda: None, all_threads_ms: float | None = None) -> None:
+    """``probe_cores`` (hardware's and train's) answering ``answer()`` threads of 2 without timing anything:
+    ``on_call()`` runs first (a test records the call); the record says 2.0 ms per test product on 1 thread against
+    ``all_threads_ms`` on 2 (default: 9.0 where it cut the count, 1.0 where it kept 2)."""
+    def probe_cores():
+        on_call()
+        count = answer()
+        torch.set_num_threads(count)
+        ms = all_threads_ms if all_threads_ms is not None else 9.0 if count == 1 else 1.0
+        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": ms, "threads_1_ms_per_step": 2.0,
+                       "timed": "product"}
+    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    monkeypatch.setattr("genai_cli.train.probe_cores", probe_cores)
+
+
 def thread_records(run) -> list[dict]:
     """A run's thread_probe rows of metrics.jsonl: its start's choice, then each change as it followed the load."""
     return metric_rows(run, "thread_probe")
@@ -497,14 +512,7 @@ def test_a_long_draw_follows_the_load_between_module_calls(monkeypatch, probes_o
     every few seconds at module calls through the draw, cutting at once and adding back after two free checks; it
     says each change, never probes inside a loop of small steps (its hook is detached there), and leaves no hook."""
     now, busy, said, probed = [0.0], [True], [], []
-
-    def probe_cores():
-        probed.append(now[0])
-        count = 1 if busy[0] else 2
-        torch.set_num_threads(count)
-        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 9.0 if busy[0] else 1.0,
-                       "threads_1_ms_per_step": 2.0, "timed": "product"}
-    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    fake_probe_cores(monkeypatch, lambda: 1 if busy[0] else 2, on_call=lambda: probed.append(now[0]))
     net = torch.nn.Linear(2, 2)
     hooks = torch.nn.modules.module._global_forward_pre_hooks
     with torch.no_grad(), hardware.following_load(torch.device("cpu"), say=said.append, clock=lambda: now[0]):
@@ -550,14 +558,8 @@ def test_the_thread_count_follows_the_load_between_checks(monkeypatch, threads):
     ``CONFIRM_SECONDS`` later, finds the cores free too."""
     threads(1)  # the start chose half of 2
     now, busy, probed = [0.0], [True], []
-
-    def probe_cores():
-        probed.append(torch.get_num_threads())  # every probe starts from the full count
-        count = 1 if busy[0] else 2
-        torch.set_num_threads(count)
-        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 9.0 if busy[0] else 1.0,
-                       "threads_1_ms_per_step": 2.0}
-    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
+    # Every probe starts from the full count.
+    fake_probe_cores(monkeypatch, lambda: 1 if busy[0] else 2, on_call=lambda: probed.append(torch.get_num_threads()))
     follower = hardware.LoadFollower(2, every=20.0, clock=lambda: now[0])
     for t in (1.0, 2.0, 19.0):
         now[0] = t
@@ -604,14 +606,7 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     seconds = {step_choice: 0.05, 3 - step_choice: 2.0} if step_choice else {}  # no step is timed beside a busy core
     monkeypatch.setattr("genai_cli.train.probe_threads", clocked_probe_threads(seconds, stepped))
     answers = iter([cores, 1, 1, 2, 2])  # the start's, then the loop's after steps 1..4 (free twice: threads added)
-
-    def probe_cores():
-        count = next(answers)
-        torch.set_num_threads(count)
-        return count, {"threads": count, "of_threads": 2, "threads_2_ms_per_step": 3.0, "threads_1_ms_per_step": 2.0,
-                       "timed": "product"}
-    monkeypatch.setattr(hardware, "probe_cores", probe_cores)
-    monkeypatch.setattr("genai_cli.train.probe_cores", probe_cores)
+    fake_probe_cores(monkeypatch, lambda: next(answers), all_threads_ms=3.0)
     cfg = config_file(precision="fp32", max_steps=4)
     r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
     assert bool(stepped) == (cores == 2)  # beside a busy core no step is timed
