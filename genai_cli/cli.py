@@ -97,6 +97,7 @@ def train(
     from .hardware import describe_threads
     from .session import resume_run, start_run
 
+    together = False  # every rank ends at the same step (finished or an agreed stop): they leave at a barrier
     try:
         if point is None:
             trainer = start_run(cfg, root, name=name, stem=Path(config).stem, force=force, quiet=quiet, console=out)
@@ -115,23 +116,23 @@ def train(
         try:
             result = trainer.fit()
         except KeyboardInterrupt:
+            together = True  # every rank stopped after the same step
             if ctx.is_main:
                 err.print(f"interrupted at step {trainer.step}; checkpoint saved; continue with: "
                           f"genai train --resume {trainer.run_dir}", markup=False)
-            distributed.shutdown(together=True)  # every rank stopped after the same step
             raise typer.Exit(130) from None
+        together = True
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rate = trainer.data.spec.describe_rate  # the run's unit: img/s, tokens/s
         talk.print("done: " + ", ".join(rate(v) if k == "images_per_sec" else f"{k} {v:.4g}" for k, v in shown.items()))
         talk.print(f"samples: {trainer.run_dir / 'samples'} | next: genai sample {trainer.run_dir}")
-        distributed.shutdown(together=True)
     except GenaiError:
         if not distributed.context().is_main:
             # From here on every rank fails alike (rank 0's errors are shared, losses averaged): rank 0 says it.
             raise typer.Exit(2) from None
         raise
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=together)
 
 
 # -- sample -------------------------------------------------------------------------------------
