@@ -98,6 +98,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = 0.999  # None or 0: no EMA of the weights
+    # the decay ramps up as min(ema_decay, (1 + step) / (10 + step)), so a short run's average is not mostly its
+    # initialisation (0.995 is reached at step 1,790); false: ema_decay from the first step
+    ema_warmup: bool = True
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto: bf16 autocast where the device runs bf16 natively (AMX/AVX512-BF16 CPUs, bf16 GPUs), fp16 on other

@@ -118,17 +118,22 @@ PREPARE_IMAGES = 2000  # training images a family's prepare() measures on (laten
 
 
 class EMA:
-    """Exponential moving average of the weights, with the usual warm-up of the decay
-    (min(decay, (1 + t) / (10 + t))) so short runs are not dominated by the initialisation.
+    """Exponential moving average of the weights, by default with the usual warm-up of the decay
+    (min(decay, (1 + t) / (10 + t))) so short runs are not dominated by the initialisation; ``warmup=False``
+    averages at ``decay`` from the first step.
     The frozen parents a model builds on are not its parameters: the copy shares them, the average skips them."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def rate(self, step: int) -> float:
+        """The decay of the update after optimizer step ``step`` (0-based)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
+        d = self.rate(step)
         ema_p = [p for p in self.module.parameters()]
         torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
         for eb, b in zip(self.module.buffers(), model.buffers()):
@@ -261,7 +266,7 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
                 lambda: probe_run(cfg, model, data, device, precision, want_threads))
     if dist.is_main:
         warn_if_emulated(precision, device, lambda line: console.print(line, markup=False))
-    ema = EMA(model, t.ema_decay) if t.ema_decay and dist.is_main else None
+    ema = EMA(model, t.ema_decay, t.ema_warmup) if t.ema_decay and dist.is_main else None
     stepper = make_stepper(cfg, device, precision)
     ddp, loss_route = route_loss(cfg, model, dist, device, stepper)
     grid = None

@@ -17,7 +17,7 @@ from genai_cli.cli import app
 from genai_cli.config import from_dict
 from genai_cli.errors import GenaiError
 from genai_cli.registry import MODELS
-from genai_cli.train import LossForward, Trainer
+from genai_cli.train import EMA, LossForward, Trainer
 
 runner = CliRunner()
 
@@ -69,6 +69,21 @@ def test_accumulated_micro_batches_equal_one_batch(tmp_path):
     assert max(abs(a - b) for a, b in zip(losses_one, losses_four)) < 1e-5
     for p, q in zip(one.model.parameters(), four.model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+
+
+def test_ema_warmup_off_averages_at_the_decay_from_the_first_step(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    start = model.weight.detach().clone()
+    plain, warm = EMA(model, 0.9, warmup=False), EMA(model, 0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    plain.update(model, 0)
+    warm.update(model, 0)
+    assert torch.allclose(plain.module.weight, start + 0.1)  # 0.9 x the average + 0.1 x the weights
+    assert torch.allclose(warm.module.weight, start + 0.9)  # the warm-up's decay at step 0: 1 / 10
+    assert warm.rate(2_000) == 0.9 and [warm.rate(s) for s in (0, 10)] == [0.1, 0.55]
+    trainer, _ = fit(tmp_path, "pixelcnn", ema_decay=0.99, ema_warmup=False)
+    assert trainer.ema.rate(0) == 0.99
 
 
 def test_channels_last_trains_a_conv_family_the_same(tmp_path):
