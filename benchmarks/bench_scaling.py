@@ -62,14 +62,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import ROOT, RUNS, evaluator_for, log, machine, markdown
+from bench_common import ROOT, RUNS, log, machine, markdown, mnist5k_with_evaluator
 from bench_latent import AUTOENCODER, LATENT, QUIET_SCHEDULES, train_for
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
 from genai_cli.api import load_checkpoint
-from genai_cli.config import DataConfig, load_config
-from genai_cli.data import load_data
+from genai_cli.config import load_config
 from genai_cli.evaluation.run import draw_samples, sample_quality
 from genai_cli.hardware import cpu_native_bf16
 from genai_cli.runs import new_run
@@ -138,15 +137,6 @@ def sampler_options(steps: int, guidance: float = GUIDANCE) -> dict:
     return {"sampler": "dpm++2m", "steps": steps, "guidance": guidance}
 
 
-def study_data():
-    """(mnist5k at 28x28, the evaluator network): what every sample of the study is scored against."""
-    data_cfg = DataConfig(name="mnist5k", image_size=28)
-    data = load_data(data_cfg)
-    evaluator, ev_acc, ev_ckpt = evaluator_for(data_cfg, data.spec)
-    log(f"evaluator {ev_ckpt} (validation accuracy {ev_acc})")
-    return data_cfg, data, evaluator
-
-
 def score_at_seeds(model, evaluator, data, n: int, seeds: list[int], options: dict, done=None) -> list[dict]:
     """``sample_quality`` of ``n`` samples of ``model`` drawn with ``options`` at each of ``seeds`` (the sampling
     seed is also the KID's), one dict per seed; ``done(seed, quality)`` is called after each (to save it)."""
@@ -161,7 +151,7 @@ def score_at_seeds(model, evaluator, data, n: int, seeds: list[int], options: di
 
 def study(args) -> None:
     cpu = torch.device("cpu")
-    data_cfg, data, evaluator = study_data()
+    data_cfg, data, evaluator = mnist5k_with_evaluator()
     ae_run = RUNS / AE_RUN
     if not (ae_run / "checkpoints" / "last.pt").exists():
         log(f"autoencoder: {AUTOENCODER} for {args.ae_seconds:.0f} CPU s")
@@ -328,7 +318,7 @@ def rescore(args) -> None:
     if any(saved[k] != v for k, v in settings.items()):
         raise SystemExit(f"{args.out} holds {({k: saved[k] for k in settings})}, not {settings}: another --out")
     runs = saved["runs"]
-    _, data, evaluator = study_data()
+    _, data, evaluator = mnist5k_with_evaluator()
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
