@@ -59,7 +59,8 @@ def one_line_errors(fn):
 def train(
     config: Optional[Path] = typer.Argument(None, help="YAML config (optional with --resume)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set train.epochs=3"),
-    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: <config>-<time>)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the config's name, or "
+                                       "<config>-<time> when that run exists)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue this run (folder or name)."),
     force: bool = typer.Option(False, "--force", help="Start over on an existing name (old run moved aside)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_DIR_HELP),

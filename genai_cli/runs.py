@@ -32,9 +32,11 @@ def runs_dir(option: str | Path | None = None) -> Path:
 
 
 def new_run(root: Path, name: str | None, stem: str, force: bool = False) -> Path:
-    """Create runs/<name>. An existing run is never overwritten: --force moves it aside first."""
+    """Create runs/<name>. Without a name: runs/<stem> (the config's name, so a config's ``model.tokenizer:
+    vqvae_mnist`` finds the run of configs/vqvae_mnist.yaml), or runs/<stem>-<time> when that exists. An existing
+    run is never overwritten: --force moves a named one aside first."""
     if name is None:
-        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = stem if stem and not (root / stem).exists() else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         base, i = name, 2
         while (root / name).exists():
             name, i = f"{base}-{i}", i + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import train_losses
@@ -109,6 +111,18 @@ def test_force_moves_the_old_run_aside(tmp_path, config_file):
     assert (runs / "x" / "checkpoints" / "last.pt").is_file()
     kept = [p for p in runs.iterdir() if p.name.startswith("x.old-")]
     assert len(kept) == 1 and (kept[0] / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_run_without_a_name_takes_the_configs_name_while_it_is_free(tmp_path, config_file):
+    """A config that names another run by its config's name (MaskGIT's ``model.tokenizer: vqvae_mnist``) finds the
+    run that config trained; a second run of the config gets the time in its name and leaves the first alone."""
+    runs, cfg = tmp_path / "runs", config_file(max_steps=1)
+    for _ in range(2):
+        r = runner.invoke(app, ["train", str(cfg), "--runs-dir", str(runs), "-q"])
+        assert r.exit_code == 0, r.stderr
+    first, second = sorted(p.name for p in runs.iterdir())
+    assert first == cfg.stem and re.fullmatch(rf"{cfg.stem}-\d{{8}}-\d{{6}}", second)
+    assert all((runs / name / "checkpoints" / "last.pt").is_file() for name in (first, second))
 
 
 def test_unknown_checkpoint_family_is_refused(tmp_path):
