@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 import warnings
@@ -209,7 +211,13 @@ def resolve_checkpoint(target: str | None, root: Path) -> Path:
         return ckpt
     if p.is_file():
         return p
-    raise GenaiError(f"'{target}' is neither a run folder nor a checkpoint file (runs live under '{root}')")
+    hint = f"runs live under '{root}'"
+    timed = re.compile(rf"{re.escape(p.name)}-\d{{8}}-\d{{6}}(-\d+)?")  # new_run's names once <config> is taken
+    later = sorted(c.parent.parent for c in root.glob(f"{glob.escape(p.name)}-*/checkpoints/last.pt")
+                   if timed.fullmatch(c.parent.parent.name)) if p.name and root.is_dir() else []
+    if later:
+        hint = f"did you mean '{later[-1]}', the newest run named {p.name}-<time>?"
+    raise GenaiError(f"'{target}' is neither a run folder nor a checkpoint file ({hint})")
 
 
 def run_of_checkpoint(ckpt: Path) -> Path | None:

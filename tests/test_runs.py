@@ -123,6 +123,9 @@ def test_a_run_without_a_name_takes_the_configs_name_while_it_is_free(tmp_path, 
     first, second = sorted(p.name for p in runs.iterdir())
     assert first == cfg.stem and re.fullmatch(rf"{cfg.stem}-\d{{8}}-\d{{6}}", second)
     assert all((runs / name / "checkpoints" / "last.pt").is_file() for name in (first, second))
+    (runs / first).rename(runs / "kept")  # a name without its run: the error points to the newest timed one
+    r = runner.invoke(app, ["sample", str(runs / first), "--runs-dir", str(runs), "-n", "1"])
+    assert r.exit_code != 0 and f"did you mean '{runs / second}'" in r.stderr, r.stderr
 
 
 def test_unknown_checkpoint_family_is_refused(tmp_path):
