@@ -206,12 +206,20 @@ def resolve_parent(ref: str | Path, *, accepts: tuple[str, ...], root: str | Pat
         ckpt = resolve_checkpoint(str(ref), root)
         state = load_checkpoint_file(ckpt)
     except GenaiError as e:
-        raise GenaiError(f"{role}: {e}; expected {expected}") from None
+        raise GenaiError(f"{role}: {e}; expected {expected}{how_to_train(str(ref), root)}") from None
     run = run_of_checkpoint(ckpt)
     name = run.name if run is not None else ckpt.stem
     parent = Parent.from_checkpoint(state, name=name, source=str(ckpt))
     check_parent(parent, accepts, spec, role, str(ref))
     return parent
+
+
+def how_to_train(ref: str, root: Path) -> str:
+    """For a parent run that is not there, the command that makes it when a config of its name is at hand
+    (configs/<name>.yaml, as the bundled configs name their parents), else ''."""
+    config = Path("configs") / f"{Path(ref).name}.yaml"
+    missing = not Path(ref).exists() and not (root / ref).exists()
+    return f"; train it first: genai train {config}" if missing and config.is_file() else ""
 
 
 def resolve_parents(cls, model_cfg: Any, spec: ImageSpec | None, root: str | Path | None = None) -> dict[str, Parent]:

@@ -267,6 +267,17 @@ def test_a_wrong_parent_is_refused_with_one_line(runs, ref, data, needle):
     assert "\n" not in str(e.value)
 
 
+def test_a_missing_parent_with_a_config_of_its_name_says_how_to_train_it(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the bundled configs name their parents after a config: configs/<name>.yaml
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "spatial_ae_mnist.yaml").write_text("model: {family: spatial_ae}\n")
+    with pytest.raises(GenaiError, match=r"train it first: genai train configs/spatial_ae_mnist\.yaml$"):
+        resolve_parent("spatial_ae_mnist", accepts=("autoencoder",), root=runs, role="model.autoencoder")
+    with pytest.raises(GenaiError) as e:  # no config of that name: no advice
+        resolve_parent("nope", accepts=("autoencoder",), root=runs, role="model.autoencoder")
+    assert "genai train" not in str(e.value)
+
+
 # -- inspect ------------------------------------------------------------------------------------
 def test_inspect_shows_the_lineage(runs):
     child = load_checkpoint_file(runs / "child" / "checkpoints" / "last.pt")["parents"]["autoencoder"]
