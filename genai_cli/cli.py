@@ -417,6 +417,8 @@ def inspect(
             table.add_row("CPU threads", threads_history(probes))
         evaluations = [r for r in rows if r.get("split") == "evaluate"]
         if evaluations:
+            from .evaluation.report import evaluation_summary
+
             table.add_row("evaluated", escape(evaluation_summary(evaluations)))
         # The curve is drawn again only when metrics.jsonl changed after it: matplotlib costs ~0.5 s of start-up.
         curve = run / "loss_curve.png"
@@ -452,25 +454,6 @@ def threads_history(probes: list[dict[str, Any]], shown: int = 4) -> str:
         said += "; " + ", ".join(f"{r['threads']:.0f} from step {r['step']}" for r in changes[:shown])
         said += f" and {len(changes) - shown} more changes" if len(changes) > shown else ""
     return said + " (measured, following the load)" if first.get("follow") else said + " (measured)"
-
-
-# The figures of a genai evaluate record inspect names, in this order, as the report's table names them.
-EVALUATION_HEADLINE = (("classifier_fid", "classifier-FID"), ("kid", "KID"), ("precision", "precision"),
-                       ("recall", "recall"), ("coverage", "coverage"), ("bits_per_dim", "bits/dim"),
-                       ("bits_per_char", "bits/char"), ("distinct_4grams", "distinct 4-grams"))
-
-
-def evaluation_summary(records: list[dict[str, Any]]) -> str:
-    """'classifier-FID 11.2, KID 0.9, ... (1000 samples at step 910, seed 0; guidance=1.5) (newest of 3)' from a run's
-    genai evaluate records of metrics.jsonl."""
-    r = records[-1]
-    said = ", ".join(f"{name} {r[key]:.4g}" for key, name in EVALUATION_HEADLINE
-                     if isinstance(r.get(key), (int, float)))
-    where = (f"{r['n_samples']} samples at step {r['step']}, seed {r['seed']}" if "n_samples" in r
-             else f"step {r['step']}")
-    options = r.get("sample_options") or {}
-    where += f"; {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""
-    return f"{said} ({where})" + (f" (newest of {len(records)})" if len(records) > 1 else "")
 
 
 def class_history(model, cfg: dict[str, Any], rows: list[dict[str, Any]], run: Path) -> str | None:

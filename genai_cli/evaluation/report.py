@@ -36,6 +36,22 @@ ROWS = [
     ("reference_fid", "classifier-FID train vs validation (floor)", ".3f"),
 ]
 CHART_KEYS = ["classifier_fid", "kid", "precision", "recall", "density", "coverage", "class_entropy", "bits_per_dim"]
+# The figures genai inspect names of a run's newest evaluation, by their ROWS label up to its first parenthesis.
+HEADLINE_KEYS = ["classifier_fid", "kid", "precision", "recall", "coverage", "bits_per_dim", "bits_per_char",
+                 "distinct_4grams"]
+
+
+def evaluation_summary(records: list[dict[str, Any]]) -> str:
+    """'classifier-FID 11.2, KID 0.9, ... (1000 samples at step 910, seed 0; guidance=1.5) (newest of 3)' from a run's
+    genai evaluate records of metrics.jsonl."""
+    r = records[-1]
+    names = {key: label.split(" (")[0] for key, label, _ in ROWS}
+    said = ", ".join(f"{names[key]} {r[key]:.4g}" for key in HEADLINE_KEYS if isinstance(r.get(key), (int, float)))
+    where = (f"{r['n_samples']} samples at step {r['step']}, seed {r['seed']}" if "n_samples" in r
+             else f"step {r['step']}")
+    options = r.get("sample_options") or {}
+    where += f"; {', '.join(f'{k}={v}' for k, v in options.items())}" if options else ""
+    return f"{said} ({where})" + (f" (newest of {len(records)})" if len(records) > 1 else "")
 
 
 def _fmt(value: Any, fmt: str) -> str:
