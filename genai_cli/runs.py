@@ -33,12 +33,25 @@ def runs_dir(option: str | Path | None = None) -> Path:
     return Path(option or os.environ.get("GENAI_RUNS_DIR") or "runs")
 
 
+def timed_name(stem: str) -> str:
+    """The name of a run of ``stem`` once ``runs/<stem>`` exists: ``<stem>-<date>-<time>`` (``timed_runs`` reads it)."""
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def timed_runs(root: Path, stem: str) -> list[Path]:
+    """The runs with a checkpoint named ``timed_name(stem)`` (a ``-2``... where two started in one second), oldest
+    first."""
+    named = re.compile(rf"{re.escape(stem)}-\d{{8}}-\d{{6}}(-\d+)?")
+    found = root.glob(f"{glob.escape(stem)}-*/checkpoints/last.pt") if stem and root.is_dir() else []
+    return sorted(c.parent.parent for c in found if named.fullmatch(c.parent.parent.name))
+
+
 def new_run(root: Path, name: str | None, stem: str, force: bool = False) -> Path:
     """Create runs/<name>. Without a name: runs/<stem> (the config's name, so a config's ``model.tokenizer:
     vqvae_mnist`` finds the run of configs/vqvae_mnist.yaml), or runs/<stem>-<time> when that exists. An existing
     run is never overwritten: --force moves a named one aside first."""
     if name is None:
-        name = stem if stem and not (root / stem).exists() else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = stem if stem and not (root / stem).exists() else timed_name(stem)
         base, i = name, 2
         while (root / name).exists():
             name, i = f"{base}-{i}", i + 1
@@ -211,12 +224,9 @@ def resolve_checkpoint(target: str | None, root: Path) -> Path:
         return ckpt
     if p.is_file():
         return p
-    hint = f"runs live under '{root}'"
-    timed = re.compile(rf"{re.escape(p.name)}-\d{{8}}-\d{{6}}(-\d+)?")  # new_run's names once <config> is taken
-    later = sorted(c.parent.parent for c in root.glob(f"{glob.escape(p.name)}-*/checkpoints/last.pt")
-                   if timed.fullmatch(c.parent.parent.name)) if p.name and root.is_dir() else []
-    if later:
-        hint = f"did you mean '{later[-1]}', the newest run named {p.name}-<time>?"
+    later = timed_runs(root, p.name)
+    hint = (f"did you mean '{later[-1]}', the newest run named {p.name}-<time>?" if later
+            else f"runs live under '{root}'")
     raise GenaiError(f"'{target}' is neither a run folder nor a checkpoint file ({hint})")
 
 
