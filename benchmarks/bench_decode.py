@@ -33,10 +33,14 @@ Levers, each row adds one to the row above it:
                       no view tracking on each of the step's operations);
   + one thread        the loop of small steps on one CPU thread: each product is too small for a second thread,
                       which only adds a barrier (a scheduler tick on a busy machine);
-  + oneDNN off        the same loop with oneDNN off (``hardware.step_threads``, the library's path now): its
-                      primitive set-up costs more than these operations (GELU of 512 values: 9-16 us against 2);
-                      every row also checks the sampling options once per draw (``sampling.token_sampler``);
+  + oneDNN off        the same loop with oneDNN off (``hardware.step_threads``): its primitive set-up costs more
+                      than these operations (GELU of 512 values: 9-16 us against 2); every row also checks the
+                      sampling options once per draw (``sampling.token_sampler``);
   same, bf16 autocast what ``precision auto`` gives on a CPU with native bf16, without a measured choice;
+  + fused step        the library's path now: at batch 1 in fp32 every block and the head as one compiled call
+                      (``genai_cli/nn/fused.py``, C built on first use with the machine's compiler; its build is
+                      timed apart); at batch 16 the same as the row above (the C step is for one row). Every row
+                      above runs with ``GENAI_FUSED_STEP=0``.
   + torch.compile     (``--compile`` only) the one-token step compiled (static shapes: attention over the whole
                       cache with a mask); its warm-up seconds are reported, and the length past which it pays.
 """
@@ -45,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import statistics
 import string
@@ -63,6 +68,7 @@ from genai_cli.api import build_model
 from genai_cli.hardware import largest_layer, step_threads
 from genai_cli.models import transformer as transformer_module
 from genai_cli.models.base import ImageSpec
+from genai_cli.nn import fused as fused_module
 from genai_cli.nn.masked import MaskedTransformer, fill_tokens
 from genai_cli.registry import MODELS
 from genai_cli.spec import TokenSpec
@@ -123,12 +129,15 @@ def _static_step(m, x, pos, caches):
     return m.out(m.ln_f(x))
 
 
-def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, small_steps=None):
+def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, small_steps=None, fused: bool = False):
     """A sampler of ``model`` with the given stepper class and draw function; ``inference``: the token loop under
     inference_mode (off: no_grad); ``small_steps``: a context to run the loop in instead of the library's
-    ``step_threads`` (one thread, oneDNN off), e.g. ``caller_threads`` or ``one_thread_only``."""
+    ``step_threads`` (one thread, oneDNN off), e.g. ``caller_threads`` or ``one_thread_only``; ``fused``: the
+    compiled batch-1 step allowed (the library's default), else ``GENAI_FUSED_STEP=0``."""
 
     def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
+        switch = os.environ.pop(fused_module.ENV_SWITCH, None)
+        os.environ[fused_module.ENV_SWITCH] = "1" if fused else "0"
         saved = sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode
         sampling.draw_categorical = draw
         if stepper_cls is not None:
@@ -144,6 +153,9 @@ def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, small_ste
                 return model.sample(n, generator=generator, prompt=VOCAB[0], max_new_tokens=chars)
         finally:
             sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode = saved
+            os.environ.pop(fused_module.ENV_SWITCH)
+            if switch is not None:
+                os.environ[fused_module.ENV_SWITCH] = switch
     return run
 
 
@@ -247,7 +259,8 @@ def main() -> None:
     model = build_model("transformer", cls.Config(d_model=128, heads=4, layers=4, dropout=0.0), spec).eval()
     race = sampling.draw_categorical
     old = {"inference": False, "small_steps": caller_threads}  # the loop before this issue's loop levers
-    library = "+ oneDNN off for small steps (library now), fp32"
+    library = "+ fused step (library now), fp32"
+    eager = "+ oneDNN off for small steps, fp32"
     rows = {
         "GPT2LMHeadModel.generate(use_cache=True)": gpt2(model),
         "GPT2LMHeadModel.generate(use_cache=True), 1 thread": gpt2(model, threads=1),
@@ -258,9 +271,15 @@ def main() -> None:
         "+ inference_mode": ours(model, transformer_module._Cached, race, False, small_steps=caller_threads),
         "+ one thread for small steps": ours(model, transformer_module._Cached, race, False,
                                              small_steps=one_thread_only),
-        library: ours(model, transformer_module._Cached, race, False),
+        eager: ours(model, transformer_module._Cached, race, False),
         "same, bf16 autocast": ours(model, transformer_module._Cached, race, True),
+        library: ours(model, transformer_module._Cached, race, False, fused=True),
     }
+    t0 = time.perf_counter()
+    fused_module.library.cache_clear()
+    built = fused_module.library() is not None
+    log(f"fused step: {'loaded or built' if built else 'NOT available (no C compiler): eager'} in "
+        f"{time.perf_counter() - t0:.2f} s")
     if args.compile:
         t0 = time.perf_counter()
         ours(model, CompiledStepper, race, False)(1, 8, torch.Generator().manual_seed(0))
@@ -268,7 +287,7 @@ def main() -> None:
         log(f"torch.compile warm-up: {warm:.0f} s")
         rows["+ torch.compile of the step, fp32"] = ours(model, CompiledStepper, race, False)
     # The library's rows must draw what the uncached sampler draws (fp32, same seed).
-    cached, uncached = (ours(model, stepper, race, False)(1, args.chars, torch.Generator().manual_seed(5))
+    cached, uncached = (ours(model, stepper, race, False, fused=True)(1, args.chars, torch.Generator().manual_seed(5))
                         for stepper in (transformer_module._Cached, None))
     same = torch.equal(cached, uncached)
     table = []

@@ -17,6 +17,20 @@ from genai_cli.data import load_data, to_float
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The compiled decoding step (genai_cli/nn/fused.py) is built into the session's temporary folder, not the
+    user's ~/.cache, once for the session (commands the tests start inherit it)."""
+    import os
+    saved = os.environ.get("GENAI_CACHE")
+    os.environ["GENAI_CACHE"] = str(tmp_path_factory.mktemp("genai-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("GENAI_CACHE", None)
+    else:
+        os.environ["GENAI_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def shapes_batch():
     """A fixed batch (x, y) of 8x8 synthetic shapes with 4 classes."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import GenaiError
+from ..nn import fused
 from ..nn.autoregressive import AR_SAMPLE_OPTIONS, TEXT_OPTIONS, TokenStepper
 from ..nn.transformer import Block, KVCache
 from ..registry import register_model
@@ -104,6 +105,9 @@ class _Cached:
         self.head = (model.ln_f.normalized_shape, model.ln_f.weight, model.ln_f.bias, model.ln_f.eps,
                      model.out.weight.t(), model.out.bias)
         self.done = 0
+        # At batch 1 on a CPU in fp32, one position is one compiled call (nn/fused.py) where a C compiler is at hand;
+        # decided on the first one-position call, when autocast is known. False: Block.step, the same maths.
+        self.fused = None if n == 1 and fused.enabled() else False
 
     def restart(self) -> _Cached:
         for cache in self.caches:
@@ -114,6 +118,12 @@ class _Cached:
     def __call__(self, tokens: Tensor, pos: int) -> Tensor:
         m = self.model
         if self.done == pos and pos > 0:  # one new position: its previous token is tokens[:, pos - 1]
+            if self.fused is None:
+                autocast = torch.is_autocast_enabled(tokens.device.type)
+                self.fused = (not autocast and fused.fused_step(m, self.caches, 1)) or False
+            if self.fused:
+                self.done = pos + 1
+                return self.fused(tokens, pos)
             x = torch.embedding(m.token_embedding.weight, tokens.select(1, pos - 1)) + self.positions[pos]  # (n, d)
             for block, cache in zip(m.blocks, self.caches):
                 x = block.step(x, cache, pos)
