@@ -9,7 +9,7 @@ import torch
 from genai_cli.api import build_model
 from genai_cli.nn import fused
 from genai_cli.registry import MODELS
-from genai_cli.spec import TokenSpec
+from genai_cli.spec import ImageSpec, TokenSpec
 
 SPEC = TokenSpec(vocab=" !,abcdehlorw", block_size=12)
 
@@ -111,3 +111,18 @@ def test_stepper_keeps_the_eager_step_for_the_exact_gelu_only(monkeypatch):
     model.blocks[0].mlp[1].approximate = "tanh"  # not what the C step computes
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
     assert fused.fused_step(model, model.incremental(1).caches, 1) is None
+
+
+def test_an_image_drawn_alone_is_the_eager_image(monkeypatch, compiled):
+
+    spec = ImageSpec(channels=3, size=4)
+    cls = MODELS.get("transformer")
+    torch.manual_seed(4)
+    model = cls(cls.Config(d_model=16, heads=2, layers=2, levels=4), spec).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    draws = []
+    for on in (True, False):
+        monkeypatch.setenv(fused.ENV_SWITCH, "1" if on else "0")
+        draws.append(model.sample(1, generator=torch.Generator().manual_seed(0), temperature=1.2))
+    assert draws[0].shape == (1, 3, 4, 4) and torch.equal(*draws)
