@@ -334,14 +334,15 @@ def probe_threads(run_step, *, rounds: int = 3, clock=time.perf_counter) -> tupl
 
 
 def describe_threads(record: dict[str, Any]) -> str:
-    """'threads 1 of 2 (measured: 28.1 against 1960.0 ms/step)' where the probe chose fewer than torch's count
-    ('ms per test product' where ``probe_cores`` timed it); '' otherwise (threads are named only when they were cut)."""
+    """'threads 1 of 2 (faster here: 28.1 ms/step on 1 thread, 1960.0 on 2)' where the probe chose fewer than torch's
+    count ('ms per test product' where ``probe_cores`` timed it); '' otherwise (threads are named only when they were
+    cut)."""
     chosen, most = int(record["threads"]), int(record["of_threads"])
     if chosen == most:
         return ""
-    per = " per test product" if record.get("timed") == "product" else "/step"
-    return (f"threads {chosen} of {most} (measured: {record[f'threads_{chosen}_ms_per_step']:.1f} against "
-            f"{record[f'threads_{most}_ms_per_step']:.1f} ms{per})")
+    unit = "ms per test product" if record.get("timed") == "product" else "ms/step"
+    return (f"threads {chosen} of {most} (faster here: {record[f'threads_{chosen}_ms_per_step']:.1f} {unit} on "
+            f"{chosen} thread{'s' if chosen > 1 else ''}, {record[f'threads_{most}_ms_per_step']:.1f} on {most})")
 
 
 CORE_PROBE_SIZE = 512  # probe_cores' test product, (512 x 512) @ (512 x 512): ~2 ms on one core, parallel on more

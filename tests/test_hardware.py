@@ -427,8 +427,8 @@ def test_the_thread_probe_keeps_the_faster_count(threads, ms, chosen, steps):
     assert {k: v for k, v in record.items() if k.endswith("ms_per_step")} == {
         f"threads_{c}_ms_per_step": v for c, v in ms.items()}
     said = hardware.describe_threads(record)
-    assert said == ("" if chosen == 4 else f"threads {chosen} of 4 (measured: {ms[chosen]:.1f} against "
-                                        f"{ms[4]:.1f} ms/step)")
+    assert said == ("" if chosen == 4 else f"threads {chosen} of 4 (faster here: {ms[chosen]:.1f} ms/step on "
+                                        f"{chosen} thread{'s' if chosen > 1 else ''}, {ms[4]:.1f} on 4)")
 
 
 def test_the_thread_probe_restores_the_count_when_a_step_fails(threads):
@@ -467,7 +467,8 @@ def test_a_run_that_cut_its_threads_says_so_records_why_and_resumes_with_them(tm
     monkeypatch.setattr("genai_cli.train.probe_cores", lambda: (2, {"threads": 2}))  # idle cores: the step decides
     cfg = config_file(precision="fp32", max_steps=4, checkpoint_every=2)
     r = invoke("train", cfg, "--runs-dir", tmp_path / "runs", "--name", "r")
-    assert "threads 1 of 2 (measured: 50.0 against 2000.0 ms/step)" in r.stdout and torch.get_num_threads() == 1
+    assert "threads 1 of 2 (faster here: 50.0 ms/step on 1 thread, 2000.0 on 2)" in r.stdout
+    assert torch.get_num_threads() == 1
     run = tmp_path / "runs" / "r"
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["summary"]["thread_probe"]["threads"] == 1
@@ -492,7 +493,7 @@ def test_sample_and_evaluate_take_fewer_threads_where_a_core_is_busy(tmp_path, c
     monkeypatch.setattr(hardware, "probe_threads", clocked_probe_threads(busy, products, run=True))
     threads(2)
     r = invoke("sample", runs / "r", "-n", "2", "--out", tmp_path / "a.png")
-    said = "threads 1 of 2 (measured: 50.0 against 2000.0 ms per test product)"
+    said = "threads 1 of 2 (faster here: 50.0 ms per test product on 1 thread, 2000.0 on 2)"
     assert said in r.stderr and torch.get_num_threads() == 1 and set(products) == {1, 2}
     threads(2)
     r = invoke("evaluate", runs / "r", "-n", "4", "--runs-dir", runs, ok=False)  # no evaluator run: refused after
@@ -516,8 +517,8 @@ def test_a_long_draw_follows_the_load_between_module_calls(monkeypatch, probes_o
     net = torch.nn.Linear(2, 2)
     hooks = torch.nn.modules.module._global_forward_pre_hooks
     with torch.no_grad(), hardware.following_load(torch.device("cpu"), say=said.append, clock=lambda: now[0]):
-        assert torch.get_num_threads() == 1 and said == ["threads 1 of 2 (measured: 2.0 against 9.0 ms per test "
-                                                         "product)"]
+        assert torch.get_num_threads() == 1 and said == ["threads 1 of 2 (faster here: 2.0 ms per test product "
+                                                         "on 1 thread, 9.0 on 2)"]
         busy[0] = False
         for t in (1.0, 4.9):
             now[0] = t
@@ -612,7 +613,7 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     assert bool(stepped) == (cores == 2)  # beside a busy core no step is timed
     start = cores if cores == 1 else step_choice
     if cores == 1:
-        assert "threads 1 of 2 (measured: 2.0 against 3.0 ms per test product)" in r.stdout
+        assert "threads 1 of 2 (faster here: 2.0 ms per test product on 1 thread, 3.0 on 2)" in r.stdout
     records = thread_records(tmp_path / "runs" / "r")
     changes = [(row["step"], row["threads"]) for row in records]
     if not follows:
