@@ -31,7 +31,6 @@ SOURCE = Path(__file__).with_name("fused_step.c")
 # but a shared library built with it may switch the whole process to flush denormals: not used.)
 FLAGS = (("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared"), ("-O3", "-fopenmp-simd", "-fPIC", "-shared"))
 ENV_SWITCH = "GENAI_FUSED_STEP"  # "0": always the eager step
-PER_LAYER = 12  # pointers per block, in fused_step.c's enum order
 
 
 def enabled() -> bool:
@@ -110,7 +109,7 @@ class FusedStep:
         def ptr(t: Tensor) -> int:
             held.append(t)
             return t.data_ptr()
-        weights = []
+        weights = []  # PER_LAYER pointers per block, in fused_step.c's enum order
         for b in blocks:
             weights += [b.ln1.weight, b.ln1.bias, b.qkv.weight, b.qkv.bias, b.proj.weight, b.proj.bias,
                         b.ln2.weight, b.ln2.bias, b.mlp[0].weight, b.mlp[0].bias, b.mlp[2].weight, b.mlp[2].bias]
