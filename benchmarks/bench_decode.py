@@ -2,14 +2,15 @@
 ``transformers``' ``GPT2LMHeadModel.generate(use_cache=True)`` of the same shape measured in the same run; the LSTM's
 batch-1 rate against its naive reference; MaskGIT's batch-1 latency against the cached causal model on the same tokens.
 
-    python benchmarks/bench_decode.py [--threads 2] [--chars 63] [--rounds 5] [--compile]
+    python benchmarks/bench_decode.py [--threads 2] [--chars 63] [--rounds 5] [--cli-chars 10000] [--compile]
     python benchmarks/bench_decode.py --quick      # a few seconds: checks the script runs
 
 Then, through the command a person types: ``genai sample RUN --prompt R --max-new-tokens N -n 1`` on a run of the
 same shape (trained 2 steps on a text of the 65 characters; benchmarks/runs/decode/), timed as whole processes
 for N = 1 and N = 1 + ``--cli-chars`` in pairs: the characters/s is the extra characters over the extra seconds,
 so start-up is excluded and everything after it is in (auto's precision probe, the window sliding every 32
-characters past the 64-character context).
+characters past the 64-character context). 10,000 characters by default: a process's start-up jitters by up to
+0.5 s, which is most of the difference a 2,000-character pair makes once decoding runs at ~3,000 chars/s.
 
 Shapes: ``configs/gpt_shakespeare_char.yaml`` (4 layers, 4 heads, width 128, context 64; 65 characters, Tiny
 Shakespeare's vocabulary size), ``configs/lstm_shakespeare_char.yaml`` (2 layers of 256) and MaskGIT's
@@ -247,7 +248,7 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=63, help="characters per text (at most 63: GPT-2's window)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile row (minutes of warm-up)")
-    parser.add_argument("--cli-chars", type=int, default=2000, help="characters of the genai sample rows (0: skip)")
+    parser.add_argument("--cli-chars", type=int, default=10000, help="characters of the genai sample rows (0: skip)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
