@@ -38,10 +38,10 @@ Levers, each row adds one to the row above it:
                       than these operations (GELU of 512 values: 9-16 us against 2); every row also checks the
                       sampling options once per draw (``sampling.token_sampler``);
   same, bf16 autocast what ``precision auto`` gives on a CPU with native bf16, without a measured choice;
-  + fused step        the library's path now: at batch 1 in fp32 every block and the head as one compiled call
-                      (``genai_cli/nn/fused.py``, C built on first use with the machine's compiler; its build is
-                      timed apart); at batch 16 the same as the row above (the C step is for one row). Every row
-                      above runs with ``GENAI_FUSED_STEP=0``.
+  + fused step        the library's path now: for 1 to 4 texts in fp32 every block and the head as one compiled
+                      call (``genai_cli/nn/fused.py``, C built on first use with the machine's compiler; its build
+                      is timed apart); at batch 16 the same as the row above (the C step is for a few rows). Every
+                      row above runs with ``GENAI_FUSED_STEP=0``.
   + torch.compile     (``--compile`` only) the one-token step compiled (static shapes: attention over the whole
                       cache with a mask); its warm-up seconds are reported, and the length past which it pays.
 """

@@ -1,5 +1,5 @@
-"""The compiled batch-1 decoding step (genai_cli/nn/fused.py): the same logits and cache rows as the eager step,
-the same samples, and the eager step wherever it cannot be built or does not apply."""
+"""The compiled decoding step for a few texts (genai_cli/nn/fused.py): the same logits and cache rows as the eager
+step, the same samples, and the eager step wherever it cannot be built or does not apply."""
 
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ def text(model, fused_on: bool, monkeypatch, n: int = 1, chars: int = 40, seed: 
                         **options)
 
 
-def test_fused_step_gives_the_eager_logits_and_cache_rows(monkeypatch, compiled):
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_step_gives_the_eager_logits_and_cache_rows(monkeypatch, compiled, n):
     model = model_of()
-    tokens = torch.randint(0, len(SPEC.vocab), (1, SPEC.block_size), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, len(SPEC.vocab), (n, SPEC.block_size), generator=torch.Generator().manual_seed(1))
     steppers = {}
     for on in (True, False):
         monkeypatch.setenv(fused.ENV_SWITCH, "1" if on else "0")
-        steppers[on] = model.incremental(1)
+        steppers[on] = model.incremental(n)
     with torch.inference_mode():
         for pos in range(3, SPEC.block_size):  # a 3-token prefix, then one position at a time
             fast, slow = steppers[True](tokens, pos), steppers[False](tokens, pos)
@@ -52,13 +53,15 @@ def test_fused_step_gives_the_eager_logits_and_cache_rows(monkeypatch, compiled)
             assert a.length == b.length == SPEC.block_size
 
 
-def test_batch_one_texts_are_the_eager_texts_across_window_slides(monkeypatch, compiled):
+@pytest.mark.parametrize("n", [1, fused.MAX_BATCH])
+def test_texts_are_the_eager_texts_across_window_slides(monkeypatch, compiled, n):
     model = model_of(seed=2)
     for options in ({}, {"temperature": 1.5, "top_k": 5}, {"top_p": 0.8}, {"greedy": True}):
         # 40 characters past a 12-character context: the window slides (eagerly) between fused steps
-        assert torch.equal(text(model, True, monkeypatch, **options), text(model, False, monkeypatch, **options))
-    naive = model.sample_naive(1, generator=torch.Generator().manual_seed(3), prompt="he", max_new_tokens=40)
-    assert torch.equal(text(model, True, monkeypatch), naive)
+        fast, slow = text(model, True, monkeypatch, n, **options), text(model, False, monkeypatch, n, **options)
+        assert fast.shape == (n, 42) and torch.equal(fast, slow)
+    naive = model.sample_naive(n, generator=torch.Generator().manual_seed(3), prompt="he", max_new_tokens=40)
+    assert torch.equal(text(model, True, monkeypatch, n), naive)
 
 
 def test_where_it_does_not_apply_the_eager_step_serves(monkeypatch, tmp_path):
@@ -66,8 +69,9 @@ def test_where_it_does_not_apply_the_eager_step_serves(monkeypatch, tmp_path):
     tokens = torch.zeros(1, SPEC.block_size, dtype=torch.long)
     monkeypatch.setenv(fused.ENV_SWITCH, "1")
     with torch.inference_mode():
-        batch = model.incremental(2)  # batch 2: Block.step's products over rows
-        batch(tokens.expand(2, -1), 2), batch(tokens.expand(2, -1), 3)
+        rows = fused.MAX_BATCH + 1  # past a few rows: Block.step's products over rows
+        batch = model.incremental(rows)
+        batch(tokens.expand(rows, -1), 2), batch(tokens.expand(rows, -1), 3)
         assert batch.fused is False
         with torch.autocast("cpu", dtype=torch.bfloat16):  # a precision the C step does not compute in
             mixed = model.incremental(1)

@@ -105,9 +105,9 @@ class _Cached:
         self.head = (model.ln_f.normalized_shape, model.ln_f.weight, model.ln_f.bias, model.ln_f.eps,
                      model.out.weight.t(), model.out.bias)
         self.done = 0
-        # At batch 1 on a CPU in fp32, one position is one compiled call (nn/fused.py) where a C compiler is at hand;
-        # decided on the first one-position call, when autocast is known. False: Block.step, the same maths.
-        self.fused = None if n == 1 and fused.enabled() else False
+        # For a few texts on a CPU in fp32, one position is one compiled call (nn/fused.py) where a C compiler is at
+        # hand; decided on the first one-position call, when autocast is known. False: Block.step, the same maths.
+        self.fused = None if n <= fused.MAX_BATCH and fused.enabled() else False
 
     def restart(self) -> _Cached:
         for cache in self.caches:
@@ -120,7 +120,7 @@ class _Cached:
         if self.done == pos and pos > 0:  # one new position: its previous token is tokens[:, pos - 1]
             if self.fused is None:
                 autocast = torch.is_autocast_enabled(tokens.device.type)
-                self.fused = (not autocast and fused.fused_step(m, self.caches, 1)) or False
+                self.fused = (not autocast and fused.fused_step(m, self.caches, self.caches[0].n)) or False
             if self.fused:
                 self.done = pos + 1
                 return self.fused(tokens, pos)

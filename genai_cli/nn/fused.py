@@ -1,9 +1,10 @@
-"""The causal transformer's batch-1 decoding step as one compiled call (``fused_step.c``), where a C compiler is at
-hand: a person waiting for one text waits on ~60 tiny operations per character, each a few microseconds of
-dispatch in eager PyTorch, which one call of plain loops does not pay.
+"""The causal transformer's decoding step for a few texts at once (batch 1 to ``MAX_BATCH``) as one compiled call
+(``fused_step.c``), where a C compiler is at hand: a person waiting for a text waits on ~60 tiny operations per
+character, each a few microseconds of dispatch in eager PyTorch, which one call of plain loops does not pay. Past a
+few rows a step is arithmetic, which ATen's matrix products do better: the eager step serves there.
 
-``fused_step(model, caches)`` gives a stepper for one position, or None when the fused path does not apply (not a
-CPU, not fp32, not batch 1, ``GENAI_FUSED_STEP=0``, no compiler): the caller then steps eagerly, the same maths.
+``fused_step(model, caches, n)`` gives a stepper for one position, or None when the fused path does not apply (not
+a CPU, not fp32, more than ``MAX_BATCH`` rows, no compiler): the caller then steps eagerly, the same maths.
 The C source is compiled once per machine with ``cc -O3 -march=native`` (``$CC`` if set; without ``-march=native``
 where the compiler refuses it) into ``$GENAI_CACHE`` (default ``~/.cache/genai``), named by a hash of the source,
 the compiler, the flags and this CPU's model and flags, so a home folder shared by different machines never loads
@@ -31,6 +32,7 @@ SOURCE = Path(__file__).with_name("fused_step.c")
 # but a shared library built with it may switch the whole process to flush denormals: not used.)
 FLAGS = (("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared"), ("-O3", "-fopenmp-simd", "-fPIC", "-shared"))
 ENV_SWITCH = "GENAI_FUSED_STEP"  # "0": always the eager step
+MAX_BATCH = 4  # texts per step: the weights are read once a step, each row costs its dot products
 
 
 def enabled() -> bool:
@@ -76,7 +78,7 @@ def library() -> ctypes.CDLL | None:
             except OSError:
                 continue
             lib.genai_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                       ctypes.c_void_p]
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             lib.genai_step.restype = None
             return lib
     return None
@@ -99,10 +101,10 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
 
 
 class FusedStep:
-    """``stepper(seen, pos)`` for one position of a batch-1 window: logits (1, K), the cache rows of ``pos``
+    """``stepper(seen, pos)`` for one position of a window of n texts: logits (n, K), the cache rows of ``pos``
     written. The logits tensor is reused from call to call (the sampler reads it before the next step)."""
 
-    def __init__(self, lib: ctypes.CDLL, model, caches: list) -> None:
+    def __init__(self, lib: ctypes.CDLL, model, caches: list, n: int) -> None:
         blocks, d = model.blocks, model.config.d_model
         held = []  # every tensor whose memory the C side reads: kept alive as long as this stepper
 
@@ -117,29 +119,29 @@ class FusedStep:
         self._eps = (ctypes.c_float * (2 * len(blocks)))(*(e for b in blocks for e in (b.ln1.eps, b.ln2.eps)))
         self._cache = (ctypes.c_void_p * len(caches))(*(ptr(c.qkv) for c in caches))
         hidden = blocks[0].mlp[0].out_features
-        scratch = torch.empty(2 * d + hidden + model.seq_len, dtype=torch.float32)
-        self.logits = torch.empty(1, model.levels, dtype=torch.float32)
+        scratch = torch.empty(n * (2 * d + hidden) + model.seq_len, dtype=torch.float32)
+        self.logits = torch.empty(n, model.levels, dtype=torch.float32)
         self._model = _Model(d=d, heads=model.config.heads, hidden=hidden, layers=len(blocks), vocab=model.levels,
                              tok=ptr(model.token_embedding.weight), pos=ptr(model.position_embedding),
                              lnfw=ptr(model.ln_f.weight), lnfb=ptr(model.ln_f.bias), wout=ptr(model.out.weight),
                              bout=ptr(model.out.bias), eps_f=model.ln_f.eps, w=ctypes.addressof(self._w),
                              eps=ctypes.addressof(self._eps), cache=ctypes.addressof(self._cache),
                              scratch=ptr(scratch))
-        self._held, self._caches = held, caches
+        self._held, self._caches, self.n = held, caches, n
         self._call, self._ref, self._out = lib.genai_step, ctypes.byref(self._model), self.logits.data_ptr()
 
     def __call__(self, seen: Tensor, pos: int) -> Tensor:
-        self._call(self._ref, seen.data_ptr(), seen.stride(1), pos, self._out)
+        self._call(self._ref, seen.data_ptr(), seen.stride(0), seen.stride(1), self.n, pos, self._out)
         for kv in self._caches:
             kv.length = pos + 1
         return self.logits
 
 
 def fused_step(model, caches: list, n: int) -> FusedStep | None:
-    """The compiled stepper for ``model`` (a causal ``Transformer``) at batch ``n``, or None where it does not apply:
+    """The compiled stepper for ``model`` (a causal ``Transformer``) for ``n`` texts, or None where it does not apply:
     the eager ``Block.step`` serves instead (same maths, float rounding aside). The caller asks ``enabled()`` first,
     when its stepper is made."""
-    if n != 1 or model.out.weight.device.type != "cpu":
+    if not 1 <= n <= MAX_BATCH or model.out.weight.device.type != "cpu":
         return None
     tensors = [p for p in model.parameters()] + [c.qkv for c in caches]
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
@@ -147,4 +149,4 @@ def fused_step(model, caches: list, n: int) -> FusedStep | None:
     if any(b.mlp[1].approximate != "none" for b in model.blocks):  # the C step computes the exact (erf) GELU
         return None
     lib = library()
-    return None if lib is None else FusedStep(lib, model, caches)
+    return None if lib is None else FusedStep(lib, model, caches, n)
