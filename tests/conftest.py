@@ -21,14 +21,9 @@ torch.set_num_threads(1)
 def kernel_cache(tmp_path_factory):
     """The compiled decoding step (genai_cli/nn/fused.py) is built into the session's temporary folder, not the
     user's ~/.cache, once for the session (commands the tests start inherit it)."""
-    import os
-    saved = os.environ.get("GENAI_CACHE")
-    os.environ["GENAI_CACHE"] = str(tmp_path_factory.mktemp("genai-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("GENAI_CACHE", None)
-    else:
-        os.environ["GENAI_CACHE"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GENAI_CACHE", str(tmp_path_factory.mktemp("genai-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
