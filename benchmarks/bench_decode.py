@@ -56,6 +56,7 @@ import statistics
 import string
 import subprocess
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -134,11 +135,11 @@ def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, small_ste
     """A sampler of ``model`` with the given stepper class and draw function; ``inference``: the token loop under
     inference_mode (off: no_grad); ``small_steps``: a context to run the loop in instead of the library's
     ``step_threads`` (one thread, oneDNN off), e.g. ``caller_threads`` or ``one_thread_only``; ``fused``: the
-    compiled batch-1 step allowed (the library's default), else ``GENAI_FUSED_STEP=0``."""
+    compiled step allowed (the library's default), else ``GENAI_FUSED_STEP=0``."""
 
     def run(n: int, chars: int, generator: torch.Generator) -> torch.Tensor:
-        switch = os.environ.pop(fused_module.ENV_SWITCH, None)
-        os.environ[fused_module.ENV_SWITCH] = "1" if fused else "0"
+        switch = mock.patch.dict(os.environ, {fused_module.ENV_SWITCH: "1" if fused else "0"})
+        switch.start()  # read when the stepper is made, inside model.sample
         saved = sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode
         sampling.draw_categorical = draw
         if stepper_cls is not None:
@@ -154,9 +155,7 @@ def ours(model, stepper_cls, draw, bf16: bool, inference: bool = True, small_ste
                 return model.sample(n, generator=generator, prompt=VOCAB[0], max_new_tokens=chars)
         finally:
             sampling.draw_categorical, model.incremental, ar_module.step_threads, torch.inference_mode = saved
-            os.environ.pop(fused_module.ENV_SWITCH)
-            if switch is not None:
-                os.environ[fused_module.ENV_SWITCH] = switch
+            switch.stop()
     return run
 
 
