@@ -44,6 +44,7 @@ from .hardware import (
     LoadFollower,
     Precision,
     describe_change,
+    keep_freed_memory,
     pick_device,
     probe_cores,
     probe_threads,
@@ -232,6 +233,8 @@ def assemble(cfg: Config, run_dir: Path, *, data: DataBundle | None = None, cons
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     dist, device = distributed.setup(pick_device(t.device))
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for the tensors each step frees and allocates again
     console = (console or Console(stderr=False)) if dist.is_main else Console(quiet=True)  # only rank 0 talks
     data = data or load_data(cfg.data)
     if len(data) < t.batch_size:
