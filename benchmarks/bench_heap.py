@@ -37,7 +37,6 @@ AE_RUN = "bench-heap-ae"
 LATENT_ARM = ["model.autoencoder={ae}", "train.min_lr_ratio=1.0", "train.precision={bf16}"]
 ARMS = {  # name: (config, overrides)
     "ddpm (quickstart)": ("configs/quickstart.yaml", []),
-    "ddpm_mnist": ("configs/ddpm_mnist.yaml", []),
     "latent DiT-B": (LATENT, [*LATENT_ARM, "model.backbone=dit", "model.size=B"]),
     "latent UNet-M": (LATENT, [*LATENT_ARM, "model.backbone=unet", "model.size=M"]),
     "gpt_char": ("configs/gpt_char.yaml", []),

@@ -70,7 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 from genai_cli.api import load_checkpoint
 from genai_cli.config import load_config
 from genai_cli.evaluation.run import draw_samples, sample_quality
-from genai_cli.hardware import cpu_native_bf16
+from genai_cli.hardware import cpu_native_bf16, keep_freed_memory
 from genai_cli.runs import new_run
 from genai_cli.train import Trainer
 
@@ -403,6 +403,7 @@ def speed(args) -> None:
         lr, betas, weight_decay = 2e-4, [0.9, 0.999], 0.0
 
     precisions = ["fp32", "bf16"] if cpu_native_bf16() else ["fp32"]
+    keep_freed_memory()  # the heap as a training process of the toolkit keeps it (train.assemble)
 
     def rate(family, spec, fields, parents, precision) -> tuple[int, float]:
         torch.manual_seed(0)

@@ -520,14 +520,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> t
     return F.scaled_dot_product_attention(q, k, v, **options)
 
 
-# glibc's malloc, tuned for a training loop (mallopt's parameters M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD).
-# By default it gives the top of its heap back to the kernel once more than a few MiB there are free, and the next
-# step's activations fault the same pages in again (each a kernel entry and a zeroed 4 KiB page). A training step
-# frees and re-allocates the same tensors every step, so a heap that keeps what it freed serves them with no fault:
-# a DiT-B step of the latent scaling study on the Xeon made 20,800 page faults and spent 32 ms of its ~260 ms in the
-# kernel by default, 68 faults and none with these settings (benchmarks/README.md, "The heap of a training step").
-# The process keeps up to 512 MiB of freed heap; blocks above 32 MiB are still mapped and unmapped one by one.
-HEAP_SETTINGS = ((-1, 512 << 20), (-2, 64 << 20), (-3, 32 << 20))
+# glibc's malloc, set for a training loop through mallopt. By default it hands the free top of its heap back to the
+# kernel once that passes its trim threshold (128 KiB to start, raised as large blocks come and go), and maps large
+# blocks afresh each time, so a step's activations, freed at its end, are faulted in again page by page at the next
+# (each fault a kernel entry and a zeroed 4 KiB page). A training step allocates the same tensors every step: a heap
+# that keeps what it freed serves them with no fault. A DiT-B step of the latent scaling study on the Xeon made
+# ~20,000 page faults and spent ~30 ms of its ~260 ms in the kernel by default, under 100 faults and ~0 ms with
+# these settings (benchmarks/README.md, "The heap of a training step"). The process keeps up to 512 MiB of freed
+# heap; blocks above 32 MiB are still mapped and unmapped one by one.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
+HEAP_SETTINGS = {M_TRIM_THRESHOLD: 512 << 20, M_TOP_PAD: 64 << 20, M_MMAP_THRESHOLD: 32 << 20}
 HEAP_ENV = "GENAI_KEEP_FREED_MEMORY"
 
 
@@ -547,7 +549,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, ValueError):  # no confstr name, no libc symbols (not glibc)
         return False
-    return all(mallopt(param, value) == 1 for param, value in HEAP_SETTINGS)
+    return all(mallopt(param, value) == 1 for param, value in HEAP_SETTINGS.items())
 
 
 def cpu_name() -> str:
