@@ -8,6 +8,7 @@
     python benchmarks/bench_scaling.py rescore --pairs DIT_RUN:UNET_RUN [...] [--guidance 1.25 1.5 2 2.5 3]
                                                [--budget 200] [--top-samples 1000] [--top-seeds 1 2 3] [--steps 8]
                                                [--threads 1] [--out JSON]
+    python benchmarks/bench_scaling.py extend --runs RUN [...] --budgets 2400 3200 [--threads 1]
     python benchmarks/bench_scaling.py speed [--batch 64] [--steps 3] [--threads 1]
 
 study: every arm is ``configs/latent_ddpm_mnist.yaml`` (class-conditional, v-prediction with min-SNR-5, EMA 0.995,
@@ -45,6 +46,12 @@ same evaluator); at guidance 2 it reproduces the study's ``--top-samples`` figur
 it has (a killed call resumes; more seeds or guidances add to it; a different budget, sample count or step count
 is refused). Prints per pair and guidance DiT's and UNet's mean classifier-FID over the seeds and their ratio, the
 same pooled over the pairs (the mean of every seed of every pair), and each arm pooled at its own best guidance.
+
+extend: each of the study's runs (benchmarks/runs/<RUN>) trained on from its last checkpoint, an exact resume (its
+weights, EMA, optimizer state, data order and random state), to larger ``--budgets`` (total CPU seconds of training
+steps, the study's included: counted on from its largest budget, where its loop stopped), saving each as
+``checkpoints/budget_<seconds>.pt`` with its validation loss, for ``rescore --budget``. A larger budget costs only its
+own seconds, not the study's again.
 
 speed: parameters and training images per second of this process's CPU time (forward, backward, AdamW step; mean of
 ``--steps`` after one warm-up; with 1 thread, images/s of one core, which a machine shared with others keeps) of
@@ -102,6 +109,46 @@ class SnapshotTrainer(Trainer):
         if len(self.snapshots) == len(self.budgets):
             self.total_steps = self.step  # the loop ends after this step
         super().after_step(logs, reporter, rate)
+
+
+def save_snapshot(trainer: SnapshotTrainer, model, run: Path, snap: dict) -> dict:
+    """Load one budget's EMA weights into ``model`` (the trainer's sampling model), save them as the run's
+    ``checkpoints/budget_<seconds>.pt`` (the rest of the checkpoint is the run's end): to rescore it later; return
+    the loop's validation of them."""
+    model.load_state_dict(snap.pop("state"))
+    torch.save({**trainer.state_dict(), "step": snap["step"], "optimizers": {}},
+               run / "checkpoints" / f"budget_{snap['budget']:g}.pt")
+    return trainer.validate()
+
+
+def extend(args) -> None:
+    """Train each of the study's runs on past its largest budget (see the module doc)."""
+    from genai_cli.lineage import embedded_parents
+    from genai_cli.runs import load_checkpoint_file
+    from genai_cli.train import assemble, started_precision
+
+    _, data, _ = mnist5k_with_evaluator()
+    for name in args.runs:
+        run = RUNS / name
+        done = [float(p.stem.removeprefix("budget_")) for p in (run / "checkpoints").glob("budget_*.pt")]
+        if not done or not (run / "checkpoints" / "last.pt").exists():
+            raise SystemExit(f"{run} has no budget snapshot and last checkpoint: not a run of the study")
+        start = max(done)  # the study's loop ended at the step that passed its largest budget: last.pt's
+        if min(args.budgets) <= start:
+            raise SystemExit(f"{name} already trained {start:g} CPU s; extend it to larger budgets")
+        cfg = load_config(run / "config.yaml")
+        state = load_checkpoint_file(run / "checkpoints" / "last.pt")
+        parts = assemble(cfg, run, data=data, console=Console(stderr=True),
+                         parents=embedded_parents(state, where=str(run)),
+                         precision=started_precision(state, cfg.train.precision))
+        trainer = SnapshotTrainer(cfg, run, quiet=True, parts=parts, budgets=[b - start for b in args.budgets])
+        trainer.load_state_dict(state)  # an exact resume: weights, EMA, optimizer, data order, random state
+        trainer.fit()
+        model = trainer.sampling_model()
+        for budget, snap in zip(sorted(args.budgets), trainer.snapshots):
+            snap["budget"] = budget
+            val = save_snapshot(trainer, model, run, snap)
+            log(f"{name}: {budget:g} CPU s, step {snap['step']}, val loss {val['val_loss']:.4f}")
 
 
 def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
@@ -189,11 +236,7 @@ def study(args) -> None:
         params = sum(p.numel() for p in model.unet.parameters())
         points = []
         for snap in trainer.snapshots:
-            model.load_state_dict(snap.pop("state"))
-            # The snapshot as a checkpoint (its EMA weights; the rest is the run's end): to rescore it later.
-            torch.save({**trainer.state_dict(), "step": snap["step"], "optimizers": {}},
-                       run / "checkpoints" / f"budget_{snap['budget']:g}.pt")
-            val = trainer.validate()
+            val = save_snapshot(trainer, model, run, snap)
             fake, _ = draw_samples(model, args.samples, args.seed, options, cpu)
             quality = sample_quality(evaluator, data, fake, cpu, args.seed)
             points.append({**snap, "train_gflops": snap["step"] * flops / 1e9, "val_loss": val["val_loss"],
@@ -477,13 +520,18 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", type=Path, default=OUT / "rescore.json",
                    help="where every seed's scores go as measured (and what a second call skips)")
+    e = sub.add_parser("extend", help="train the study's runs on past their largest budget, saving new snapshots")
+    e.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="run names under benchmarks/runs/")
+    e.add_argument("--budgets", type=float, nargs="+", required=True,
+                   help="total CPU seconds of training (the study's included) at which to save a snapshot")
+    e.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("speed", help="training images/s of every DiT preset, fp32 and bf16")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"study": study, "rescore": rescore, "speed": speed}[args.command](args)
+    {"study": study, "rescore": rescore, "extend": extend, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":
