@@ -41,6 +41,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
      ["--budgets", "2", "4", "--arms", "unet:S,dit:S", "--samples", "20", "--steps", "2", "--val-images", "64",
       "--out", str(HERE / "runs" / "scaling-quick")]),
     ("dit_speed", ["bench_scaling.py", "speed"], ["--steps", "1"]),
+    ("heap", ["bench_heap.py"], ["--rounds", "1", "--steps", "2", "--warmup", "1", "--only", "ddpm (quickstart)"]),
     ("data", ["bench_data.py"], ["--quick"]),
     ("flow", ["bench_flow.py"], ["--quick"]),
     ("distill", ["bench_distill.py"], ["--teacher-budget", "10", "--set", "train.max_steps=2", "--set",
