@@ -525,9 +525,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> t
 # blocks afresh each time, so a step's activations, freed at its end, are faulted in again page by page at the next
 # (each fault a kernel entry and a zeroed 4 KiB page). A training step allocates the same tensors every step: a heap
 # that keeps what it freed serves them with no fault. A DiT-B step of the latent scaling study on the Xeon made
-# ~20,000 page faults and spent ~30 ms of its ~260 ms in the kernel by default, under 100 faults and ~0 ms with
-# these settings (benchmarks/README.md, "The heap of a training step"). The process keeps up to 512 MiB of freed
-# heap; blocks above 32 MiB are still mapped and unmapped one by one.
+# ~16,000 page faults and spent 21 ms of its 218 ms in the kernel by default, none with these settings (1.13x the
+# steps per CPU-second; 1.0x to 1.24x over seven families: benchmarks/README.md, "The heap of a training step").
+# The process keeps up to 512 MiB of freed heap; blocks above 32 MiB are still mapped and unmapped one by one.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 HEAP_SETTINGS = {M_TRIM_THRESHOLD: 512 << 20, M_TOP_PAD: 64 << 20, M_MMAP_THRESHOLD: 32 << 20}
 HEAP_ENV = "GENAI_KEEP_FREED_MEMORY"
