@@ -639,7 +639,6 @@ def test_a_run_follows_the_load_unless_its_steps_want_fewer_threads_on_idle_core
     assert changes == ([(6, 2)] if start == 1 else []) + [(7, 1)] and torch.get_num_threads() == 1
 
 
-
 HEAP_STEPS = """
 import ctypes, resource, sys, torch
 from genai_cli.hardware import keep_freed_memory
