@@ -24,7 +24,7 @@ import sys
 import time
 
 from bench_common import ROOT, RUNS, log, machine, markdown
-from bench_latent import AUTOENCODER, LATENT, QUIET_SCHEDULES
+from bench_latent import AUTOENCODER, LATENT, QUIET_SCHEDULES, train_for
 from rich.console import Console
 
 from genai_cli.config import load_config
@@ -91,11 +91,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         return child(args)
     if not (RUNS / AE_RUN / "checkpoints" / "last.pt").exists() and any("latent" in a for a in args.only):
-        cfg = load_config(ROOT / AUTOENCODER, [*QUIET_SCHEDULES, "train.max_steps=40"])
-        run = new_run(RUNS, AE_RUN, AE_RUN, force=True)
-        (run / "config.yaml").write_text(cfg.to_yaml())
-        log(f"autoencoder for the latent arms: {AUTOENCODER}, 40 steps")
-        Trainer(cfg, run, data=load_data(cfg.data), quiet=True, console=Console(stderr=True)).fit()
+        log(f"autoencoder for the latent arms: {AUTOENCODER}, 5 CPU s")
+        train_for(AUTOENCODER, 5.0, load_data(load_config(ROOT / AUTOENCODER).data), AE_RUN)
     env = {k: v for k, v in os.environ.items() if k != HEAP_ENV}
     env.update(OMP_NUM_THREADS=str(args.threads), GENAI_PRECISION_PROBE="0")  # no start-up timing of threads
     settings = {"glibc default": {**env, HEAP_ENV: "0"}, "heap kept": env}

@@ -123,11 +123,8 @@ def save_snapshot(trainer: SnapshotTrainer, model, run: Path, snap: dict) -> dic
 
 def extend(args) -> None:
     """Train each of the study's runs on past its largest budget (see the module doc)."""
-    from genai_cli.lineage import embedded_parents
-    from genai_cli.runs import load_checkpoint_file
-    from genai_cli.train import assemble, started_precision
+    from genai_cli.session import ResumePoint, resume_run
 
-    _, data, _ = mnist5k_with_evaluator()
     for name in args.runs:
         run = RUNS / name
         done = [float(p.stem.removeprefix("budget_")) for p in (run / "checkpoints").glob("budget_*.pt")]
@@ -136,13 +133,12 @@ def extend(args) -> None:
         start = max(done)  # the study's loop ended at the step that passed its largest budget: last.pt's
         if min(args.budgets) <= start:
             raise SystemExit(f"{name} already trained {start:g} CPU s; extend it to larger budgets")
-        cfg = load_config(run / "config.yaml")
-        state = load_checkpoint_file(run / "checkpoints" / "last.pt")
-        parts = assemble(cfg, run, data=data, console=Console(stderr=True),
-                         parents=embedded_parents(state, where=str(run)),
-                         precision=started_precision(state, cfg.train.precision))
-        trainer = SnapshotTrainer(cfg, run, quiet=True, parts=parts, budgets=[b - start for b in args.budgets])
-        trainer.load_state_dict(state)  # an exact resume: weights, EMA, optimizer, data order, random state
+        budgets = [b - start for b in args.budgets]
+        # An exact resume (weights, EMA, optimizer, data order, random state), as genai train --resume does.
+        trainer = resume_run(ResumePoint(run, run / "checkpoints" / "last.pt", load_config(run / "config.yaml")),
+                             quiet=True, console=Console(stderr=True),
+                             make=lambda parts, quiet, budgets=budgets: SnapshotTrainer(
+                                 parts.cfg, parts.run_dir, quiet=quiet, parts=parts, budgets=budgets))
         trainer.fit()
         model = trainer.sampling_model()
         for budget, snap in zip(sorted(args.budgets), trainer.snapshots):

@@ -14,6 +14,7 @@ rank calls them: rank 0 names and writes, every rank gets a Trainer loaded from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -89,9 +90,11 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
     return trainer
 
 
-def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | None = None) -> Trainer:
+def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | None = None,
+               make: Callable[..., Trainer] | None = None) -> Trainer:
     """The Trainer of an existing run, loaded from its checkpoint (model, EMA, optimizers, step). Refuses a run
-    that has already trained its whole budget. Returns the Trainer."""
+    that has already trained its whole budget. ``make(parts, quiet=...)``: builds the Trainer from the assembled
+    parts (default ``Trainer.from_parts``; a benchmark's Trainer subclass). Returns the Trainer."""
     import torch
 
     from .hardware import pick_device, resolve_precision, thread_probe_wanted
@@ -114,7 +117,7 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     if counted:
         torch.set_num_threads(int(counted["threads"]))
     parts = assemble(cfg, run, console=console, parents=embedded_parents(state, where=str(ckpt)), precision=precision)
-    trainer = Trainer.from_parts(parts, quiet=quiet)
+    trainer = (make or Trainer.from_parts)(parts, quiet=quiet)
     trainer.load_state_dict(state)
     if counted:  # and from here on, the count follows the load as the run's start said it should
         trainer.follow_load(counted)
