@@ -218,7 +218,9 @@ def maskgit_latency(rounds: int, steps: tuple[int, ...] = (4, 8, 12)) -> dict[st
     """ms per image at batch 1 of MaskGIT's filling (a 7x7 grid of 256 codes) at each of ``steps``, against the cached
     causal transformer of the same width and depth drawing the same 49 tokens one by one (bench_masked.py gives their
     FID), each under the library's loop rules (inference_mode, hardware.step_threads) as model.sample runs them,
-    timed in alternation. Also on its own: ``python -c "import bench_decode as b; print(b.maskgit_latency(5))"``."""
+    timed in alternation; and beside each step count the floor of its draw: the linear products every step after
+    the first must make over all 49 rows, alone. Also on its own: ``python -c "import bench_decode as b;
+    print(b.maskgit_latency(5))"``."""
     torch.manual_seed(0)
     masked = MaskedTransformer(256, 49, 128, 4, 4, 4, 0.0).eval()
     cls = MODELS.get("transformer")
@@ -233,11 +235,29 @@ def maskgit_latency(rounds: int, steps: tuple[int, ...] = (4, 8, 12)) -> dict[st
                                    choice_temperature=4.5, generator=g)
         return run
 
+    def floor(s):
+        # What no schedule or kernel change can remove from an s-step draw: step 1 is the kept blank grid, and each
+        # later step's products that need every row (all blocks' qkv: every key and value; all but the last
+        # block's projection and MLP), with the model's own weights, as lean runs them.
+        blocks = [b for _, b in masked.lean_weights()[0]]
+        x, hidden = torch.randn(49, 128), torch.randn(49, 512)
+        ops = [(b[6], x, b[5]) for b in blocks] + [
+            op for b in blocks[:-1] for op in ((b[8], x, b[7]), (b[12], x, b[11]), (b[14], hidden, b[13]))]
+
+        def run(n, chars, g):
+            with torch.inference_mode(), step_threads(n * 49 * largest_layer(masked), torch.device("cpu")):
+                for _ in range(s - 1):
+                    for bias, a, w in ops:
+                        torch.addmm(bias, a, w)
+        return run
+
     def ar_tokens(n, chars, g):
         with torch.no_grad():
             return ar.sample(n, generator=g)
     log("maskgit, batch 1")
-    rows = {f"maskgit {s} steps": maskgit(s) for s in steps} | {"cached AR, 49 tokens": ar_tokens}
+    rows = ({f"maskgit {s} steps": maskgit(s) for s in steps}
+            | {f"its products alone, {s} steps (floor)": floor(s) for s in steps}
+            | {"cached AR, 49 tokens": ar_tokens})
     return {k: 1000 / v for k, v in alternate(rows, 1, 1, rounds).items()}  # ms per image (alternate: images/s)
 
 
