@@ -227,9 +227,15 @@ def maskgit_latency(rounds: int, steps: tuple[int, ...] = (4, 8, 12)) -> dict[st
     ar = cls(cls.Config(levels=256, d_model=128, heads=4, layers=4, dropout=0.0),
              ImageSpec(channels=1, size=7, binary=False)).eval()
 
+    def loop_rules(n):  # as model.sample runs a draw of n
+        rules = contextlib.ExitStack()
+        rules.enter_context(torch.inference_mode())
+        rules.enter_context(step_threads(n * 49 * largest_layer(masked), torch.device("cpu")))
+        return rules
+
     def maskgit(s):
         def run(n, chars, g):
-            with torch.inference_mode(), step_threads(n * 49 * largest_layer(masked), torch.device("cpu")):
+            with loop_rules(n):
                 start = torch.full((n, 49), masked.mask_id)
                 return fill_tokens(lambda t, at: masked(t, None, at), start, masked.mask_id, s,
                                    choice_temperature=4.5, generator=g)
@@ -238,14 +244,14 @@ def maskgit_latency(rounds: int, steps: tuple[int, ...] = (4, 8, 12)) -> dict[st
     def floor(s):
         # What no schedule or kernel change can remove from an s-step draw: step 1 is the kept blank grid, and each
         # later step's products that need every row (all blocks' qkv: every key and value; all but the last
-        # block's projection and MLP), with the model's own weights, as lean runs them.
-        blocks = [b for _, b in masked.lean_weights()[0]]
-        x, hidden = torch.randn(49, 128), torch.randn(49, 512)
-        ops = [(b[6], x, b[5]) for b in blocks] + [
-            op for b in blocks[:-1] for op in ((b[8], x, b[7]), (b[12], x, b[11]), (b[14], hidden, b[13]))]
+        # block's projection and MLP), the weights as contiguous (in, out) copies, as lean holds them.
+        layers = [blk.qkv for blk in masked.blocks] + [
+            layer for blk in masked.blocks[:-1] for layer in (blk.proj, blk.mlp[0], blk.mlp[2])]
+        ops = [(layer.bias.detach(), torch.randn(49, layer.in_features), layer.weight.detach().t().contiguous())
+               for layer in layers]
 
         def run(n, chars, g):
-            with torch.inference_mode(), step_threads(n * 49 * largest_layer(masked), torch.device("cpu")):
+            with loop_rules(n):
                 for _ in range(s - 1):
                     for bias, a, w in ops:
                         torch.addmm(bias, a, w)

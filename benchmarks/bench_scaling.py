@@ -133,12 +133,10 @@ def extend(args) -> None:
         start = max(done)  # the study's loop ended at the step that passed its largest budget: last.pt's
         if min(args.budgets) <= start:
             raise SystemExit(f"{name} already trained {start:g} CPU s; extend it to larger budgets")
-        budgets = [b - start for b in args.budgets]
         # An exact resume (weights, EMA, optimizer, data order, random state), as genai train --resume does.
         trainer = resume_run(ResumePoint(run, run / "checkpoints" / "last.pt", load_config(run / "config.yaml")),
-                             quiet=True, console=Console(stderr=True),
-                             make=lambda parts, quiet, budgets=budgets: SnapshotTrainer(
-                                 parts.cfg, parts.run_dir, quiet=quiet, parts=parts, budgets=budgets))
+                             quiet=True, console=Console(stderr=True), trainer_class=SnapshotTrainer,
+                             budgets=[b - start for b in args.budgets])
         trainer.fit()
         model = trainer.sampling_model()
         for budget, snap in zip(sorted(args.budgets), trainer.snapshots):

@@ -14,7 +14,6 @@ rank calls them: rank 0 names and writes, every rank gets a Trainer loaded from 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -91,10 +90,10 @@ def start_run(cfg: Config, root: Path, *, name: str | None = None, stem: str = "
 
 
 def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | None = None,
-               make: Callable[..., Trainer] | None = None) -> Trainer:
+               trainer_class: type[Trainer] | None = None, **options) -> Trainer:
     """The Trainer of an existing run, loaded from its checkpoint (model, EMA, optimizers, step). Refuses a run
-    that has already trained its whole budget. ``make(parts, quiet=...)``: builds the Trainer from the assembled
-    parts (default ``Trainer.from_parts``; a benchmark's Trainer subclass). Returns the Trainer."""
+    that has already trained its whole budget. ``trainer_class``: a Trainer subclass to build instead (a
+    benchmark's), given ``options`` as its own keywords. Returns the Trainer."""
     import torch
 
     from .hardware import pick_device, resolve_precision, thread_probe_wanted
@@ -117,7 +116,7 @@ def resume_run(point: ResumePoint, *, quiet: bool = False, console: Console | No
     if counted:
         torch.set_num_threads(int(counted["threads"]))
     parts = assemble(cfg, run, console=console, parents=embedded_parents(state, where=str(ckpt)), precision=precision)
-    trainer = (make or Trainer.from_parts)(parts, quiet=quiet)
+    trainer = (trainer_class or Trainer).from_parts(parts, quiet=quiet, **options)
     trainer.load_state_dict(state)
     if counted:  # and from here on, the count follows the load as the run's start said it should
         trainer.follow_load(counted)

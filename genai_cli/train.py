@@ -458,8 +458,9 @@ class Trainer:
             self.follower = LoadFollower(int(record["of_threads"]))
 
     @classmethod
-    def from_parts(cls, parts: RunParts, *, quiet: bool = False) -> Trainer:
-        return cls(parts.cfg, parts.run_dir, quiet=quiet, parts=parts)
+    def from_parts(cls, parts: RunParts, *, quiet: bool = False, **options) -> Trainer:
+        """The Trainer (or subclass) of assembled ``parts``; ``options``: a subclass's own keywords."""
+        return cls(parts.cfg, parts.run_dir, quiet=quiet, parts=parts, **options)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
