@@ -12,6 +12,7 @@ cloud CPUs) PyTorch emulates bf16 and a matrix product runs tens of times *slowe
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import time
@@ -498,8 +499,25 @@ def warn_if_emulated(precision: Precision, device: torch.device, warn) -> None:
 
 def recurrent_in_fp32(device: torch.device) -> bool:
     """Whether a recurrent kernel (nn.LSTM) must leave bf16 autocast: oneDNN has no bf16 LSTM without
-    AVX512-BF16/AMX ("could not create a primitive descriptor"), so on such CPUs it runs in fp32."""
-    return device.type == "cpu" and not cpu_native_bf16()
+    AVX512-BF16/AMX ("could not create a primitive descriptor"), so on such CPUs it runs in fp32. Asked of the
+    kernel itself, not of ``GENAI_CPU_NATIVE_BF16``: that override says what ``auto`` assumes, while a kernel the CPU
+    lacks stays missing whatever is assumed (an AVX2 CPU told it has bf16 would otherwise fail in the LSTM)."""
+    return device.type == "cpu" and not _cpu_bf16_lstm()
+
+
+@functools.cache
+def _cpu_bf16_lstm() -> bool:
+    """Whether this CPU runs an nn.LSTM under bf16 autocast: one step of a 1-unit LSTM as training runs it (with
+    gradients) and as sampling does (without), tried once per process."""
+    lstm, x = torch.nn.LSTM(1, 1, batch_first=True), torch.zeros(1, 1, 1)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(x)[0].sum().backward()
+            with torch.no_grad():
+                lstm(x)
+    except RuntimeError:
+        return False
+    return True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
