@@ -510,11 +510,21 @@ def _cpu_bf16_lstm() -> bool:
     """Whether this CPU runs an nn.LSTM under bf16 autocast: one step of a 1-unit LSTM as training runs it (with
     gradients) and as sampling does (without), tried once per process."""
     lstm, x = torch.nn.LSTM(1, 1, batch_first=True), torch.zeros(1, 1, 1)
-    try:
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             lstm(x)[0].sum().backward()
             with torch.no_grad():
                 lstm(x)
+    return runs_here(step)
+
+
+def runs_here(step) -> bool:
+    """Whether ``step()`` runs without a RuntimeError (a kernel this machine lacks), recording gradients whatever
+    mode its caller is in: a probe first asked inside sampling (inference mode) must not fail for that."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            step()
     except RuntimeError:
         return False
     return True

@@ -152,6 +152,19 @@ def test_lstm_runs_under_bf16_autocast_on_every_cpu(cpu_bf16, shapes_batch, monk
     assert images.shape == (2, *SPEC.shape)
 
 
+def test_a_kernel_probe_answers_the_same_inside_sampling():
+    """The LSTM probe backpropagates: first asked inside a draw (inference mode, no_grad) it must still record
+    gradients, or it would call the kernel missing on every CPU and the LSTM would sample in fp32 for good."""
+    lstm, x = torch.nn.LSTM(1, 1, batch_first=True), torch.zeros(1, 1, 1)
+
+    def step():
+        lstm(x)[0].sum().backward()
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            assert hardware.runs_here(step)
+    assert not hardware.runs_here(lambda: torch.mm(torch.zeros(2, 3), torch.zeros(2, 3)))  # a RuntimeError: False
+
+
 def test_machine_line_names_cpu_and_instruction_set():
     line = hardware.machine_line()
     assert torch.backends.cpu.get_cpu_capability() in line and "native bf16" in line and torch.__version__ in line
